@@ -1,0 +1,32 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`.
+# Each creates or reuses its virtual environment and installs what it needs.
+PYTHON ?= python3
+DEV_VENV := .venv
+RUNTIME_VENV := .venv-runtime
+RUNTIME_SOURCES := $(shell find tsrt -name '*.py' -o -name '*.onnx' -o -name '*.json' -o -name '*.toml' 2>/dev/null) pyproject.toml
+
+.PHONY: demo test dev runtime clean
+
+# Runtime-only install (no torch): what a hospital workstation gets with `pip install tsrt`.
+$(RUNTIME_VENV)/.installed: $(RUNTIME_SOURCES)
+	test -d $(RUNTIME_VENV) || $(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install --quiet --disable-pip-version-check .
+	touch $@
+
+# Development install: runtime + export toolchain + the parity oracles (nnunetv2, TotalSegmentator).
+$(DEV_VENV)/.installed: pyproject.toml
+	test -d $(DEV_VENV) || $(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+runtime: $(RUNTIME_VENV)/.installed
+dev: $(DEV_VENV)/.installed
+
+demo: $(RUNTIME_VENV)/.installed
+	$(RUNTIME_VENV)/bin/tsrt demo -o demo_output
+
+test: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf demo_output .pytest_cache build *.egg-info
