@@ -1,0 +1,258 @@
+"""Gaussian-weighted sliding-window inference, streamed along the first axis to bound memory.
+
+nnU-Net predicts a volume as overlapping patch-sized tiles, weights each tile's logits with a
+Gaussian importance map (sigma = patch/8) and divides by the summed weights. The tile positions,
+the padding and the map here are the same as nnU-Net's (`compute_steps_for_sliding_window`,
+`pad_nd_image`, `compute_gaussian`), so the same tiles see the same voxels.
+
+Unlike nnU-Net, which keeps a (classes x volume) buffer for the whole image, this module finalises
+rows of the first axis as soon as no later tile can reach them and hands them to a callback
+(argmax, region thresholds, or a collector). Peak memory is one slab of tiles, not the volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+#: Called with (first_row, weighted_mean_logits[C, rows, ...]) for every finalised slab, in order.
+SlabConsumer = Callable[[int, np.ndarray], None]
+#: Runs the network on a batch of tiles (N, C_in, *patch) and returns logits (N, C_out, *patch).
+TilePredictor = Callable[[np.ndarray], np.ndarray]
+
+
+def compute_steps(image_size: Sequence[int], tile_size: Sequence[int], step_size: float) -> list[list[int]]:
+    """Tile start positions per axis, as nnU-Net computes them (evenly spread, first at 0, last at the end)."""
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step size must be in (0, 1], got {step_size}")
+    steps = []
+    for size, tile in zip(image_size, tile_size):
+        if size < tile:
+            raise ValueError(f"image size {size} is smaller than the tile {tile}; pad it first")
+        n_steps = int(math.ceil((size - tile) / (tile * step_size))) + 1
+        stride = (size - tile) / (n_steps - 1) if n_steps > 1 else 0.0
+        # Python's round() is numpy's half-to-even, which nnU-Net's np.round uses too.
+        steps.append([int(round(stride * i)) for i in range(n_steps)])
+    return steps
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0) -> np.ndarray:
+    """nnU-Net's Gaussian tile weights: a blurred delta at the patch centre, max = `value_scaling`.
+
+    nnU-Net builds it with scipy's gaussian_filter (truncate 4) in float64 and then casts it to
+    float16; a blurred delta is exactly the outer product of the 1D kernels, and we round through
+    float16 too so that the weights are bit-identical. Zeros become the smallest non-zero weight.
+    """
+    profiles = []
+    for size in patch_size:
+        sigma = size * sigma_scale
+        radius = int(4.0 * sigma + 0.5)
+        offsets = np.arange(-radius, radius + 1)
+        kernel = np.exp(-0.5 / (sigma * sigma) * offsets.astype(np.float64) ** 2)
+        kernel /= kernel.sum()
+        profile = np.zeros(size, dtype=np.float64)
+        centre = size // 2
+        for offset, weight in zip(offsets, kernel):
+            if 0 <= centre + offset < size:
+                profile[centre + offset] = weight
+        profiles.append(profile)
+    weights = profiles[0]
+    for profile in profiles[1:]:
+        weights = np.multiply.outer(weights, profile)
+    weights = weights / (weights.max() / value_scaling)
+    weights = weights.astype(np.float16)
+    weights[weights == 0] = weights[weights != 0].min()
+    return weights.astype(np.float32)
+
+
+def padding_for(shape: Sequence[int], patch_size: Sequence[int]) -> list[tuple[int, int]]:
+    """(before, after) zero padding that makes each of the last axes at least the patch size, content centred."""
+    pads = []
+    for size, patch in zip(shape[len(shape) - len(patch_size):], patch_size):
+        missing = max(patch - size, 0)
+        pads.append((missing // 2, missing - missing // 2))
+    return [(0, 0)] * (len(shape) - len(patch_size)) + pads
+
+
+def mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """The flips nnU-Net's test-time augmentation averages: none, then every non-empty axis subset."""
+    combos: list[tuple[int, ...]] = [()]
+    if axes:
+        for count in range(1, len(axes) + 1):
+            combos.extend(itertools.combinations(axes, count))
+    return combos
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its start per spatial axis of the padded volume (first axis first)."""
+
+    start: tuple[int, ...]
+
+
+def tile_positions(padded_shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> list[Tile]:
+    """All tiles in nnU-Net's order (first axis outermost). A 2D patch on a 3D volume tiles every slice."""
+    if len(patch_size) == len(padded_shape) - 1:
+        steps = compute_steps(padded_shape[1:], patch_size, step_size)
+        return [Tile((d, *rest)) for d in range(padded_shape[0]) for rest in itertools.product(*steps)]
+    steps = compute_steps(padded_shape, patch_size, step_size)
+    return [Tile(start) for start in itertools.product(*steps)]
+
+
+@numba.njit(parallel=True, cache=True)
+def _accumulate_3d(acc, weight_acc, logits, gaussian, x0, y0, z0):
+    """acc[:, x0:x0+px, y0:, z0:] += logits * gaussian; weight_acc likewise (in place, float32)."""
+    n_classes, px, py, pz = logits.shape
+    for i in numba.prange(px):
+        for j in range(py):
+            for k in range(pz):
+                g = gaussian[i, j, k]
+                weight_acc[x0 + i, y0 + j, z0 + k] += g
+                for c in range(n_classes):
+                    acc[c, x0 + i, y0 + j, z0 + k] += logits[c, i, j, k] * g
+
+
+@numba.njit(parallel=True, cache=True)
+def _normalize_rows(acc, weight_acc, rows):
+    """acc[:, :rows] /= weight_acc[:rows] in place."""
+    n_classes = acc.shape[0]
+    _, ny, nz = weight_acc.shape
+    for i in numba.prange(rows):
+        for j in range(ny):
+            for k in range(nz):
+                w = weight_acc[i, j, k]
+                for c in range(n_classes):
+                    acc[c, i, j, k] /= w
+
+
+class _SlabAccumulator:
+    """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume."""
+
+    def __init__(self, n_outputs: int, padded_shape: Sequence[int], capacity: int):
+        self.first_row = 0
+        self.logits = np.zeros((n_outputs, capacity, *padded_shape[1:]), dtype=np.float32)
+        self.weights = np.zeros((capacity, *padded_shape[1:]), dtype=np.float32)
+
+    def add(self, tile_logits: np.ndarray, gaussian: np.ndarray, start: Sequence[int]) -> None:
+        x0 = start[0] - self.first_row
+        _accumulate_3d(self.logits, self.weights, tile_logits, gaussian, x0, start[1], start[2])
+
+    def release(self, upto_row: int) -> np.ndarray:
+        """Return the normalised rows [first_row, upto_row) and shift the buffer so they are forgotten."""
+        rows = upto_row - self.first_row
+        if rows <= 0:
+            return self.logits[:, :0].copy()
+        _normalize_rows(self.logits, self.weights, rows)
+        done = self.logits[:, :rows].copy()
+        keep = self.logits.shape[1] - rows
+        self.logits[:, :keep] = self.logits[:, rows:]
+        self.logits[:, keep:] = 0
+        self.weights[:keep] = self.weights[rows:]
+        self.weights[keep:] = 0
+        self.first_row = upto_row
+        return done
+
+
+def _batches(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
+    for begin in range(0, len(items), size):
+        yield list(items[begin : begin + size])
+
+
+def sliding_window_inference(
+    data: np.ndarray,
+    predict_tiles: TilePredictor,
+    patch_size: Sequence[int],
+    n_outputs: int,
+    consume_slab: SlabConsumer,
+    *,
+    step_size: float = 0.5,
+    batch_size: int = 1,
+    mirror_axes: Sequence[int] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Predict `data` tile by tile and hand finalised, weight-normalised logits to `consume_slab`.
+
+    Args:
+        data: preprocessed image, (channels, X, Y, Z) float32 in nnU-Net's transposed axis order.
+        predict_tiles: the network (all folds averaged), batch of tiles in, logits out.
+        patch_size: the network's tile size; 2 entries for a 2d configuration (tiles every X slice).
+        n_outputs: number of output channels (classes or regions).
+        consume_slab: receives (first_row, logits[C, rows, Y, Z]) of the *unpadded* volume in
+            increasing row order, covering every row exactly once.
+        step_size: tile overlap as a fraction of the patch (nnU-Net's `tile_step_size`).
+        batch_size: tiles per network call.
+        mirror_axes: spatial axes (of the patch) to flip for test-time augmentation, or None.
+        progress: called with the number of tiles finished after each batch.
+    """
+    pads = padding_for(data.shape, patch_size)
+    padded = np.pad(data, pads, mode="constant", constant_values=0) if any(p != (0, 0) for p in pads) else data
+    spatial = padded.shape[1:]
+    is_2d = len(patch_size) == len(spatial) - 1
+    tile_extent = (1, *patch_size) if is_2d else tuple(patch_size)
+    gaussian = gaussian_importance_map(patch_size)
+    gaussian3d = gaussian[None] if is_2d else gaussian
+    tiles = tile_positions(spatial, patch_size, step_size)
+    flips = mirror_combinations(mirror_axes)
+
+    row_starts = sorted({t.start[0] for t in tiles})
+    max_gap = max((b - a for a, b in zip(row_starts, row_starts[1:])), default=0)
+    accumulator = _SlabAccumulator(n_outputs, spatial, tile_extent[0] + max_gap)
+    row_offset, valid_rows = pads[1][0], data.shape[1]
+    emitted = 0
+
+    def emit(upto_row: int) -> None:
+        nonlocal emitted
+        slab_start = accumulator.first_row
+        slab = accumulator.release(upto_row)
+        lo = max(slab_start, row_offset)
+        hi = min(upto_row, row_offset + valid_rows)
+        if hi > lo:
+            crop = tuple(slice(before, before + size) for (before, _), size in zip(pads[2:], data.shape[2:]))
+            consume_slab(lo - row_offset, slab[(slice(None), slice(lo - slab_start, hi - slab_start), *crop)])
+            emitted = hi - row_offset
+
+    # Tiles come in row order; group them by first-axis start so each group's rows can be released.
+    for group_index, row in enumerate(row_starts):
+        group = [t for t in tiles if t.start[0] == row]
+        for batch in _batches(group, batch_size):
+            inputs = np.stack([_cut_tile(padded, t.start, tile_extent, is_2d) for t in batch])
+            logits = _predict_with_mirroring(predict_tiles, inputs, flips)
+            for tile, tile_logits in zip(batch, logits):
+                accumulator.add(tile_logits[:, None] if is_2d else tile_logits, gaussian3d, tile.start)
+            if progress is not None:
+                progress(len(batch))
+        next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
+        emit(next_row)
+    if emitted != valid_rows:
+        raise AssertionError(f"sliding window emitted {emitted} of {valid_rows} rows")
+
+
+def _cut_tile(padded: np.ndarray, start: Sequence[int], extent: Sequence[int], is_2d: bool) -> np.ndarray:
+    region = padded[(slice(None), *(slice(s, s + e) for s, e in zip(start, extent)))]
+    return np.ascontiguousarray(region[:, 0] if is_2d else region)
+
+
+def _predict_with_mirroring(predict_tiles: TilePredictor, inputs: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
+    """Average the network over the flips; spatial axis a of the patch is array axis a + 2."""
+    total = None
+    for axes in flips:
+        array_axes = tuple(a + 2 for a in axes)
+        flipped = np.ascontiguousarray(np.flip(inputs, array_axes)) if axes else inputs
+        out = predict_tiles(flipped)
+        out = np.flip(out, array_axes) if axes else out
+        total = out.astype(np.float32, copy=True) if total is None else total + out
+    assert total is not None
+    if len(flips) > 1:
+        total /= len(flips)
+    return total
+
+
+def count_tiles(shape: Sequence[int], patch_size: Sequence[int], step_size: float) -> int:
+    """Number of tiles (before mirroring) for a preprocessed volume of `shape` (spatial only)."""
+    padded = [s + a + b for s, (a, b) in zip(shape, padding_for(shape, patch_size))]
+    return len(tile_positions(padded, patch_size, step_size))
