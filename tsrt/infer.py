@@ -1,0 +1,133 @@
+"""Inference: an exported model's folds on ONNX Runtime, ensembled per tile, streamed over the volume.
+
+nnU-Net runs each fold over the whole volume and averages the fold logits. Averaging is linear,
+so averaging per tile before the Gaussian accumulation gives the same logits while the volume is
+traversed once; that is what lets the sliding window stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tsrt.errors import ModelError
+from tsrt.plan import RecordedPlan, load_model_plans
+from tsrt.preprocess import Preprocessed
+from tsrt.providers import ProviderChoice, choose_provider, create_session
+from tsrt.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
+
+log = logging.getLogger("tsrt")
+
+
+@dataclass
+class InferenceSettings:
+    """How to run the sliding window. Defaults are nnUNetv2_predict's."""
+
+    step_size: float = 0.5
+    use_mirroring: bool = True  # only where the checkpoint allows it
+    batch_size: int = 1
+    progress: bool = True
+
+
+@dataclass
+class LoadedModel:
+    """An exported model folder with one ONNX Runtime session per fold."""
+
+    directory: Path
+    plans: list[RecordedPlan]
+    provider: ProviderChoice
+    sessions: list = field(default_factory=list)
+    seconds_in_network: float = 0.0  # time spent inside session.run, for the overhead report
+
+    @property
+    def plan(self) -> RecordedPlan:
+        return self.plans[0]
+
+    def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """Mean logits of all folds for a batch of tiles (N, C_in, *patch) -> (N, C_out, *patch)."""
+        import time
+
+        started = time.perf_counter()
+        total = None
+        for session, plan in zip(self.sessions, self.plans):
+            out = session.run([plan.graph_output_name], {plan.graph_input_name: tiles})[0]
+            total = out if total is None else total + out
+        assert total is not None
+        if len(self.sessions) > 1:
+            total /= len(self.sessions)
+        self.seconds_in_network += time.perf_counter() - started
+        return total
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    folds: Sequence[str | int] | None = None,
+    provider: str | ProviderChoice = "auto",
+    device: str | None = None,
+    threads: int | None = None,
+) -> LoadedModel:
+    """Read the recorded plans of the chosen folds and open their graphs on the chosen provider."""
+    plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
+    choice = provider if isinstance(provider, ProviderChoice) else choose_provider(
+        provider, device=device, fp16=plans[0].graph_precision == "fp16", threads=threads
+    )
+    sessions = []
+    for plan in plans:
+        if not plan.graph_path.exists():
+            raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
+        sessions.append(create_session(plan.graph_path, choice, threads=threads))
+    return LoadedModel(directory=Path(model_dir), plans=plans, provider=choice, sessions=sessions)
+
+
+def predict_streaming(
+    model: LoadedModel,
+    preprocessed: Preprocessed,
+    consume_slab: SlabConsumer,
+    settings: InferenceSettings,
+    progress_description: str = "tiles",
+) -> None:
+    """Run the sliding window over the preprocessed volume, handing finished logit slabs on."""
+    plan = model.plan
+    mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
+    n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
+    with _progress_bar(n_tiles, progress_description, settings.progress) as advance:
+        sliding_window_inference(
+            preprocessed.data,
+            model.predict_tiles,
+            plan.patch_size,
+            plan.num_segmentation_heads,
+            consume_slab,
+            step_size=settings.step_size,
+            batch_size=settings.batch_size,
+            mirror_axes=mirror_axes,
+            progress=advance,
+        )
+
+
+class _progress_bar:
+    """A rich progress bar over tiles, or nothing when disabled (tests, --quiet)."""
+
+    def __init__(self, total: int, description: str, enabled: bool):
+        self.total, self.description, self.enabled = total, description, enabled
+        self._progress = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        )
+        self._progress.start()
+        task = self._progress.add_task(self.description, total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

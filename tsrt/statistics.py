@@ -1,0 +1,61 @@
+"""Per-structure statistics (`statistics.json`), with TotalSegmentator's keys and rules.
+
+For each class: `volume` in mm³ and mean `intensity` of the image inside the mask (the image cast to
+int16 first, as TotalSegmentator does). A mask within 3 voxels of the volume border is incomplete,
+so TotalSegmentator reports it as 0 volume and 0 intensity by default; so do we.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from tsrt.write import atomic_output
+
+
+def touches_border(mask: np.ndarray, margin: int = 3) -> bool:
+    """True when any voxel of `mask` lies in the outer `margin` slices of any axis."""
+    for axis in range(mask.ndim):
+        index = [slice(None)] * mask.ndim
+        index[axis] = slice(0, margin)
+        if mask[tuple(index)].any():
+            return True
+        index[axis] = slice(-margin, None)
+        if mask[tuple(index)].any():
+            return True
+    return False
+
+
+def structure_statistics(
+    labels: np.ndarray,
+    image: np.ndarray,
+    spacing: tuple[float, float, float],
+    label_names: Mapping[int, str],
+    *,
+    exclude_masks_at_border: bool = True,
+    metric: str = "mean",
+) -> dict[str, dict[str, float]]:
+    """Volume (mm³) and intensity per named label; `labels` and `image` share one voxel grid."""
+    voxel_volume = float(spacing[0] * spacing[1] * spacing[2])
+    intensities = image.astype(np.int16)
+    stats: dict[str, dict[str, float]] = {}
+    for label, name in label_names.items():
+        mask = labels == label
+        count = int(mask.sum())
+        if count == 0 or (exclude_masks_at_border and touches_border(mask)):
+            stats[name] = {"volume": 0.0, "intensity": 0.0}
+            continue
+        values = intensities[mask]
+        value = float(np.median(values)) if metric == "median" else float(values.mean(dtype=np.float64))
+        stats[name] = {"volume": count * voxel_volume, "intensity": round(value, 5)}
+    return stats
+
+
+def write_statistics(stats: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """Write statistics.json atomically (never a half-written file)."""
+    with atomic_output(Path(path)) as temp:
+        temp.write_text(json.dumps(stats, indent=4))
+    return Path(path)
