@@ -320,19 +320,24 @@ def load_weights(network: nn.Module, ckpt: FoldCheckpoint, spec: ModelSpec) -> n
     return network.eval()
 
 
-class _Float32InstanceNorm(nn.Module):
-    """Runs an InstanceNorm in float32 inside an fp16 graph.
+class _Float32Island(nn.Module):
+    """Runs one module in float32 inside an fp16 graph.
 
-    The variance of fp16 activations overflows (values > ~256 square past 65504), which turns whole
-    tiles into NaN/black: a known reason for black TensorRT fp16 nnU-Net outputs.
+    InstanceNorm: the variance of fp16 activations overflows (values above ~256 square past 65504),
+    turning whole tiles into NaN/black, a known reason for black TensorRT fp16 nnU-Net outputs.
+    Average pooling (ResEnc skip paths): torch has no CPU half kernel for it, and the tracing
+    exporter runs the network once; the pooled values fit fp16 either way.
     """
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.norm = norm.float()
+        self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.float()).to(x.dtype)
+        return self.module(x.float()).to(x.dtype)
+
+
+_FLOAT32_MODULES = (nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._AvgPoolNd)
 
 
 class _Float16Graph(nn.Module):
@@ -347,22 +352,22 @@ class _Float16Graph(nn.Module):
 
 
 def to_fp16_graph(network: nn.Module) -> nn.Module:
-    """A half-precision copy of the network with float32 InstanceNorms and float32 boundaries."""
+    """A half-precision copy of the network with float32 islands (see _Float32Island) and float32 boundaries."""
     half = copy.deepcopy(network)
-    _replace_instance_norms(half)
+    _wrap_float32_modules(half)
     half.half()
     for module in half.modules():
-        if isinstance(module, _Float32InstanceNorm):
-            module.norm.float()
+        if isinstance(module, _Float32Island):
+            module.module.float()
     return _Float16Graph(half).eval()
 
 
-def _replace_instance_norms(module: nn.Module) -> None:
+def _wrap_float32_modules(module: nn.Module) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.instancenorm._InstanceNorm):
-            setattr(module, name, _Float32InstanceNorm(child))
+        if isinstance(child, _FLOAT32_MODULES):
+            setattr(module, name, _Float32Island(child))
         else:
-            _replace_instance_norms(child)
+            _wrap_float32_modules(child)
 
 
 def export_graph(graph_module: nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
@@ -373,8 +378,7 @@ def export_graph(graph_module: nn.Module, spec: ModelSpec, path: Path, opset: in
     kernels once; only the number of tiles per run varies, hence a dynamic batch axis.
     """
     example = torch.zeros(1, spec.num_input_channels, *spec.patch_size)
-    with torch.no_grad(), warnings.catch_warnings(), _quiet():
-        warnings.simplefilter("ignore")
+    with torch.no_grad(), _quiet():
         torch.onnx.export(
             graph_module,
             (example,),
@@ -607,8 +611,10 @@ def _sha256(path: Path) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence nnU-Net's and torch's prints (class search, preprocessing) so the progress bar stays readable."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    """Silence nnU-Net's and torch's prints and warnings (class search, preprocessing, tracing) so the
+    progress bar and the verification report stay readable; real problems raise instead."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         yield
 
 
@@ -645,7 +651,8 @@ class _FoldProgress:
             self._console.print(
                 f"fold {fold} [{verification['graph_precision']}] {case['name']}: max|Δ| {case['max_abs_diff']:.2e} "
                 f"(tol {case['tolerance']:.2e}), {case['decision']} agreement {100 * case['agreement']:.3f}%, "
-                f"{case['confident_disagreements']} confident disagreements"
+                f"{case['confident_disagreements']} confident disagreements",
+                soft_wrap=True,
             )
 
 
