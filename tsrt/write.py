@@ -117,7 +117,7 @@ def _output_header(like: Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.
 
 def _save(data: np.ndarray, like: Image, header: nib.Nifti1Header, path: Path) -> Path:
     if not path.name.lower().endswith(_NIFTI_SUFFIXES):
-        raise OutputError(f"Output {path} must end in .nii.gz or .nii; rename it, e.g. {path.name}.nii.gz.")
+        raise OutputError(f"Output {path} is not a NIfTI file name; give it the ending .nii.gz (or .nii).")
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     # Passing like.affine (== header's best affine) keeps the header's qform/sform and codes untouched.
     image = image_class(data, like.affine, header)
