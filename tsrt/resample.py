@@ -32,6 +32,8 @@ refused there (use `resample_to_shape` on the whole volume).
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 
 import numba
@@ -46,6 +48,8 @@ _SPLINE_PAD = 12
 _CAUSAL_INIT_TERMS = 35
 #: How many lines a numba job resamples side by side.
 _PANEL_WIDTH = 64
+#: Relative cost of a pass along the last axis (its lines are strided and must be transposed).
+_LAST_AXIS_PASS_COST = 1.5
 SUPPORTED_ORDERS = (0, 1, 3)
 
 
@@ -324,6 +328,26 @@ def _validate(data: np.ndarray, new_shape: Sequence[int], current_spacing, new_s
             raise ValueError(f"{name}={value} is not supported (supported: {SUPPORTED_ORDERS}).")
 
 
+def _pass_order(axes: Sequence[int], shape: Sequence[int], new_shape: Sequence[int]) -> list[int]:
+    """The order of per-axis passes that moves the least memory.
+
+    Each pass reads and writes the whole intermediate volume, so shrinking axes go first and
+    growing ones last; a pass along the last (contiguous) axis has to transpose its lines, so it
+    counts extra. The result only differs from any other order by float rounding.
+    """
+
+    def cost(permutation: tuple[int, ...]) -> float:
+        current, total = list(shape), 0.0
+        for axis in permutation:
+            size_before = math.prod(current)
+            current[axis] = new_shape[axis]
+            weight = _LAST_AXIS_PASS_COST if axis == len(shape) - 1 else 1.0
+            total += (size_before + math.prod(current)) * weight
+        return total
+
+    return list(min(itertools.permutations(axes), key=cost))
+
+
 def _resample(
     data: np.ndarray,
     in_row_start: int,
@@ -337,47 +361,48 @@ def _resample(
 ) -> np.ndarray:
     """Shared engine: `data` holds input rows [in_row_start, ...) of a volume of shape in_shape.
 
-    Stage 1 resamples every axis except the separate one with `order` (axes that shrink most go
-    first, to keep intermediates small), then skimage's clip, then the separate axis with order_z.
+    Every axis whose size changes gets one pass (order_z for the separate axis, `order` for the
+    others). For order 3, skimage's clip must come after the in-plane passes - per slice when
+    there is a separate axis, which is then resampled last - or at the very end otherwise.
+    Passes are linear and act on different axes, so otherwise their order is free.
     """
-    ndim = len(in_shape)
-    joint_axes = sorted((a for a in range(ndim) if a != sep_axis), key=lambda a: new_shape[a] / in_shape[a])
-    stages = [(a, order) for a in joint_axes] + ([(sep_axis, order_z)] if sep_axis is not None else [])
-    n_clip_before = len(joint_axes)
+    rows_in_slab = (out_rows[0] - in_row_start, out_rows[1] - in_row_start)
+    axis_order = {axis: (order_z if axis == sep_axis else order) for axis in range(len(in_shape))}
+    clips = order > 1
+    changing = [axis for axis in range(len(in_shape)) if in_shape[axis] != new_shape[axis]]
+    # Planned on the whole volume, so that slabs are bit-identical to a whole-volume run.
+    if clips and sep_axis in changing:
+        passes = _pass_order([a for a in changing if a != sep_axis], in_shape, new_shape) + [sep_axis]
+    else:
+        passes = _pass_order(changing, in_shape, new_shape)
+    clip_after = len(passes) - (1 if clips and sep_axis in changing else 0)
 
-    taps: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
-    for axis, axis_order in stages:
-        if in_shape[axis] == new_shape[axis]:
-            taps[axis] = None
-            continue
+    taps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for axis in passes:
         if axis == 0:
-            index, weights = _axis_taps(in_shape[0], new_shape[0], axis_order, *out_rows)
-            taps[axis] = (index - in_row_start, weights)
+            index, weights = _axis_taps(in_shape[0], new_shape[0], axis_order[0], *out_rows)
+            rows_available = data.shape[1] + (2 * _SPLINE_PAD if axis_order[0] > 1 else 0)
+            index = index - in_row_start
+            if index.size and (index.min() < 0 or index.max() >= rows_available):
+                raise ValueError(
+                    f"Input rows [{in_row_start}, {in_row_start + data.shape[1]}) do not cover what output rows "
+                    f"{list(out_rows)} need; see input_rows_needed."
+                )
+            taps[0] = (index, weights)
         else:
-            taps[axis] = _axis_taps(in_shape[axis], new_shape[axis], axis_order)
-    if taps.get(0) is not None:
-        index0 = taps[0][0]
-        rows_available = data.shape[1] + (2 * _SPLINE_PAD if dict(stages)[0] > 1 else 0)
-        if index0.size and (index0.min() < 0 or index0.max() >= rows_available):
-            raise ValueError(
-                f"Input rows [{in_row_start}, {in_row_start + data.shape[1]}) do not cover what output rows "
-                f"{list(out_rows)} need; see input_rows_needed."
-            )
+            taps[axis] = _axis_taps(in_shape[axis], new_shape[axis], axis_order[axis])
 
     out = np.empty((data.shape[0], out_rows[1] - out_rows[0], *new_shape[1:]), dtype=out_dtype)
     for c in range(data.shape[0]):
         volume = np.array(data[c], dtype=np.float64, order="C", copy=True)
-        clip = _clip_range(volume, sep_axis) if order > 1 else None
-        for stage, (axis, axis_order) in enumerate(stages):
-            if stage == n_clip_before and clip is not None:
+        clip = _clip_range(volume, sep_axis) if clips else None
+        if 0 not in changing:
+            volume = volume[rows_in_slab[0] : rows_in_slab[1]]
+        for step, axis in enumerate(passes):
+            if step == clip_after and clip is not None:
                 np.clip(volume, clip[0], clip[1], out=volume)
                 clip = None
-            axis_taps = taps[axis]
-            if axis_taps is None:
-                if axis == 0:  # unchanged first axis: a slab is a plain row range
-                    volume = volume[out_rows[0] - in_row_start : out_rows[1] - in_row_start]
-                continue
-            volume = _resample_axis(np.ascontiguousarray(volume), axis, *axis_taps, axis_order)
+            volume = _resample_axis(np.ascontiguousarray(volume), axis, *taps[axis], axis_order[axis])
         if clip is not None:
             np.clip(volume, clip[0], clip[1], out=volume)
         out[c] = volume
