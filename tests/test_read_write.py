@@ -73,10 +73,15 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lps_like = _affine(np.diag([-1.0, -1.0, 1.0]), (0.7, 0.7, 3.0), (120, 130, -40))
     # qform and sform disagree in rotation and origin (both valid, same voxel size): nibabel uses the sform.
     other_qform = _affine(np.diag([-1.0, 1.0, 1.0]), (0.8, 0.9, 2.5), (1, 2, 3))
+    permuted = _affine(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]), (0.8, 0.9, 2.5), (5, 6, 7))
     return {
         "oblique": _save(folder / "oblique.nii.gz", _volume((9, 8, 7)), oblique),
         "qform_sform": _save(folder / "qform_sform.nii.gz", _volume((9, 8, 7), 1), oblique, qform=other_qform,
                              qform_code=1, sform_code=2),
+        # pixdim (from a qform with code 0) disagrees with the sform's voxel sizes, and the sform permutes axes:
+        # NibabelIO takes pixdim, NibabelIOWithReorient the reoriented sform's column lengths.
+        "pixdim_mismatch": _save(folder / "pixdim_mismatch.nii.gz", _volume((9, 8, 7), 4), permuted,
+                                 qform=np.diag([1.0, 1.2, 3.0, 1.0]), qform_code=0, sform_code=2),
         "scaled_lps": _save(folder / "scaled_lps.nii.gz", _volume((9, 8, 7), 2), lps_like, scaling=(0.37, -3.3)),
         "uncompressed": _save(folder / "plain.nii", _volume((6, 5, 4), 3).astype(np.float32), oblique),
     }
@@ -113,14 +118,14 @@ def test_to_nnunet_array_equals_nnunet_readers(synthetic: dict[str, Path], reade
             ours, theirs = props["sitk_stuff"], expected_props["sitk_stuff"]
             np.testing.assert_allclose(ours["spacing"], theirs["spacing"], atol=1e-6, err_msg=name)
             # ITK reads the qform when sform_code != 1 and qform_code > 0; nibabel (and tsrt) the sform.
-            if name != "qform_sform":
+            if name not in ("qform_sform", "pixdim_mismatch"):
                 np.testing.assert_allclose(ours["origin"], theirs["origin"], atol=1e-4, err_msg=name)
                 np.testing.assert_allclose(ours["direction"], theirs["direction"], atol=1e-6, err_msg=name)
         else:
             for key, value in expected_props["nibabel_stuff"].items():
                 np.testing.assert_allclose(props["nibabel_stuff"][key], value, rtol=0, atol=1e-9, err_msg=name)
         checked.append(name)
-    assert {"oblique", "qform_sform", "scaled_lps"} <= set(checked)
+    assert {"oblique", "qform_sform", "pixdim_mismatch", "scaled_lps"} <= set(checked)
 
 
 def test_itk_and_nibabel_disagree_on_qform_sform_files(synthetic: dict[str, Path]) -> None:
@@ -223,7 +228,7 @@ def _write_dicom_series(folder: Path, volume: np.ndarray, rotation: np.ndarray, 
             "0008|0018": f"{series_uid}.{index + 1}", "0028|1052": "-1024", "0028|1053": "1",
         }.items():
             slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{index:03d}.dcm"))
+        writer.SetFileName(str(folder / f"IM{index * 37 % 101:03d}.dcm"))  # file order != slice order
         writer.Execute(slice_image)
 
 
@@ -266,11 +271,15 @@ def dicom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     axial = np.eye(3)
     # Oblique, voxel-size-dependent axis choice, and a sagittal stack whose normal points to -x.
     oblique = _rotation(20, 15, 0)
-    sagittal = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # rows run A->P... normal -x
+    # Sagittal: rows run to posterior, columns downwards, slices stacked towards the right (-x in LPS).
+    sagittal = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     cases = {
         "axial": (axial, (0.7, 0.8, 2.0)),
         "oblique": (oblique, (0.6, 0.9, 3.0)),
         "sagittal": (sagittal, (1.1, 0.5, 1.5)),
+        # 44 degrees with 4x anisotropic pixels: dicom2nifti's voxel-size-weighted axis choice clashes and
+        # has to resolve it; a plain closest-axis rule would not exercise that path.
+        "oblique_44_anisotropic": (_rotation(44, 0, 0), (0.5, 2.0, 3.0)),
     }
     for index, (name, (rotation, spacing)) in enumerate(cases.items()):
         _write_dicom_series(root / name, _volume((6, 12, 10), index), rotation, spacing,
@@ -278,7 +287,7 @@ def dicom_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in cases}
 
 
-@pytest.mark.parametrize("case", ["axial", "oblique", "sagittal"])
+@pytest.mark.parametrize("case", ["axial", "oblique", "sagittal", "oblique_44_anisotropic"])
 def test_dicom_matches_totalsegmentator_conversion_and_itk(dicom_cases: dict[str, Path], tmp_path: Path, case: str) -> None:
     folder = dicom_cases[case]
     image = read_image(folder)
@@ -294,6 +303,7 @@ def test_dicom_matches_totalsegmentator_conversion_and_itk(dicom_cases: dict[str
 
 
 @needs_data
+@pytest.mark.slow  # decodes 20 JPEG 2000 slices twice (tsrt and dicom2nifti): ~3 s on an idle machine
 def test_example_ct_dicom_matches_totalsegmentator_conversion(tmp_path: Path) -> None:
     folder = SHARED_DATA / "example_ct_dicom"
     image = read_image(folder)
@@ -452,6 +462,16 @@ def test_dicom_with_missing_slice(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="missing slices") as error:
         read_image(folder)
     _assert_actionable(error.value, "export the complete series")
+
+
+def test_dicom_with_two_images_at_one_position(tmp_path: Path) -> None:
+    folder, uid = tmp_path / "repeat", "1.2.826.0.1.3680043.2.1125.1.7"
+    _write_dicom_series(folder, _volume((6, 12, 10)), np.eye(3), (0.7, 0.8, 2.0), np.zeros(3), uid, "ct")
+    _write_dicom_series(folder / "rescan", _volume((1, 12, 10), 5), np.eye(3), (0.7, 0.8, 2.0), np.zeros(3), uid, "ct",
+                        first_instance=7)
+    with pytest.raises(InputError, match="same position") as error:
+        read_image(folder)
+    _assert_actionable(error.value, "single 3D series")
 
 
 def test_dicom_series_too_short(tmp_path: Path) -> None:

@@ -384,6 +384,10 @@ def _read_dicom_folder(folder: Path, shown: str) -> Image:
             f"{shown} holds no DICOM series of at least {_MIN_DICOM_SLICES} slices (largest: {largest}, "
             "localizers excluded); tsrt needs a 3D series — export all slices of the scan."
         )
+    skipped = len(files) - sum(len(s) for s in volumes)
+    if skipped and len(volumes) == 1:
+        log.info("%s: using %s (%d images), ignoring %d localizer or stray image(s).",
+                 shown, volumes[0][0].series_label, len(volumes[0]), skipped)
     if len(volumes) > 1:
         listing = "; ".join(f"{s[0].series_label} ({len(s)} images)" for s in sorted(volumes, key=len, reverse=True))
         raise InputError(
