@@ -90,6 +90,7 @@ class ModelSpec:
     configuration_manager: Any  # nnunetv2 ConfigurationManager
     label_manager: Any  # nnunetv2 LabelManager
     trainer_name: str
+    trainer_class: type | None  # None: not installed, build from the plans' architecture
     num_input_channels: int
     num_segmentation_heads: int
 
@@ -133,8 +134,10 @@ def export_model(
             )
     image_patch = preprocess_verification_patch(spec, Path(verify_image)) if verify_image is not None else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tsrt-export-", dir=out_dir.parent))
+    # Staged next to OUT so the final moves are renames within one file system.
+    out_parent = out_dir.absolute().parent
+    out_parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.tsrt-export-", dir=out_parent))
     try:
         with _progress_bar(progress) as bar:
             staged = [
@@ -147,25 +150,30 @@ def export_model(
 
 
 def find_folds(model_folder: Path, folds: Sequence[str | int] | None, checkpoint: str) -> list[str]:
-    """The requested folds (all `fold_*` folders holding the checkpoint when None), each checked to exist."""
+    """The requested folds, each checked to hold the checkpoint.
+
+    Like nnU-Net's predictor, None means every numbered fold_N holding the checkpoint; fold_all (trained
+    on all cases) is only exported when asked for, since ensembling it with the CV folds double-counts.
+    """
     if not (model_folder / "plans.json").is_file():
         raise ModelError(
             f"{model_folder} has no plans.json: pass an nnU-Net v2 result folder (Trainer__Plans__Configuration)."
         )
+    with_checkpoint = [p.name.removeprefix("fold_") for p in model_folder.glob("fold_*") if (p / checkpoint).is_file()]
     if folds is None:
-        found = [p.name.removeprefix("fold_") for p in model_folder.glob("fold_*") if (p / checkpoint).is_file()]
-        if not found:
-            raise ModelError(f"No fold_* folder in {model_folder} holds {checkpoint}: pass --checkpoint or train a fold.")
-        return sorted(found, key=lambda f: (0, f"{int(f):06d}") if f.isdigit() else (1, f))
+        numbered = sorted((f for f in with_checkpoint if f.isdigit()), key=int)
+        if not numbered:
+            action = "pass --fold all to export fold_all" if "all" in with_checkpoint else "pass another --checkpoint"
+            raise ModelError(f"No fold_N folder in {model_folder} holds {checkpoint}: {action}.")
+        return numbered
     names = [str(f) for f in folds]
     if not names:
-        raise ModelError("No folds were requested: pass at least one fold or none to export all folds.")
-    missing = [f for f in names if not (model_folder / f"fold_{f}" / checkpoint).is_file()]
+        raise ModelError("No folds were requested: pass at least one fold, or none to export all folds.")
+    missing = [f for f in names if f not in with_checkpoint]
     if missing:
-        available = sorted(p.name for p in model_folder.glob("fold_*") if (p / checkpoint).is_file())
         raise ModelError(
             f"Fold(s) {', '.join(missing)} have no {checkpoint} in {model_folder} "
-            f"(folds with it: {', '.join(available) or 'none'}): choose among those folds."
+            f"(folds with it: {', '.join(sorted(with_checkpoint)) or 'none'}): choose among those folds."
         )
     return names
 
@@ -240,6 +248,7 @@ def read_model_spec(model_folder: Path, first_checkpoint: FoldCheckpoint) -> Mod
         configuration_manager=configuration_manager,
         label_manager=label_manager,
         trainer_name=first_checkpoint.trainer_name,
+        trainer_class=find_trainer_class(first_checkpoint.trainer_name, configuration_manager.network_arch_class_name),
         num_input_channels=int(num_input_channels),
         num_segmentation_heads=num_heads,
     )
@@ -251,21 +260,10 @@ def build_network(spec: ModelSpec) -> nn.Module:
     Trainers such as TotalSegmentator's only change training, so a trainer class that is not installed
     falls back to nnU-Net's default builder from the plans' architecture (with a warning).
     """
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     cm = spec.configuration_manager
-    try:
-        with _quiet():
-            trainer_class = recursive_find_trainer_class_by_name(spec.trainer_name)
-    except (RuntimeError, AssertionError, ImportError):
-        trainer_class = None
-        LOG.warning(
-            "Trainer class %s is not installed; building the network from the plans' architecture (%s) with "
-            "nnU-Net's default builder, which is what every trainer that only changes training does.",
-            spec.trainer_name,
-            cm.network_arch_class_name,
-        )
+    trainer_class = spec.trainer_class
     try:
         with _quiet():
             if trainer_class is None:
@@ -289,6 +287,23 @@ def build_network(spec: ModelSpec) -> nn.Module:
             f"({type(err).__name__}: {err}): install the package defining it or fix the plans' architecture."
         ) from None
     return network
+
+
+def find_trainer_class(trainer_name: str, network_class_name: str) -> type | None:
+    """nnU-Net's trainer lookup, or None (with a warning) when the class is not installed."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        with _quiet():
+            return recursive_find_trainer_class_by_name(trainer_name)
+    except (RuntimeError, AssertionError, ImportError):
+        LOG.warning(
+            "Trainer class %s is not installed; building the network from the plans' architecture (%s) with "
+            "nnU-Net's default builder, which is what every trainer that only changes training does.",
+            trainer_name,
+            network_class_name,
+        )
+        return None
 
 
 def load_weights(network: nn.Module, ckpt: FoldCheckpoint, spec: ModelSpec) -> nn.Module:
@@ -562,7 +577,7 @@ def _embed_metadata(graph_path: Path, plan: RecordedPlan, verification: dict[str
 
 
 def _move_into(staged: list[_StagedFold], out_dir: Path) -> list[Path]:
-    """Move the verified files into OUT_DIR (renames within one file system)."""
+    """Move the verified files into OUT_DIR."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_paths = []
     for fold in staged:

@@ -188,8 +188,9 @@ def test_five_folds_export_each_folds_own_weights(results_root: Path, tmp_path: 
     assert len({plan.graph_sha256 for plan in plans}) == 5
     for fold in ("0", "4"):
         _assert_matches_predictor(folder, tmp_path / "out", fold)
-    subset = export_model(folder, tmp_path / "subset", folds=[3, "1"], progress=False)
-    assert [p.name for p in subset] == ["fold_3.plan.json", "fold_1.plan.json"]
+    subset = export_model(folder, tmp_path / "subset", folds=[3], progress=False)
+    assert [p.name for p in (tmp_path / "subset").glob("*.plan.json")] == [p.name for p in subset] == ["fold_3.plan.json"]
+    assert read_plan(subset[0]).graph_sha256 == read_plan(plan_paths[3]).graph_sha256  # exports are deterministic
 
 
 def test_totalsegmentator_trainer_name_is_recorded(results_root: Path, tmp_path: Path) -> None:
@@ -323,9 +324,10 @@ def _unknown_architecture(folder: Path) -> None:
         (_unknown_architecture, None, "Cannot build network my_lab.nets.FancyUNet"),
         (lambda folder: (folder / "plans.json").unlink(), None, "has no plans.json"),
         (lambda folder: (folder / "dataset.json").write_text("{"), None, "dataset.json is not valid JSON"),
+        (lambda folder: (folder / "fold_0").rename(folder / "fold_all"), None, "pass --fold all to export fold_all"),
     ],
     ids=["missing_fold", "corrupt_checkpoint", "truncated_checkpoint", "labels_mismatch", "unknown_architecture",
-         "no_plans", "bad_dataset_json"],
+         "no_plans", "bad_dataset_json", "only_fold_all"],
 )
 def test_bad_result_folder_raises_one_actionable_model_error(
     breakage, folds, message: str, plain_folder: Path, tmp_path: Path
