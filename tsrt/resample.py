@@ -8,8 +8,9 @@ tensor-product interpolations that are slow; this module reproduces them separab
 a time, in numba. The semantics it reproduces (scipy 1.17 / skimage 0.26):
 
 * Sample positions: output index o of an axis of length n_in -> n_out reads input coordinate
-  ``(o + 0.5) * (n_in / n_out) - 0.5`` (skimage calls `ndimage.zoom(grid_mode=True)`), clamped
-  into ``[0, n_in - 1]`` (ndimage mode 'nearest', which is what skimage's 'edge' becomes).
+  ``(o + 0.5) * (n_in / n_out) - 0.5`` (skimage calls `ndimage.zoom(grid_mode=True)`; nnU-Net
+  builds the same coordinates for map_coordinates), clamped into ``[0, n_in - 1]`` (ndimage
+  mode 'nearest', which is what skimage's 'edge' becomes).
 * Order 0 takes input index ``floor(coordinate + 0.5)`` (ties round up); order 1 is linear.
 * Order 3 is a cubic B-spline. Its prefilter is the causal/anti-causal recursive filter, but
   for mode 'nearest' scipy first pads each axis with 12 copies of the edge sample and then runs
@@ -43,8 +44,8 @@ import numpy as np
 _CUBIC_POLE = -0.267949192431122706472553658494127633
 #: scipy pads each axis by this many edge copies before prefiltering in mode 'nearest'.
 _SPLINE_PAD = 12
-#: Terms of the causal initialisation sum smaller than this fraction are below float64
-#: resolution of the sum; scipy adds them anyway, we stop (|pole|**35 ~ 1e-20).
+#: scipy sums the causal initialisation over the whole padded line; terms past |pole|**35
+#: (~1e-20 relative) cannot change a float64 sum, so we stop there.
 _CAUSAL_INIT_TERMS = 35
 #: How many lines a numba job resamples side by side.
 _PANEL_WIDTH = 64
