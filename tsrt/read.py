@@ -43,6 +43,9 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 #: treated as sheared/degenerate. Float32 sform storage gives ~1e-7, real scanner data ~1e-5.
 _ORTHONORMAL_TOLERANCE = 1e-3
 
+#: nibabel's orientation array for "already in the wanted axis order and sense".
+_IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
+
 #: dicom2nifti refuses series of 3 slices or fewer ("TOO_FEW_SLICES/LOCALIZER"); so do we.
 _MIN_DICOM_SLICES = 4
 
@@ -55,7 +58,7 @@ class Image:
     affine: np.ndarray  # 4x4 voxel->RAS+ mm (nibabel convention)
     header: nib.Nifti1Header | None  # source NIfTI header (or the one TotalSegmentator's DICOM conversion writes)
     source: str  # path, for messages
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. DICOM modality
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # e.g. {"modality": "CT"} from DICOM
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -190,9 +193,6 @@ def from_nnunet_array(array: np.ndarray, properties: dict) -> np.ndarray:
     if result.shape[-3:] != expected:
         raise ValueError(f"array of shape {array.shape} does not match the image grid {expected}")
     return result
-
-
-_IDENTITY_ORNT = np.array([[0, 1], [1, 1], [2, 1]])
 
 
 # --------------------------------------------------------------------------------------------- NIfTI

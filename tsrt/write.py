@@ -50,8 +50,11 @@ def atomic_output(path: Path) -> Iterator[Path]:
     temp = path.parent / f".{secrets.token_hex(4)}.tsrt-partial.{path.name}"
     try:
         yield temp
-        _flush_to_disk(temp)
-        os.replace(temp, path)
+        try:
+            _flush_to_disk(temp)
+            os.replace(temp, path)
+        except OSError as error:
+            raise _cannot_write(path, error) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -125,8 +128,12 @@ def _save(data: np.ndarray, like: Image, header: nib.Nifti1Header, path: Path) -
         with atomic_output(path) as temp:
             image.to_filename(temp)
     except OSError as error:
-        raise OutputError(f"Cannot write {path} ({short_reason(error)}); check free disk space and write permission there.") from None
+        raise _cannot_write(path, error) from None
     return path
+
+
+def _cannot_write(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"Cannot write {path} ({short_reason(error)}); check free disk space and write permission there.")
 
 
 def _caret_label_table(label_names: dict[int, str]) -> bytes:
