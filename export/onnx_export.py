@@ -220,7 +220,9 @@ def read_model_spec(model_folder: Path, first_checkpoint: FoldCheckpoint) -> Mod
         )
     for key in ("labels", "file_ending"):
         if key not in dataset_json:
-            raise ModelError(f"{model_folder / 'dataset.json'} lacks {key!r}: use the dataset.json the model was trained with.")
+            raise ModelError(
+                f"{model_folder / 'dataset.json'} lacks {key!r}: use the dataset.json the model was trained with."
+            )
     try:
         plans_manager = PlansManager(plans)
         configuration_manager = plans_manager.get_configuration(configuration)
@@ -237,7 +239,8 @@ def read_model_spec(model_folder: Path, first_checkpoint: FoldCheckpoint) -> Mod
     if configuration_manager.previous_stage_name is not None:
         raise ModelError(
             f"Configuration {configuration} is a cascade stage (it needs the segmentation of "
-            f"{configuration_manager.previous_stage_name} as input), which tsrt does not run: export a full-resolution one."
+            f"{configuration_manager.previous_stage_name} as input), which tsrt does not run: "
+            "export a full-resolution one."
         )
     return ModelSpec(
         folder=model_folder,
@@ -323,7 +326,8 @@ def load_weights(network: nn.Module, ckpt: FoldCheckpoint, spec: ModelSpec) -> n
         if out_key:
             raise ModelError(
                 f"Checkpoint {ckpt.path} has {got[out_key[0]].shape[0]} output channels but dataset.json's labels "
-                f"give {spec.num_segmentation_heads} segmentation heads: use the dataset.json the model was trained with."
+                f"give {spec.num_segmentation_heads} segmentation heads: use the dataset.json the model was "
+                "trained with."
             )
         first = mismatched[0]
         raise ModelError(
@@ -424,7 +428,9 @@ def preprocess_verification_patch(spec: ModelSpec, image: Path) -> np.ndarray:
                 spec.dataset_json,
             )
     except Exception as err:  # any reader/resampler failure means: this image cannot be used
-        raise InputError(f"nnU-Net cannot preprocess verification image {image} ({type(err).__name__}: {err}): pass another image.") from None
+        raise InputError(
+            f"nnU-Net cannot preprocess verification image {image} ({type(err).__name__}: {err}): pass another image."
+        ) from None
     return centre_patch(np.asarray(data), spec.patch_size)[None]
 
 

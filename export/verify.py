@@ -65,7 +65,9 @@ def check_graph(graph_path: Path, expected_output_shape: Sequence[int | str]) ->
         onnx.checker.check_model(str(graph_path), full_check=True)
         model = onnx.shape_inference.infer_shapes(onnx.load(str(graph_path)), check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        raise ModelError(f"The exported graph {graph_path.name} is not valid ONNX ({err}); report this as a tsrt bug.") from None
+        raise ModelError(
+            f"The exported graph {graph_path.name} is not valid ONNX ({err}); report this as a tsrt bug."
+        ) from None
     dims = model.graph.output[0].type.tensor_type.shape.dim
     inferred = [d.dim_param if d.dim_param else d.dim_value for d in dims]
     expected = list(expected_output_shape)

@@ -28,7 +28,9 @@ def version() -> None:
 
 
 #: Modules only the export extra installs; a missing one means that extra is not installed.
-_EXPORT_EXTRA_MODULES = ("torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxscript", "tsrt_export")
+_EXPORT_EXTRA_MODULES = (
+    "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxscript", "tsrt_export"
+)
 
 
 @app.command()
