@@ -87,10 +87,14 @@ _PLANNER_RECIPES: dict[str, dict[str, Any]] = {
 _MIN_FEATURE_MAP_EDGE = 4
 _SEG_LAYER_KEY = re.compile(r"^decoder\.seg_layers\.(\d+)\.(weight|bias)$")
 
-DEMO_CHECKPOINT_RELPATH = Path(
-    "models/demo/nnUNet_results/Dataset900_TsrtDemo/nnUNetTrainer_5epochs__nnUNetPlans__3d_fullres/"
-    "fold_0/checkpoint_final.pth"
-)
+#: Where the bundled demo model's trained checkpoint lives (any trainer name), relative to the repo.
+DEMO_CHECKPOINT_GLOB = "models/demo/nnUNet_results/Dataset900_TsrtDemo/*__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
+
+
+def find_demo_checkpoint(repo_root: Path) -> Path | None:
+    """The demo model's trained fold-0 checkpoint, or None while it has not been trained/committed."""
+    found = sorted(Path(repo_root).glob(DEMO_CHECKPOINT_GLOB))
+    return found[0] if found else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Session-wide fixtures: real nnU-Net result folders and TotalSegmentator homes built once per run.
+
+Folders come from `tsrt_export.fixtures` (nnU-Net's own trainer classes, seeded weights), so every
+test that needs a trained model gets a genuine one without downloads. They are tiny (3 stages,
+4/8/16 features, 32^3 patches) so building all of them takes a few seconds. Tests must treat them
+as read-only: copy a folder (shutil.copytree) before changing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _fixtures():
+    """Import lazily: the generator needs the export extra (torch, nnunetv2), runtime-only tests do not."""
+    pytest.importorskip("nnunetv2", reason="the fixture generator needs the export extra (torch, nnunetv2)")
+    from tsrt_export import fixtures
+
+    return fixtures
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared real-data folder (example CT/MR, DICOM, reference segmentations), or skip."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real example data not found at {SHARED_DATA} (it sits next to the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def fixture_results_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One nnUNet_results folder shared by the session's result-folder fixtures."""
+    return tmp_path_factory.mktemp("nnUNet_results")
+
+
+@pytest.fixture(scope="session")
+def tiny_result_folder(fixture_results_root: Path) -> Path:
+    """3d_fullres PlainConvUNet, 1 CT channel, background + 3 classes, fold 0, mirroring (0, 1, 2)."""
+    return _fixtures().write_result_folder(fixture_results_root, dataset_id=801, dataset_name="TinyPlain")
+
+
+@pytest.fixture(scope="session")
+def tiny_resenc_result_folder(fixture_results_root: Path) -> Path:
+    """3d_fullres ResidualEncoderUNet, otherwise like tiny_result_folder."""
+    return _fixtures().write_result_folder(
+        fixture_results_root, dataset_id=802, dataset_name="TinyResEnc", architecture="ResidualEncoderUNet"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_2d_result_folder(fixture_results_root: Path) -> Path:
+    """2d PlainConvUNet on 64x64 patches (mirroring (0, 1))."""
+    return _fixtures().write_result_folder(
+        fixture_results_root, dataset_id=803, dataset_name="Tiny2d", configuration="2d", patch_size=(64, 64)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_regions_result_folder(fixture_results_root: Path) -> Path:
+    """Region-based (sigmoid) 3d model: regions whole=[1,2,3], core=[2,3], enhancing=3."""
+    return _fixtures().write_result_folder(
+        fixture_results_root,
+        dataset_id=804,
+        dataset_name="TinyRegions",
+        labels={"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3},
+        regions_class_order=(1, 2, 3),
+    )
+
+
+@pytest.fixture(scope="session")
+def totalseg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TOTALSEG_HOME_DIR with every task key of tsrt_export.fixtures.TOTALSEG_TASKS (small nets).
+
+    Run TotalSegmentator against it in a subprocess with TOTALSEG_HOME_DIR set before import.
+    """
+    fixtures = _fixtures()
+    return fixtures.write_totalseg_home(tmp_path_factory.mktemp("totalseg_home"), tuple(fixtures.TOTALSEG_TASKS))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The bundled trained demo checkpoint, or skip while it has not been trained/committed yet."""
+    fixtures = _fixtures()
+    path = fixtures.find_demo_checkpoint(REPO_ROOT)
+    if path is None:
+        pytest.skip(f"no demo checkpoint matches {fixtures.DEMO_CHECKPOINT_GLOB} yet (the demo model is not trained)")
+    return path
