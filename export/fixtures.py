@@ -561,15 +561,17 @@ def write_result_folder(
         for channel, name in channel_names.items()
     }
     median_spacing = [float(s) for s in spacing] if len(spacing) == 3 else [max(config_spacing)] + config_spacing
+    median_shape = [2 * p for p in ([config_patch[0]] * (3 - ndim) + config_patch)]
+    transpose_backward = [transpose_forward.index(axis) for axis in range(3)]
     plans = _write_json(
         {
             "dataset_name": full_name,
             "plans_name": plans_name,
             "original_median_spacing_after_transp": median_spacing,
-            "original_median_shape_after_transp": [2 * p for p in ([config_patch[0]] * (3 - ndim) + config_patch)],
+            "original_median_shape_after_transp": median_shape,
             "image_reader_writer": "SimpleITKIO",
             "transpose_forward": transpose_forward,
-            "transpose_backward": [transpose_forward.index(axis) for axis in range(3)],
+            "transpose_backward": transpose_backward,
             "configurations": {
                 configuration: _configuration_plans(
                     plans_name=plans_name,
@@ -592,8 +594,9 @@ def write_result_folder(
         {
             "foreground_intensity_properties_per_channel": properties,
             "median_relative_size_after_cropping": 1.0,
-            "shapes_after_crop": [[2 * p for p in ([config_patch[0]] * (3 - ndim) + config_patch)]] * 2,
-            "spacings": [median_spacing] * 2,
+            # The fingerprint is in the images' own axis order, the plans in transposed order.
+            "shapes_after_crop": [[median_shape[axis] for axis in transpose_backward]] * 2,
+            "spacings": [[median_spacing[axis] for axis in transpose_backward]] * 2,
         },
         output_dir / "dataset_fingerprint.json",
     )
@@ -761,7 +764,7 @@ def write_totalseg_home(
 
     Run TotalSegmentator with TOTALSEG_HOME_DIR=home set *before* importing it (nnunetv2 reads its
     nnUNet_results path at import) and TOTALSEG_WEIGHTS_PATH unset (it would override the home).
-    `small` builds 4-stage nets of <= 32 features on 48^3 patches (seconds on CPU); small=False
+    `small` builds 4-stage nets of 4..32 features on 48^3 patches (seconds on CPU); small=False
     builds full-size 6-stage, 32..320-feature nets on 128^3 patches for benchmarks.
     With `source_checkpoint`, every model gets that checkpoint's backbone and "confident" rows.
     """
@@ -776,7 +779,7 @@ def write_totalseg_home(
             if source is not None:
                 shape_kwargs: dict[str, Any] = {"patch_size": _patch_for_source(source, small)}
             elif small:
-                shape_kwargs = {"patch_size": (48, 48, 48), "n_stages": 4, "features": (8, 16, 32, 32)}
+                shape_kwargs = {"patch_size": (48, 48, 48), "n_stages": 4, "features": (4, 8, 16, 32)}
             else:
                 shape_kwargs = {
                     "patch_size": (128, 128, 128),
