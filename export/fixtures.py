@@ -19,7 +19,22 @@ TotalSegmentator task keys of `write_totalseg_home` (see `TOTALSEG_TASKS`):
     body_fast        Dataset300 (--fast, and the --body_seg crop model), 6 mm
 
 Folder names, dataset ids, trainers, spacings, folds and class maps are read from the installed
-TotalSegmentator's own tables, so the layout is exactly what that version looks for.
+TotalSegmentator's own tables (map_tasks_config, map_to_binary), so the layout is exactly what
+that version looks for. What official TotalSegmentator needs to run offline from such a home:
+
+- every model folder of the task, home/nnunet/results/<DatasetNNN_name>/<trainer>__nnUNetPlans__
+  3d_fullres/fold_0/checkpoint_final.pth: download_pretrained_weights() only checks that the
+  dataset folder exists. roi_subset and crop tasks also run the crop model (total_fastest, or
+  total_mr_fast for MR); --body_seg runs body_fast.
+- home/config.json with "send_usage_stats": false, else every run POSTs usage statistics (errors
+  swallowed); "statistics_disclaimer_shown": true only silences a notice. No license is needed
+  for these (non-commercial) tasks, and DICOM input goes through dicom2nifti (no download).
+- TOTALSEG_HOME_DIR set and TOTALSEG_WEIGHTS_PATH unset (the latter overrides the home). Both are
+  read when TotalSegmentator runs, and it points nnUNet_results at the home itself. Still run it in
+  its own process: importing totalsegmentator.nnunet replaces nnUNetPredictor's predict/export
+  methods process-wide (its "cropped logits resampling" patch), which would silently change the
+  nnU-Net reference of any parity test in the same process, and nnU-Net's spawned workers need an
+  importable __main__ (a script file with a main guard, not `python -c`).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,7 +130,7 @@ class CheckpointArchitecture:
     configuration: str
     patch_size: list[int]
     spacing: list[float]
-    network_weights: dict[str, torch.Tensor]
+    network_weights: dict[str, torch.Tensor] = field(repr=False)
 
     @property
     def architecture(self) -> str:
@@ -762,8 +777,8 @@ def write_totalseg_home(
 ) -> Path:
     """Lay out a TOTALSEG_HOME_DIR that official TotalSegmentator runs offline; return `home`.
 
-    Run TotalSegmentator with TOTALSEG_HOME_DIR=home set *before* importing it (nnunetv2 reads its
-    nnUNet_results path at import) and TOTALSEG_WEIGHTS_PATH unset (it would override the home).
+    Run TotalSegmentator in a separate process with TOTALSEG_HOME_DIR=home and TOTALSEG_WEIGHTS_PATH
+    unset (see the module docstring for why).
     `small` builds 4-stage nets of 4..32 features on 48^3 patches (seconds on CPU); small=False
     builds full-size 6-stage, 32..320-feature nets on 128^3 patches for benchmarks.
     With `source_checkpoint`, every model gets that checkpoint's backbone and "confident" rows.

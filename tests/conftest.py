@@ -76,7 +76,8 @@ def tiny_regions_result_folder(fixture_results_root: Path) -> Path:
 def totalseg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TOTALSEG_HOME_DIR with every task key of tsrt_export.fixtures.TOTALSEG_TASKS (small nets).
 
-    Run TotalSegmentator against it in a subprocess with TOTALSEG_HOME_DIR set before import.
+    Run TotalSegmentator against it in a subprocess (TOTALSEG_HOME_DIR=<a copy of it>, no
+    TOTALSEG_WEIGHTS_PATH): importing totalsegmentator patches nnU-Net's predictor process-wide.
     """
     fixtures = _fixtures()
     return fixtures.write_totalseg_home(tmp_path_factory.mktemp("totalseg_home"), tuple(fixtures.TOTALSEG_TASKS))

@@ -463,7 +463,7 @@ def test_official_totalsegmentator_runs_fast_offline(totalseg_home: Path, shared
     home = tmp_path / "home"
     shutil.copytree(totalseg_home, home)  # TotalSegmentator writes its prediction counter into config.json
     env = {k: v for k, v in os.environ.items() if k != "TOTALSEG_WEIGHTS_PATH" and not k.startswith("nnUNet_")}
-    env["TOTALSEG_HOME_DIR"] = str(home)  # set before TotalSegmentator (and nnunetv2) is imported
+    env["TOTALSEG_HOME_DIR"] = str(home)
     script = tmp_path / "run_totalsegmentator.py"  # a file, so spawned nnU-Net workers can re-import __main__
     script.write_text(_TOTALSEG_SCRIPT)
     run = subprocess.run(
