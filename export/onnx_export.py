@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -24,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -339,6 +340,44 @@ def load_weights(network: nn.Module, ckpt: FoldCheckpoint, spec: ModelSpec) -> n
     return network.eval()
 
 
+#: Instance norms over at least this many voxels get two-level statistics (see _TwoLevelInstanceNorm).
+TWO_LEVEL_NORM_MIN_VOXELS = 1 << 16
+
+
+class _TwoLevelInstanceNorm(nn.Module):
+    """InstanceNorm whose mean and variance are reduced in two levels in the graph, for ORT parity with torch.
+
+    ONNX Runtime's CPU InstanceNormalization (and a plain ReduceMean) accumulates the statistics of a
+    channel sequentially in float32, so their error grows with the voxel count: measured on unit-variance
+    channels, max error of the normalised output vs float64 is 9e-6 at 32^3, 1.5e-5 at 64^3 and 2e-4
+    at 128^3, where torch stays below 1e-6. In a 6-stage 118-class network on a real CT patch that put
+    ORT 1e-3 of the logit range away from torch. Reducing over the last axes first and then over the
+    first spatial axis (partial sums of ~16k instead of 2M values) brings it back to ~3e-6. Small
+    feature maps keep the native op, which is faster and which TensorRT fuses.
+    """
+
+    def __init__(self, norm: nn.modules.instancenorm._InstanceNorm) -> None:
+        super().__init__()
+        self.eps = float(norm.eps)
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shapes are Python ints while tracing: channel and spatial axes are static in the graph.
+        channels, spatial = int(x.shape[1]), [int(s) for s in x.shape[2:]]
+        if math.prod(spatial) < TWO_LEVEL_NORM_MIN_VOXELS:
+            return nn.functional.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        rows = x.reshape(-1, channels, spatial[0], math.prod(spatial[1:]))
+        mean = rows.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+        centred = rows - mean
+        variance = (centred * centred).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+        normalised = (centred / torch.sqrt(variance + self.eps)).reshape(-1, channels, *spatial)
+        if self.weight is None:
+            return normalised
+        affine_shape = (1, channels) + (1,) * len(spatial)
+        return normalised * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
+
+
 class _Float32Island(nn.Module):
     """Runs one module in float32 inside an fp16 graph.
 
@@ -356,9 +395,6 @@ class _Float32Island(nn.Module):
         return self.module(x.float()).to(x.dtype)
 
 
-_FLOAT32_MODULES = (nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._AvgPoolNd)
-
-
 class _Float16Graph(nn.Module):
     """fp16 network behind float32 input/output, so the runtime feeds and reads the same tensors."""
 
@@ -370,23 +406,29 @@ class _Float16Graph(nn.Module):
         return self.network(x.half()).float()
 
 
-def to_fp16_graph(network: nn.Module) -> nn.Module:
-    """A half-precision copy of the network with float32 islands (see _Float32Island) and float32 boundaries."""
-    half = copy.deepcopy(network)
-    _wrap_float32_modules(half)
-    half.half()
-    for module in half.modules():
+def exportable_module(network: nn.Module, *, fp16: bool) -> nn.Module:
+    """The module to export: a copy of the network with two-level InstanceNorms, optionally in fp16.
+
+    fp16 keeps float32 islands (see _Float32Island) and float32 graph input and output.
+    """
+    graph = copy.deepcopy(network)
+    _replace_modules(graph, nn.modules.instancenorm._InstanceNorm, _TwoLevelInstanceNorm)
+    if not fp16:
+        return graph.eval()
+    _replace_modules(graph, (_TwoLevelInstanceNorm, nn.modules.pooling._AvgPoolNd), _Float32Island)
+    graph.half()
+    for module in graph.modules():
         if isinstance(module, _Float32Island):
             module.module.float()
-    return _Float16Graph(half).eval()
+    return _Float16Graph(graph).eval()
 
 
-def _wrap_float32_modules(module: nn.Module) -> None:
+def _replace_modules(module: nn.Module, kinds: type | tuple[type, ...], wrap: Callable[[nn.Module], nn.Module]) -> None:
     for name, child in module.named_children():
-        if isinstance(child, _FLOAT32_MODULES):
-            setattr(module, name, _Float32Island(child))
+        if isinstance(child, kinds):
+            setattr(module, name, wrap(child))
         else:
-            _wrap_float32_modules(child)
+            _replace_modules(child, kinds, wrap)
 
 
 def export_graph(graph_module: nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
@@ -464,7 +506,7 @@ def _export_fold(
         step("building network")
         network = load_weights(build_network(spec), ckpt, spec)
         step("exporting graph")
-        export_graph(to_fp16_graph(network) if fp16 else network, spec, graph_path, opset)
+        export_graph(exportable_module(network, fp16=fp16), spec, graph_path, opset)
         step("checking graph")
         check_graph(graph_path, [BATCH_AXIS_NAME, spec.num_segmentation_heads, *spec.patch_size])
         step("verifying against torch")

@@ -156,7 +156,8 @@ def test_verification_report_covers_random_and_real_patch(plain_export: Path) ->
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [
-        ("resenc", {"architecture": "ResidualEncoderUNet"}),
+        # full-resolution maps of 48*48*32 >= 2**16 voxels take the two-level InstanceNorm path
+        ("resenc", {"architecture": "ResidualEncoderUNet", "patch_size": (48, 48, 32)}),
         ("2d", {"configuration": "2d", "patch_size": (64, 64), "spacing": (3.0, 3.0)}),
         ("regions", {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}),
         ("two_channels", {"channel_names": {"0": "CT", "1": "noNorm"}}),
@@ -178,6 +179,8 @@ def test_variant_exports_and_matches_predictor(
         assert plan.num_input_channels == 2 and plan.normalization_schemes == ["CTNormalization", "NoNormalization"]
     if name == "resenc":
         assert plan.network_class.endswith("ResidualEncoderUNet")
+        ops = {node.op_type for node in onnx.load(str(plan.graph_path)).graph.node}
+        assert {"ReduceMean", "InstanceNormalization"} <= ops  # two-level norms at full resolution, native below
     _assert_matches_predictor(folder, tmp_path / "out", "0")
 
 
@@ -228,8 +231,12 @@ def test_unknown_trainer_falls_back_to_plans_architecture_with_warning(
     _assert_matches_predictor(original, tmp_path / "out", "0")  # the same weights under nnU-Net's own trainer
 
 
-def test_fp16_graph_keeps_float32_io_and_instance_norm(plain_folder: Path, tmp_path: Path) -> None:
-    (plan_path,) = export_model(plain_folder, tmp_path / "out", fp16=True, verify_image=_verify_image(), progress=False)
+def test_fp16_graph_keeps_float32_io_and_instance_norm(results_root: Path, tmp_path: Path) -> None:
+    # ResEnc at 48*48*32: two-level and native norms plus the average-pooling skips, all kept in float32
+    folder = write_result_folder(
+        results_root, dataset_id=930, dataset_name="Half", architecture="ResidualEncoderUNet", patch_size=(48, 48, 32)
+    )
+    (plan_path,) = export_model(folder, tmp_path / "out", fp16=True, verify_image=_verify_image(), progress=False)
     plan = read_plan(plan_path)
     assert plan.graph_precision == "fp16"
     model = onnx.load(str(plan.graph_path))
@@ -240,8 +247,10 @@ def test_fp16_graph_keeps_float32_io_and_instance_norm(plain_folder: Path, tmp_p
     assert weight_types == {onnx.TensorProto.FLOAT16}
     typed = onnx.shape_inference.infer_shapes(model)
     value_types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
-    norms = [node for node in model.graph.node if node.op_type == "InstanceNormalization"]
-    assert norms and {value_types[node.input[0]] for node in norms} == {onnx.TensorProto.FLOAT}
+    float32_kinds = {"InstanceNormalization", "ReduceMean", "AveragePool"}
+    float32_ops = [node for node in model.graph.node if node.op_type in float32_kinds]
+    assert {node.op_type for node in float32_ops} == float32_kinds
+    assert {value_types[node.input[0]] for node in float32_ops} == {onnx.TensorProto.FLOAT}
     report = json.loads((tmp_path / "out" / "fold_0.verify.json").read_text())
     assert report["graph_precision"] == "fp16" and report["passed"]
     for case in report["cases"]:
@@ -261,6 +270,18 @@ def test_graph_that_disagrees_with_torch_fails_and_writes_nothing(
     with pytest.raises(ModelError, match="disagrees with torch"):
         export_model(plain_folder, out_dir, progress=False)
     _assert_nothing_written(out_dir, {"keep.txt"})
+
+
+@pytest.mark.parametrize("spatial", [(64, 64, 64), (32, 24, 96), (256, 256)])
+def test_two_level_instance_norm_equals_torch_instance_norm(spatial: tuple[int, ...]) -> None:
+    norm_class = torch.nn.InstanceNorm3d if len(spatial) == 3 else torch.nn.InstanceNorm2d
+    norm = norm_class(6, eps=1e-5, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, *spatial) * 3 + torch.linspace(-20, 20, 6).reshape(1, 6, *[1] * len(spatial))
+    with torch.no_grad():
+        assert torch.allclose(onnx_export._TwoLevelInstanceNorm(norm)(x), norm(x), atol=1e-4)
 
 
 def test_compare_logits_flags_confident_argmax_flips_only() -> None:
