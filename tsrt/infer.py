@@ -8,6 +8,7 @@ traversed once; that is what lets the sliding window stream.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class InferenceSettings:
     step_size: float = 0.5
     use_mirroring: bool = True  # only where the checkpoint allows it
     batch_size: int = 1
+    accumulation: str = "float16"  # nnU-Net's float16 buffers, reproduced exactly; or "float32"
     progress: bool = True
 
 
@@ -48,19 +50,14 @@ class LoadedModel:
         return self.plans[0]
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """Mean logits of all folds for a batch of tiles (N, C_in, *patch) -> (N, C_out, *patch)."""
-        import time
-
+        """Logits of every fold for a batch of tiles: (N, C_in, *patch) -> (F, N, C_out, *patch)."""
         started = time.perf_counter()
-        total = None
-        for session, plan in zip(self.sessions, self.plans):
-            out = session.run([plan.graph_output_name], {plan.graph_input_name: tiles})[0]
-            total = out if total is None else total + out
-        assert total is not None
-        if len(self.sessions) > 1:
-            total /= len(self.sessions)
+        outputs = [
+            session.run([plan.graph_output_name], {plan.graph_input_name: tiles})[0]
+            for session, plan in zip(self.sessions, self.plans)
+        ]
         self.seconds_in_network += time.perf_counter() - started
-        return total
+        return np.stack(outputs)
 
 
 def load_model(
@@ -105,6 +102,7 @@ def predict_streaming(
             step_size=settings.step_size,
             batch_size=settings.batch_size,
             mirror_axes=mirror_axes,
+            accumulation=settings.accumulation,
             progress=advance,
         )
 

@@ -55,8 +55,10 @@ class LabelAssembler:
     kept (nnU-Net resamples logits, not labels) and the memory this takes is logged.
     """
 
-    def __init__(self, preprocessed: Preprocessed, plan: RecordedPlan, keep_logits: bool = False):
+    def __init__(self, preprocessed: Preprocessed, plan: RecordedPlan, keep_logits: bool = False, half_logits: bool = True):
         self.preprocessed, self.plan = preprocessed, plan
+        # nnU-Net's logits are float16, and so is its resampled copy of them; emulate that rounding.
+        self.half_logits = half_logits
         shape = preprocessed.data.shape[1:]
         self.keep_logits = keep_logits or preprocessed.needs_resampling_back
         if self.keep_logits:
@@ -76,7 +78,7 @@ class LabelAssembler:
     def cropped_logits(self) -> np.ndarray:
         """Logits resampled to the cropped original shape (the whole-volume path)."""
         pre, resampling = self.preprocessed, self.plan.resampling_probabilities
-        return resample_to_shape(
+        resampled = resample_to_shape(
             self.logits,
             pre.shape_after_cropping,
             pre.target_spacing,
@@ -85,7 +87,9 @@ class LabelAssembler:
             order_z=resampling.order_z,
             force_separate_z=resampling.force_separate_z,
             threshold=resampling.anisotropy_threshold,
+            out_dtype=np.float16 if self.half_logits else np.float32,
         )
+        return resampled.astype(np.float32, copy=False)
 
     def cropped_labels(self) -> np.ndarray:
         if not self.keep_logits:

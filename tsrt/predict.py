@@ -48,7 +48,9 @@ def predict_array(
 
     started = time.perf_counter()
     network_before = model.seconds_in_network
-    assembler = LabelAssembler(preprocessed, plan, keep_logits=save_probabilities)
+    assembler = LabelAssembler(
+        preprocessed, plan, keep_logits=save_probabilities, half_logits=settings.accumulation == "float16"
+    )
     predict_streaming(model, preprocessed, assembler, settings)
     seconds["inference"] = time.perf_counter() - started
     seconds["network"] = model.seconds_in_network - network_before

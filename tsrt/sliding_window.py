@@ -8,6 +8,12 @@ the padding and the map here are the same as nnU-Net's (`compute_steps_for_slidi
 Unlike nnU-Net, which keeps a (classes x volume) buffer for the whole image, this module finalises
 rows of the first axis as soon as no later tile can reach them and hands them to a callback
 (argmax, region thresholds, or a collector). Peak memory is one slab of tiles, not the volume.
+
+Accumulation precision. nnU-Net accumulates the weighted logits, the weights, the division and the
+fold average in float16 (computing each step in float32 and rounding it to float16). Where the
+Gaussian weights are tiny (volume corners) that rounding visibly changes nnU-Net's logits, and near
+ties it decides the argmax. `accumulation="float16"` (the default) reproduces those roundings
+exactly, per fold, so tsrt's labels equal nnU-Net's; `"float32"` is the numerically cleaner option.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import numpy as np
 
 #: Called with (first_row, weighted_mean_logits[C, rows, ...]) for every finalised slab, in order.
 SlabConsumer = Callable[[int, np.ndarray], None]
-#: Runs the network on a batch of tiles (N, C_in, *patch) and returns logits (N, C_out, *patch).
+#: Runs the network(s) on a batch of tiles (N, C_in, *patch); returns logits per fold (F, N, C_out, *patch).
 TilePredictor = Callable[[np.ndarray], np.ndarray]
+ACCUMULATIONS = ("float16", "float32")
 
 
 def compute_steps(image_size: Sequence[int], tile_size: Sequence[int], step_size: float) -> list[list[int]]:
@@ -104,54 +111,118 @@ def tile_positions(padded_shape: Sequence[int], patch_size: Sequence[int], step_
     return [Tile(start) for start in itertools.product(*steps)]
 
 
+@numba.njit(cache=True)
+def round_to_half(values: np.ndarray) -> None:
+    """Round float32 values in place to the nearest float16 value (ties to even), kept as float32.
+
+    Bit-identical to `values.astype(np.float16).astype(np.float32)`, including subnormals and
+    overflow to inf, but usable inside numba loops on a scratch row.
+    """
+    bits = values.view(np.uint32)
+    for k in range(values.size):
+        magnitude = bits[k] & np.uint32(0x7FFFFFFF)
+        if magnitude >= np.uint32(0x38800000):  # float16 normal range
+            if magnitude >= np.uint32(0x477FF000):  # rounds past 65504: inf (NaN stays NaN)
+                if magnitude <= np.uint32(0x7F800000):
+                    bits[k] = (bits[k] & np.uint32(0x80000000)) | np.uint32(0x7F800000)
+            else:
+                lsb = (bits[k] >> np.uint32(13)) & np.uint32(1)
+                bits[k] = (bits[k] + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
+        else:  # float16 subnormals are multiples of 2**-24
+            values[k] = np.float32(np.rint(np.float64(values[k]) * 16777216.0) / 16777216.0)
+
+
 @numba.njit(parallel=True, cache=True)
-def _accumulate_3d(acc, weight_acc, logits, gaussian, x0, y0, z0):
-    """acc[:, x0:x0+px, y0:, z0:] += logits * gaussian; weight_acc likewise (in place, float32)."""
-    n_classes, px, py, pz = logits.shape
+def _accumulate(acc, weight_acc, fold_logits, gaussian, x0, y0, z0, half):
+    """acc[f, :, x0:, y0:, z0:] += fold_logits[f] * gaussian and weight_acc += gaussian, in place.
+
+    With `half`, every sum is rounded to float16 as nnU-Net's float16 buffers do (computed in
+    float32, then rounded), one z-row at a time through a scratch row.
+    """
+    n_folds, n_classes, px, py, pz = fold_logits.shape
     for i in numba.prange(px):
+        row = np.empty(pz, dtype=np.float32)
         for j in range(py):
             for k in range(pz):
-                g = gaussian[i, j, k]
-                weight_acc[x0 + i, y0 + j, z0 + k] += g
+                row[k] = weight_acc[x0 + i, y0 + j, z0 + k] + gaussian[i, j, k]
+            if half:
+                round_to_half(row)
+            for k in range(pz):
+                weight_acc[x0 + i, y0 + j, z0 + k] = row[k]
+            for f in range(n_folds):
                 for c in range(n_classes):
-                    acc[c, x0 + i, y0 + j, z0 + k] += logits[c, i, j, k] * g
+                    for k in range(pz):
+                        row[k] = acc[f, c, x0 + i, y0 + j, z0 + k] + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
+                    if half:
+                        round_to_half(row)
+                    for k in range(pz):
+                        acc[f, c, x0 + i, y0 + j, z0 + k] = row[k]
 
 
 @numba.njit(parallel=True, cache=True)
-def _normalize_rows(acc, weight_acc, rows):
-    """acc[:, :rows] /= weight_acc[:rows] in place."""
-    n_classes = acc.shape[0]
+def _normalize_rows(acc, weight_acc, rows, half):
+    """Weighted mean over tiles, then the mean over folds, for rows [0, rows); returns (C, rows, Y, Z).
+
+    The float16 path follows nnU-Net's order: each fold divided by the weights (rounded), folds
+    summed (rounded after each), then divided by the fold count (rounded).
+    """
+    n_folds, n_classes = acc.shape[0], acc.shape[1]
     _, ny, nz = weight_acc.shape
+    out = np.empty((n_classes, rows, ny, nz), dtype=np.float32)
     for i in numba.prange(rows):
-        for j in range(ny):
-            for k in range(nz):
-                w = weight_acc[i, j, k]
-                for c in range(n_classes):
-                    acc[c, i, j, k] /= w
+        row = np.empty(nz, dtype=np.float32)
+        total = np.empty(nz, dtype=np.float32)
+        for c in range(n_classes):
+            for j in range(ny):
+                for f in range(n_folds):
+                    for k in range(nz):
+                        row[k] = acc[f, c, i, j, k] / weight_acc[i, j, k]
+                    if half:
+                        round_to_half(row)
+                    for k in range(nz):
+                        total[k] = row[k] if f == 0 else total[k] + row[k]
+                    if half and f > 0:
+                        round_to_half(total)
+                if n_folds > 1:
+                    for k in range(nz):
+                        total[k] = total[k] / np.float32(n_folds)
+                    if half:
+                        round_to_half(total)
+                for k in range(nz):
+                    out[c, i, j, k] = total[k]
+    return out
 
 
 class _SlabAccumulator:
-    """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume."""
+    """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume.
 
-    def __init__(self, n_outputs: int, padded_shape: Sequence[int], capacity: int):
+    float16 accumulation keeps one buffer per fold (nnU-Net normalises each fold before averaging);
+    float32 accumulation averages the folds per tile and keeps one buffer.
+    """
+
+    def __init__(self, n_folds: int, n_outputs: int, padded_shape: Sequence[int], capacity: int, half: bool):
         self.first_row = 0
-        self.logits = np.zeros((n_outputs, capacity, *padded_shape[1:]), dtype=np.float32)
+        self.half = half
+        buffers = n_folds if half else 1
+        self.logits = np.zeros((buffers, n_outputs, capacity, *padded_shape[1:]), dtype=np.float32)
         self.weights = np.zeros((capacity, *padded_shape[1:]), dtype=np.float32)
 
-    def add(self, tile_logits: np.ndarray, gaussian: np.ndarray, start: Sequence[int]) -> None:
+    def add(self, fold_logits: np.ndarray, gaussian: np.ndarray, start: Sequence[int]) -> None:
+        """fold_logits: (F, C, *tile) for one tile."""
+        if not self.half and fold_logits.shape[0] > 1:
+            fold_logits = fold_logits.mean(axis=0, keepdims=True, dtype=np.float32)
         x0 = start[0] - self.first_row
-        _accumulate_3d(self.logits, self.weights, tile_logits, gaussian, x0, start[1], start[2])
+        _accumulate(self.logits, self.weights, np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, x0, start[1], start[2], self.half)
 
     def release(self, upto_row: int) -> np.ndarray:
         """Return the normalised rows [first_row, upto_row) and shift the buffer so they are forgotten."""
         rows = upto_row - self.first_row
         if rows <= 0:
-            return self.logits[:, :0].copy()
-        _normalize_rows(self.logits, self.weights, rows)
-        done = self.logits[:, :rows].copy()
-        keep = self.logits.shape[1] - rows
-        self.logits[:, :keep] = self.logits[:, rows:]
-        self.logits[:, keep:] = 0
+            return np.zeros((self.logits.shape[1], 0, *self.logits.shape[3:]), dtype=np.float32)
+        done = _normalize_rows(self.logits, self.weights, rows, self.half)
+        keep = self.logits.shape[2] - rows
+        self.logits[:, :, :keep] = self.logits[:, :, rows:]
+        self.logits[:, :, keep:] = 0
         self.weights[:keep] = self.weights[rows:]
         self.weights[keep:] = 0
         self.first_row = upto_row
@@ -173,13 +244,14 @@ def sliding_window_inference(
     step_size: float = 0.5,
     batch_size: int = 1,
     mirror_axes: Sequence[int] | None = None,
+    accumulation: str = "float16",
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Predict `data` tile by tile and hand finalised, weight-normalised logits to `consume_slab`.
 
     Args:
         data: preprocessed image, (channels, X, Y, Z) float32 in nnU-Net's transposed axis order.
-        predict_tiles: the network (all folds averaged), batch of tiles in, logits out.
+        predict_tiles: the network of every fold: batch of tiles in, logits per fold out.
         patch_size: the network's tile size; 2 entries for a 2d configuration (tiles every X slice).
         n_outputs: number of output channels (classes or regions).
         consume_slab: receives (first_row, logits[C, rows, Y, Z]) of the *unpadded* volume in
@@ -187,8 +259,11 @@ def sliding_window_inference(
         step_size: tile overlap as a fraction of the patch (nnU-Net's `tile_step_size`).
         batch_size: tiles per network call.
         mirror_axes: spatial axes (of the patch) to flip for test-time augmentation, or None.
+        accumulation: "float16" reproduces nnU-Net's float16 buffers exactly; "float32" does not round.
         progress: called with the number of tiles finished after each batch.
     """
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
     pads = padding_for(data.shape, patch_size)
     padded = np.pad(data, pads, mode="constant", constant_values=0) if any(p != (0, 0) for p in pads) else data
     spatial = padded.shape[1:]
@@ -201,12 +276,13 @@ def sliding_window_inference(
 
     row_starts = sorted({t.start[0] for t in tiles})
     max_gap = max((b - a for a, b in zip(row_starts, row_starts[1:])), default=0)
-    accumulator = _SlabAccumulator(n_outputs, spatial, tile_extent[0] + max_gap)
+    accumulator = None  # created at the first batch, when the number of folds is known
     row_offset, valid_rows = pads[1][0], data.shape[1]
     emitted = 0
 
     def emit(upto_row: int) -> None:
         nonlocal emitted
+        assert accumulator is not None
         slab_start = accumulator.first_row
         slab = accumulator.release(upto_row)
         lo = max(slab_start, row_offset)
@@ -221,9 +297,13 @@ def sliding_window_inference(
         group = [t for t in tiles if t.start[0] == row]
         for batch in _batches(group, batch_size):
             inputs = np.stack([_cut_tile(padded, t.start, tile_extent, is_2d) for t in batch])
-            logits = _predict_with_mirroring(predict_tiles, inputs, flips)
-            for tile, tile_logits in zip(batch, logits):
-                accumulator.add(tile_logits[:, None] if is_2d else tile_logits, gaussian3d, tile.start)
+            logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C, *patch)
+            if accumulator is None:
+                capacity = tile_extent[0] + max_gap
+                accumulator = _SlabAccumulator(logits.shape[0], n_outputs, spatial, capacity, accumulation == "float16")
+            for index, tile in enumerate(batch):
+                tile_logits = logits[:, index]
+                accumulator.add(tile_logits[:, :, None] if is_2d else tile_logits, gaussian3d, tile.start)
             if progress is not None:
                 progress(len(batch))
         next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
@@ -238,13 +318,15 @@ def _cut_tile(padded: np.ndarray, start: Sequence[int], extent: Sequence[int], i
 
 
 def _predict_with_mirroring(predict_tiles: TilePredictor, inputs: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
-    """Average the network over the flips; spatial axis a of the patch is array axis a + 2."""
+    """Average each fold's network over the flips (in float32, as nnU-Net); returns (F, N, C, *patch).
+
+    Spatial axis a of the patch is axis a + 2 of the input batch and a + 3 of the per-fold output.
+    """
     total = None
     for axes in flips:
-        array_axes = tuple(a + 2 for a in axes)
-        flipped = np.ascontiguousarray(np.flip(inputs, array_axes)) if axes else inputs
+        flipped = np.ascontiguousarray(np.flip(inputs, tuple(a + 2 for a in axes))) if axes else inputs
         out = predict_tiles(flipped)
-        out = np.flip(out, array_axes) if axes else out
+        out = np.flip(out, tuple(a + 3 for a in axes)) if axes else out
         total = out.astype(np.float32, copy=True) if total is None else total + out
     assert total is not None
     if len(flips) > 1:
