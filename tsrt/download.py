@@ -294,23 +294,32 @@ def _json_body(response: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _rejected_license(label: str) -> LicenseError:
+    return LicenseError(
+        f"The license server rejected the license key for {label}: check it, or store another with "
+        "`tsrt models set-license KEY`."
+    )
+
+
+def _detail(answer: dict[str, Any]) -> str:
+    return str(answer.get("message") or answer.get("detail") or answer.get("status") or "")
+
+
 def _json_answer_error(answer: dict[str, Any], label: str) -> DownloadError:
+    """A server that answers JSON instead of the zip (TotalSegmentator's license server does so for bad keys)."""
     if answer.get("status") == "invalid_license":
-        return LicenseError(
-            f"The license server rejected the license key for {label}: check it, or store another with "
-            "`tsrt models set-license KEY`."
-        )
-    detail = answer.get("message") or answer.get("status") or "no details"
-    return DownloadError(f"The server answered with a message instead of {label} ({detail}): try again later.")
+        return _rejected_license(label)
+    return DownloadError(f"The server answered a message ({_detail(answer) or 'no details'}) instead of {label}: try again later.")
 
 
 def _http_error(err: urllib.error.HTTPError, url: str, label: str) -> DownloadError:
     answer = _json_body(err)
-    if answer:
-        return _json_answer_error(answer, label)
+    if answer.get("status") == "invalid_license":
+        return _rejected_license(label)
     if err.code == 404:
         return DownloadError(f"{url} answered 404 Not Found: {label} is not published there{_override_hint(url)}.")
-    return DownloadError(f"{url} answered HTTP {err.code} {err.reason}: try again later.")
+    detail = f" ({_detail(answer)})" if _detail(answer) else ""
+    return DownloadError(f"{url} answered HTTP {err.code} {err.reason}{detail}: try again later.")
 
 
 def _override_hint(url: str) -> str:
