@@ -550,7 +550,8 @@ class _Collector:
         if prediction_task == "vertebrae_pp":
             steps.append({"step": "vertebrae_pp"})
         if task == "vertebrae_pp_refined":
-            steps.append({"step": "refine_with_vertebrae_body_mask", "dilation_mm": self.facts["refine"]["dilation_mm"]})
+            dilation = self.facts["refine"]["dilation_mm"]
+            steps.append({"step": "refine_with_vertebrae_body_mask", "dilation_mm": dilation})
         if prediction_task == "body":
             steps.append({"step": "derived_masks", "masks": ["body", "skin"], "only_for": "one file per class"})
         return steps

@@ -101,10 +101,13 @@ def test_every_mode_matches_totalsegmentators_task_config(task_config) -> None:
             ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
             assert [p.dataset_id for p in task.parts] == ids, (name, mode)
             resample = config["resample"]
-            xyz = None if resample is None else tuple(float(r) for r in ([resample] * 3 if isinstance(resample, float) else resample))
+            if isinstance(resample, float):
+                resample = [resample] * 3
+            xyz = None if resample is None else tuple(float(r) for r in resample)
             folds = None if config["folds"] is None else tuple(config["folds"])
             for part in task.parts:
-                assert (part.trainer, part.configuration, part.plans) == (config["trainer"], config["model"], "nnUNetPlans")
+                assert (part.trainer, part.configuration) == (config["trainer"], config["model"])
+                assert part.plans == "nnUNetPlans"
                 assert part.resample_mm == xyz and part.folds == folds, (name, mode)
                 assert part.mirroring is False
                 expected_step = 0.8 if name in ("total", "total_v3", "total_mr") else 0.5
@@ -145,9 +148,11 @@ def test_auxiliary_labels_and_helpers() -> None:
     assert set(bones.remove_auxiliary_labels) <= set(bones.parts[0].classes)
     assert get_task("appendicular_bones_mr").remove_auxiliary_labels == ()  # TotalSegmentator has no map for it
     refined = get_task("vertebrae_pp_refined")
-    assert [(h.role, h.model.dataset_id, h.params["dilation_mm"]) for h in refined.helpers] == [("vertebrae_body_mask", 305, 2.0)]
+    helpers = [(h.role, h.model.dataset_id, h.params["dilation_mm"]) for h in refined.helpers]
+    assert helpers == [("vertebrae_body_mask", 305, 2.0)]
     assert [s.step for s in refined.postprocess] == ["vertebrae_pp", "refine_with_vertebrae_body_mask"]
-    assert [s.step for s in get_task("body").postprocess] == ["keep_largest_blob", "remove_small_blobs", "derived_masks"]
+    body_steps = [s.step for s in get_task("body").postprocess]
+    assert body_steps == ["keep_largest_blob", "remove_small_blobs", "derived_masks"]
 
 
 def test_download_addresses_match_totalsegmentators_table() -> None:
@@ -162,9 +167,11 @@ def test_download_addresses_match_totalsegmentators_table() -> None:
         if model.license:
             assert commercial_models[model.license_task] == model.dataset_id and model.url is None
         else:
-            assert model.url == f"https://github.com/wasserth/TotalSegmentator/releases/download/{info['version']}/{model.name}.zip"
+            release = "https://github.com/wasserth/TotalSegmentator/releases/download"
+            assert model.url == f"{release}/{info['version']}/{model.name}.zip"
     assert registry.license.server_url == "https://backend.totalsegmentator.com:443/"
-    assert (registry.license.download_endpoint, registry.license.validate_endpoint) == ("download_weights", "is_valid_license_number")
+    assert registry.license.download_endpoint == "download_weights"
+    assert registry.license.validate_endpoint == "is_valid_license_number"
     assert (registry.license.key_prefix, registry.license.key_length) == ("aca_", 18)
     assert registry.totalsegmentator_version == importlib.metadata.version("TotalSegmentator")
 

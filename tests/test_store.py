@@ -210,6 +210,8 @@ def test_import_exports_into_the_store_and_second_import_skips(
     assert listing.exit_code == 0, listing.output
     total_row = next(line for line in listing.output.splitlines() if line.strip("│ ").startswith("total "))
     assert "✓" in total_row
+    per_model = runner.invoke(models_app, ["list", "--models", "--verify"])
+    assert per_model.exit_code == 0 and "complete" in per_model.output and "Dataset297" in per_model.output
 
 
 def test_import_refuses_a_half_present_model(totalseg_home: Path, tsrt_home: Path, tmp_path: Path) -> None:
@@ -306,7 +308,9 @@ def test_status_rejects_a_model_exported_from_another_result_folder(imported_mod
     assert "was exported from nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres" in status.problems[0]
 
 
-def test_install_replaces_an_incomplete_copy_and_refuses_an_incomplete_export(imported_model: Path, tmp_path: Path) -> None:
+def test_install_replaces_an_incomplete_copy_and_refuses_an_incomplete_export(
+    imported_model: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "models"
     stale = _copy_model(imported_model, root)
     (stale / "fold_0.onnx").unlink()
@@ -396,7 +400,9 @@ def test_unreachable_server_is_one_actionable_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_set_license_validates_with_the_server_and_stores_privately(server: _Server, tsrt_home: Path, monkeypatch) -> None:
+def test_set_license_validates_with_the_server_and_stores_privately(
+    server: _Server, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TSRT_LICENSE_URL", f"{server.url}/license")
     with pytest.raises(LicenseError, match="start with 'aca_'"):
         set_license_key("abc_123")
@@ -412,7 +418,9 @@ def test_set_license_validates_with_the_server_and_stores_privately(server: _Ser
     assert ("POST", "/license/is_valid_license_number", {"license_number": GOOD_KEY}) in server.requests
 
 
-def test_licensed_download_asks_the_license_server(server: _Server, release_zip: bytes, tsrt_home: Path, monkeypatch) -> None:
+def test_licensed_download_asks_the_license_server(
+    server: _Server, release_zip: bytes, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TSRT_LICENSE_URL", f"{server.url}/license")
     with pytest.raises(LicenseError, match="set-license"):
         download_model_zip(LICENSED, progress=False)

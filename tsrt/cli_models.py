@@ -68,6 +68,7 @@ def _report(outcomes: list, quiet: bool) -> None:
 @models_app.command("list")
 def list_models(
     verify: bool = typer.Option(False, "--verify", help="Re-hash every graph instead of trusting install records."),
+    per_model: bool = typer.Option(False, "--models", help="One row per model in the store instead of per task."),
 ) -> None:
     """Tasks, their modes and which of their models are in the store."""
     from rich.console import Console
@@ -78,6 +79,10 @@ def list_models(
 
     registry = load_registry()
     statuses = {name: model_status(model, verify=verify) for name, model in registry.models.items()}
+    console = Console()
+    if per_model:
+        console.print(_models_table([s for s in statuses.values() if s.state != "missing"], models_root()))
+        return
     table = Table(title=f"TotalSegmentator {registry.totalsegmentator_version} tasks — store: {models_root()}")
     for column in ("task", "modality", "license", "normal", "fast", "fastest"):
         table.add_column(column)
@@ -91,11 +96,22 @@ def list_models(
             cells.append(_mode_cell([statuses[m.name] for m in task.required_models]))
         first = registry.task(name)
         table.add_row(name, first.modality, "yes" if first.license else "", *cells)
-    console = Console()
     console.print(table)
     incomplete = [s for s in statuses.values() if s.state == "incomplete"]
     for status in incomplete:
         console.print(f"[red]{status.model.name} is incomplete[/red] ({status.problems[0]}): import it again.")
+
+
+def _models_table(statuses: list, root: Path):
+    from rich.table import Table
+
+    table = Table(title=f"Models in {root}")
+    for column in ("model", "state", "folds", "size"):
+        table.add_column(column)
+    for status in statuses:
+        state = "[green]complete[/green]" if status.complete else f"[red]incomplete[/red]: {status.problems[0]}"
+        table.add_row(status.model.name, state, ", ".join(status.folds), _human_size(status.size_bytes))
+    return table
 
 
 def _mode_cell(statuses: list) -> str:

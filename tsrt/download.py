@@ -172,33 +172,52 @@ def fetch(
     part = dest.with_name(dest.name + ".part")
     label = label or dest.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        offset = part.stat().st_size if part.exists() else 0
-        request = _json_request(url, json_body) if json_body is not None else urllib.request.Request(url)
-        request.add_header("User-Agent", "tsrt")
-        if offset:
-            request.add_header("Range", f"bytes={offset}-")
-        try:
-            response = urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
-        except urllib.error.HTTPError as err:
-            if err.code == 416 and offset and attempt == 0:  # the partial file does not fit the server's any more
-                part.unlink()
-                continue
-            raise _http_error(err, url, label) from None
-        except (urllib.error.URLError, OSError) as err:
-            raise DownloadError(f"Cannot reach {url} ({_reason(err)}): check the network connection{_override_hint(url)}.") from None
-        with response:
-            total = _receive(response, part, offset, label, progress)
-        break
+    response, offset = _open_resuming(url, json_body, part, label)
+    with response:
+        total = _receive(response, part, offset, label, progress)
     size = part.stat().st_size
     if total is not None and size != total:
         part.unlink()
-        raise DownloadError(f"The server sent {size} bytes of {label} instead of {total}; the file was deleted: run the command again.")
+        raise DownloadError(
+            f"The server sent {size} bytes of {label} instead of {total}; the file was deleted: run the command again."
+        )
     if expected_sha256 and sha256_file(part) != expected_sha256.lower():
         part.unlink()
-        raise DownloadError(f"{label} does not have the expected sha256 (corrupt download); it was deleted: run the command again.")
+        raise DownloadError(
+            f"{label} does not have the expected sha256 (corrupt download); it was deleted: run the command again."
+        )
     os.replace(part, dest)
     return dest
+
+
+def _open_resuming(url: str, json_body: dict[str, Any] | None, part: Path, label: str) -> tuple[Any, int]:
+    """Open the transfer asking only for the bytes after `part`; start over if the server refuses that range."""
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        return _open(url, json_body, offset), offset
+    except urllib.error.HTTPError as err:
+        if err.code != 416 or not offset:
+            raise _http_error(err, url, label) from None
+    part.unlink()  # longer than the server's file: it belongs to another version of it
+    try:
+        return _open(url, json_body, 0), 0
+    except urllib.error.HTTPError as err:
+        raise _http_error(err, url, label) from None
+
+
+def _open(url: str, json_body: dict[str, Any] | None, offset: int) -> Any:
+    request = _json_request(url, json_body) if json_body is not None else urllib.request.Request(url)
+    request.add_header("User-Agent", "tsrt")
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS)
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(
+            f"Cannot reach {url} ({_reason(err)}): check the network connection{_override_hint(url)}."
+        ) from None
 
 
 def _receive(response: http.client.HTTPResponse, part: Path, offset: int, label: str, progress: bool) -> int | None:
@@ -209,7 +228,9 @@ def _receive(response: http.client.HTTPResponse, part: Path, offset: int, label:
     if response.status == 206:
         start, total = _content_range(response.headers.get("Content-Range", ""))
         if start != offset:
-            raise DownloadError(f"The server resumed {label} at byte {start}, not {offset}: delete {part} and run again.")
+            raise DownloadError(
+                f"The server resumed {label} at byte {start}, not {offset}: delete {part} and run again."
+            )
     else:
         offset, total = 0, None  # the server ignored the Range header: start over
     if total is None and length is not None:
@@ -233,7 +254,8 @@ def _receive(response: http.client.HTTPResponse, part: Path, offset: int, label:
             ) from None
     if total is not None and received < total:
         raise DownloadError(
-            f"The download of {label} stopped after {received} of {total} bytes: run the same command again to resume it."
+            f"The download of {label} stopped after {received} of {total} bytes: "
+            "run the same command again to resume it."
         )
     return total
 
@@ -241,7 +263,7 @@ def _receive(response: http.client.HTTPResponse, part: Path, offset: int, label:
 def _content_range(header: str) -> tuple[int, int | None]:
     """`bytes START-END/TOTAL` -> (START, TOTAL or None for `*`)."""
     try:
-        unit, _, spec = header.partition(" ")
+        _unit, _, spec = header.partition(" ")
         span, _, total = spec.partition("/")
         start = int(span.split("-")[0])
         return start, None if total in ("", "*") else int(total)
@@ -260,10 +282,13 @@ class _NoProgress:
 class _RichProgress:
     def __init__(self, label: str, total: int | None, completed: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        )
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(),
             console=Console(stderr=True),
         )
         self._task = self._progress.add_task(label, total=total, completed=completed)
@@ -309,7 +334,8 @@ def _json_answer_error(answer: dict[str, Any], label: str) -> DownloadError:
     """A server that answers JSON instead of the zip (TotalSegmentator's license server does so for bad keys)."""
     if answer.get("status") == "invalid_license":
         return _rejected_license(label)
-    return DownloadError(f"The server answered a message ({_detail(answer) or 'no details'}) instead of {label}: try again later.")
+    detail = _detail(answer) or "no details"
+    return DownloadError(f"The server answered a message ({detail}) instead of {label}: try again later.")
 
 
 def _http_error(err: urllib.error.HTTPError, url: str, label: str) -> DownloadError:
@@ -356,7 +382,8 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
     if dest.is_file():
         return dest
     if not model.license:
-        return fetch(model_url(model, registry), dest, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
+        url = model_url(model, registry)
+        return fetch(url, dest, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
     key = read_license_key(registry)
     if key is None:
         raise LicenseError(
@@ -375,7 +402,9 @@ def unpack(zip_path: Path, into: Path) -> None:
         with zipfile.ZipFile(zip_path) as archive:
             for member in archive.namelist():
                 if not (into / member).resolve().is_relative_to(into):
-                    raise DownloadError(f"{zip_path.name} holds a file outside its folder ({member}); it was not unpacked.")
+                    raise DownloadError(
+                        f"{Path(zip_path).name} holds a file outside its folder ({member}); it was not unpacked."
+                    )
             archive.extractall(into)
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
         Path(zip_path).unlink(missing_ok=True)

@@ -263,7 +263,9 @@ class Registry:
                 robust_source_model=self._optional_model(roi.get("robust_source_model")),
                 margin_mm=_xyz(roi["margin_mm"]),
             ),
-            body_seg=None if body is None else BodySeg(model=self.model(body["model"]), margin_mm=_xyz(body["margin_mm"])),
+            body_seg=None if body is None else BodySeg(
+                model=self.model(body["model"]), margin_mm=_xyz(body["margin_mm"])
+            ),
             helpers=tuple(
                 Helper(
                     role=h["role"],
@@ -330,7 +332,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise TaskError("Reading the task registry needs Python 3.11+ or the tomli package: pip install tomli.") from None
+            raise TaskError(
+                "Reading the task registry needs Python 3.11+ or the tomli package: pip install tomli."
+            ) from None
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)

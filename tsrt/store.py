@@ -163,7 +163,9 @@ def staging(root: Path | None = None) -> Iterator[Path]:
         base.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=base))
     except OSError as err:
-        raise TsrtError(f"Cannot write to the model store {base} ({err.strerror}): set TSRT_HOME to a writable folder.") from None
+        raise TsrtError(
+            f"Cannot write to the model store {base} ({err.strerror}): set TSRT_HOME to a writable folder."
+        ) from None
     try:
         yield folder
     finally:
@@ -179,7 +181,9 @@ def install(staged: Path, model: ModelPart, root: Path | None = None) -> ModelSt
     staged = Path(staged)
     check = _check_folder(staged, model)
     if check:
-        raise ModelError(f"The export of {model.name} is incomplete ({check[0]}); nothing was installed: run the import again.")
+        raise ModelError(
+            f"The export of {model.name} is incomplete ({check[0]}); nothing was installed: run the import again."
+        )
     target = model_dir(model, root)
     retired = None
     if target.exists():
