@@ -49,11 +49,12 @@ HEADER = """\
 #
 # [license]                 licensed models come from TotalSegmentator's license server instead
 #   server_url                base URL (tsrt: TSRT_LICENSE_URL replaces it)
-#   download_endpoint         POST {server_url}{download_endpoint} with the JSON body
-#                             {"license_number": KEY, "task": models.X.license_task, "version": generated_from}
-#                             answers the model's zip
-#   validate_endpoint         POST {server_url}{validate_endpoint} with {"license_number": KEY} answers
-#                             {"status": valid_status} for a valid key
+#   download_endpoint         POST {server_url}{download_endpoint} with a JSON object of download_body_keys:
+#                             license_number = the key, task = models.X.license_task,
+#                             version = totalsegmentator_version; answers the model's zip, or
+#                             {"status": invalid_status} for a rejected key
+#   validate_endpoint         POST {server_url}{validate_endpoint} with validate_body_keys (license_number)
+#                             answers {"status": valid_status} for a valid key
 #   key_prefix, key_length    what totalseg_set_license accepts
 #   config_key                the key's name in the config.json it is stored in
 #   academic_license_url      where to get a (free, non-commercial) license
@@ -70,6 +71,8 @@ HEADER = """\
 #   license                   true: only from the license server
 #   release, url              GitHub release tag and zip URL (open models only)
 #   license_task              task name sent to the license server (licensed models only)
+#   zip_sha256                (optional) checked after download; TotalSegmentator publishes none, so
+#                             the generator writes none and only the announced length is checked
 #   [models.X.classes]        label number -> class name of the network output (auxiliary labels included)
 #
 # [tasks.<name>]            one TotalSegmentator --task
@@ -123,10 +126,6 @@ def _match(pattern: str, text: str, what: str) -> re.Match[str]:
     if found is None:
         raise GeneratorError(f"TotalSegmentator's source no longer shows {what}: update generate_models_toml.py.")
     return found
-
-
-def _literal(text: str) -> Any:
-    return ast.literal_eval(text)
 
 
 def source_facts() -> dict[str, Any]:
@@ -202,12 +201,11 @@ def source_facts() -> dict[str, Any]:
     refine_dilation = _match(
         r"refine_vertebrae_pp_with_body_mask\(.*?dilation_mm=(\d+)", nnunet, "the vertebrae refinement dilation"
     )
-    derived = _match(
+    _match(
         r'if task_name == "body" and not multilabel_image and not no_derived_masks:.*?'
         r'combine_masks\(file_out, "body"\).*?body\.nii\.gz.*?extract_skin.*?skin\.nii\.gz',
         nnunet, "the derived body/skin masks",
     )
-    del derived
     _match(r"img_pred = remove_auxiliary_labels\(img_pred, task_name\)", nnunet, "the auxiliary-label removal")
     _match(r'task_name_aux = task_name \+ "_auxiliary"', _source("totalsegmentator.postprocessing"),
            "the <task>_auxiliary class maps")
@@ -218,14 +216,15 @@ def source_facts() -> dict[str, Any]:
            "zips unpacked into the results folder")
     server = _match(
         r'def download_model_with_license_and_unpack.*?url = "(https://[^"]+)".*?requests\.post\(url \+ "(\w+)",\s*'
-        r'json=\{"license_number": license_number,\s*"task": task_name,\s*"version": get_version\(\)\}',
+        r'json=(\{"license_number": license_number,\s*"task": task_name,\s*"version": get_version\(\)\})',
         libs, "the licensed download request",
     )
+    invalid = _match(r"if r\.json\(\)\['status'\] == \"(\w+)\":", libs, "the rejected-license answer")
     _match(r"commercial_models_inv = \{v: k for k, v in commercial_models\.items\(\)\}", libs,
            "the license task name lookup")
     validate = _match(
         r'def is_valid_license\(.*?url = "(https://[^"]+)"\s*r = requests\.post\(url \+ "(\w+)",\s*'
-        r"json=\{\"license_number\": license_number\}.*?\['status'\] == \"(\w+)\"",
+        r"json=(\{\"license_number\": license_number\}).*?\['status'\] == \"(\w+)\"",
         config, "the license validation request",
     )
     config_key = _match(r'config\["(\w+)"\] = license_number', config, "the license key's config entry")
@@ -246,19 +245,19 @@ def source_facts() -> dict[str, Any]:
             "body_classes": tuple(re.findall(r'"(\w+)" in crop', body_crop.group(1))),
             "body": (int(body_crop.group(2)), float(body_crop.group(3))),
             "body_trainer": body_crop.group(4),
-            "margin_mm": [float(v) for v in _literal(crop_margin.group(1))],
+            "margin_mm": [float(v) for v in ast.literal_eval(crop_margin.group(1))],
         },
         "body_seg": {
             "dataset_id": int(body_seg.group(1)),
             "configuration": body_seg.group(2),
-            "folds": _literal(body_seg.group(3)),
+            "folds": ast.literal_eval(body_seg.group(3)),
             "trainer": body_seg.group(4),
             "resample": float(body_seg.group(5)),
         },
         "refine": {
             "dataset_id": int(refine.group(1)),
             "configuration": refine.group(2),
-            "folds": _literal(refine.group(3)),
+            "folds": ast.literal_eval(refine.group(3)),
             "trainer": refine.group(4),
             "resample": float(refine.group(5)),
             "task": refine.group(6),
@@ -267,15 +266,18 @@ def source_facts() -> dict[str, Any]:
         },
         "plans": api_plans.group(1),
         "predict_plans": predict_plans.group(1),
-        "step": {"tasks": _literal(step.group(1)), "value": float(step.group(2)), "default": float(step.group(3))},
-        "body_largest_blob": _literal(largest.group(1)),
-        "body_small_blobs": (_literal(small_blobs.group(2)), int(small_blobs.group(1))),
+        "step": {"tasks": ast.literal_eval(step.group(1)), "value": float(step.group(2)), "default": float(step.group(3))},
+        "body_largest_blob": ast.literal_eval(largest.group(1)),
+        "body_small_blobs": (ast.literal_eval(small_blobs.group(2)), int(small_blobs.group(1))),
         "release_base_url": release.group(1),
         "license": {
             "server_url": server.group(1),
             "download_endpoint": server.group(2),
+            "download_body_keys": re.findall(r'"(\w+)":', server.group(3)),
             "validate_endpoint": validate.group(2),
-            "valid_status": validate.group(3),
+            "validate_body_keys": re.findall(r'"(\w+)":', validate.group(3)),
+            "valid_status": validate.group(4),
+            "invalid_status": invalid.group(1),
             "key_prefix": prefix.group(1),
             "key_length": int(length.group(1)),
             "config_key": config_key.group(1),

@@ -105,7 +105,7 @@ def validate_license_key(key: str, registry: Registry | None = None) -> bool:
     """Ask the license server whether it accepts `key` (TotalSegmentator's is_valid_license)."""
     registry = registry or load_registry()
     url = license_server_url(registry) + registry.license.validate_endpoint
-    request = _json_request(url, {"license_number": key})
+    request = _json_request(url, _license_body(registry.license.validate_body_keys, license_number=key))
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:
             answer = json.loads(response.read() or b"{}")
@@ -332,7 +332,7 @@ def _detail(answer: dict[str, Any]) -> str:
 
 def _json_answer_error(answer: dict[str, Any], label: str) -> DownloadError:
     """A server that answers JSON instead of the zip (TotalSegmentator's license server does so for bad keys)."""
-    if answer.get("status") == "invalid_license":
+    if answer.get("status") == load_registry().license.invalid_status:
         return _rejected_license(label)
     detail = _detail(answer) or "no details"
     return DownloadError(f"The server answered a message ({detail}) instead of {label}: try again later.")
@@ -340,7 +340,7 @@ def _json_answer_error(answer: dict[str, Any], label: str) -> DownloadError:
 
 def _http_error(err: urllib.error.HTTPError, url: str, label: str) -> DownloadError:
     answer = _json_body(err)
-    if answer.get("status") == "invalid_license":
+    if answer.get("status") == load_registry().license.invalid_status:
         return _rejected_license(label)
     if err.code == 404:
         return DownloadError(f"{url} answered 404 Not Found: {label} is not published there{_override_hint(url)}.")
@@ -390,9 +390,20 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
             f"{model.name} needs a TotalSegmentator license: get one at {registry.license.academic_license_url} "
             "and store it with `tsrt models set-license KEY`."
         )
-    body = {"license_number": key, "task": model.license_task, "version": registry.totalsegmentator_version}
+    body = _license_body(
+        registry.license.download_body_keys,
+        license_number=key, task=model.license_task, version=registry.totalsegmentator_version,
+    )
     url = license_server_url(registry) + registry.license.download_endpoint
     return fetch(url, dest, json_body=body, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
+
+
+def _license_body(keys: Sequence[str], **values: Any) -> dict[str, Any]:
+    """The JSON request in the field order models.toml records from TotalSegmentator."""
+    unknown = [key for key in keys if key not in values]
+    if unknown:
+        raise DownloadError(f"The license server expects {unknown}, which this tsrt cannot send: update tsrt.")
+    return {key: values[key] for key in keys}
 
 
 def unpack(zip_path: Path, into: Path) -> None:

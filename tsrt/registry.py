@@ -163,8 +163,11 @@ class LicenseServer:
 
     server_url: str
     download_endpoint: str
+    download_body_keys: tuple[str, ...]  # JSON fields of a download request
     validate_endpoint: str
+    validate_body_keys: tuple[str, ...]
     valid_status: str
+    invalid_status: str  # the "status" of the answer to a rejected key
     key_prefix: str
     key_length: int
     config_key: str
@@ -183,7 +186,9 @@ class Registry:
         self.path = path
         self.totalsegmentator_version: str = data["totalsegmentator_version"]
         self.release_base_url: str = data["release"]["base_url"]
-        self.license = LicenseServer(**data["license"])
+        self.license = LicenseServer(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in data["license"].items()
+        })
         self.skipped_tasks: dict[str, str] = dict(data.get("skipped_tasks", {}))
         self.models: dict[str, ModelPart] = {name: _model(name, raw) for name, raw in data["models"].items()}
         self._tasks: dict[str, dict[str, Any]] = data["tasks"]
