@@ -720,6 +720,7 @@ class _FoldProgress:
                 f"(tol {case['tolerance']:.2e}), {case['decision']} agreement {100 * case['agreement']:.3f}%, "
                 f"{case['confident_disagreements']} confident disagreements",
                 soft_wrap=True,
+                markup=False,
             )
 
 
