@@ -322,7 +322,6 @@ class _Collector:
         self.registry = registry
         self.commercial_task = {v: k for k, v in map_to_binary.commercial_models.items()}
         self.models: dict[str, dict[str, Any]] = {}
-        self.model_order: list[str] = []
         self.skipped: dict[str, str] = {}
         self.parts_by_task = {
             "total": (map_to_binary.class_map_5_parts, map_to_binary.map_taskid_to_partname_ct),
@@ -376,7 +375,6 @@ class _Collector:
         previous = self.models.get(name)
         if previous is None:
             self.models[name] = entry
-            self.model_order.append(name)
         elif previous != entry:
             differing = sorted(k for k in set(previous) | set(entry) if previous.get(k) != entry.get(k))
             raise GeneratorError(f"{name} is run in two ways (differing in {differing}): extend the schema.")
