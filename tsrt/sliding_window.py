@@ -275,7 +275,6 @@ def sliding_window_inference(
     flips = mirror_combinations(mirror_axes)
 
     row_starts = sorted({t.start[0] for t in tiles})
-    max_gap = max((b - a for a, b in zip(row_starts, row_starts[1:])), default=0)
     accumulator = None  # created at the first batch, when the number of folds is known
     row_offset, valid_rows = pads[1][0], data.shape[1]
     emitted = 0
@@ -299,7 +298,9 @@ def sliding_window_inference(
             inputs = np.stack([_cut_tile(padded, t.start, tile_extent, is_2d) for t in batch])
             logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C, *patch)
             if accumulator is None:
-                capacity = tile_extent[0] + max_gap
+                # Before group k the buffer starts at row_starts[k]; earlier groups reach at most
+                # row_starts[k-1] + extent <= row_starts[k] + extent, so one tile extent suffices.
+                capacity = tile_extent[0]
                 accumulator = _SlabAccumulator(logits.shape[0], n_outputs, spatial, capacity, accumulation == "float16")
             for index, tile in enumerate(batch):
                 tile_logits = logits[:, index]
