@@ -19,6 +19,12 @@ app = typer.Typer(
 )
 
 
+def _register_subcommands() -> None:
+    from tsrt.cli_models import models_app
+
+    app.add_typer(models_app, name="models")
+
+
 @app.command()
 def version() -> None:
     """Print tsrt's version."""
@@ -133,6 +139,9 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
         current = None
         expanded.append(token)
     return expanded
+
+
+_register_subcommands()
 
 
 def main() -> None:
