@@ -470,3 +470,81 @@ assert ops.keep_largest_blob(data > 30).sum() == 29
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- vertebrae_pp
+
+
+def _vertebrae_stack(labels_bottom_up: list[int], mixed: bool, shape=(24, 22, 60)) -> np.ndarray:
+    """Separate vertebral bodies stacked along the third axis plus a speck; `mixed` leaks a label into its neighbour."""
+    data = np.zeros(shape, dtype=np.uint8)
+    z = 2
+    for index, label in enumerate(labels_bottom_up):
+        height = 5 + index % 2
+        data[6 + index % 3 : 16, 5 : 15 + index % 2, z : z + height] = label
+        if mixed and index == 1:
+            data[10:12, 8:10, z : z + 2] = labels_bottom_up[0]
+        z += height + 1
+    data[1, 1, 1] = labels_bottom_up[0]  # a one-voxel component, below the size threshold
+    return data
+
+
+@pytest.mark.parametrize(
+    "labels, mixed",
+    [
+        ([24, 23, 22, 21, 20], False),  # labels do not touch: dilation only
+        ([24, 22, 22, 21, 19], True),  # mixed up, L5 present: count from the bottom
+        ([5, 4, 3, 2, 1], True),  # C1 but no L5: count from the top
+        ([12, 11, 10, 9, 9, 7], True),
+    ],
+)
+def test_postprocess_vertebrae_pp_like_upstream(labels: list[int], mixed: bool) -> None:
+    label_map = class_map["vertebrae_pp"]
+    data = _vertebrae_stack(labels, mixed)
+    spacing = (np.float32(1.5), np.float32(1.5), np.float32(1.5))
+    vox_vol = np.prod(spacing)
+    for kwargs in [
+        dict(voxel_volume=vox_vol, voxel_spacing=spacing),
+        dict(voxel_volume=vox_vol, voxel_spacing=(np.float32(0.8), np.float32(0.8), np.float32(2.5)), dilation_mm=2),
+    ]:
+        theirs = ts_pp.postprocess_vertebrae_pp(data.copy(), label_map, **kwargs)
+        ours = ops.postprocess_vertebrae_pp(data.copy(), label_map, **kwargs)
+        assert ours.dtype == np.uint8 and np.array_equal(ours, theirs), kwargs
+        assert (ours > 0).sum() > (data > 0).sum()
+        assert (ours[1, 1, 1] == 0) == mixed  # only the relabelling path drops small components
+
+
+def test_postprocess_vertebrae_pp_single_component_where_upstream_crashes() -> None:
+    """Upstream wraps center_of_mass's one-element list once more and raises IndexError; we relabel it."""
+    label_map = class_map["vertebrae_pp"]
+    data = np.zeros((10, 10, 12), dtype=np.uint8)
+    data[2:8, 2:8, 2:6] = 24
+    data[2:8, 2:8, 6:10] = 23  # touching: one component of 288 voxels
+    with pytest.raises(IndexError):
+        ts_pp.postprocess_vertebrae_pp(data.copy(), label_map)
+    ours = ops.postprocess_vertebrae_pp(data.copy(), label_map, dilation_mm=0)
+    assert np.array_equal(ours, np.where(data > 0, 24, 0))
+
+
+def test_refine_vertebrae_pp_with_body_mask_like_upstream() -> None:
+    label_map = class_map["vertebrae_pp"]
+    data = _vertebrae_stack([24, 23, 22], mixed=False)
+    body = np.zeros(data.shape, dtype=np.uint8)
+    body[4:20, 3:19, 0:30] = 1
+    body[4:20, 3:19, 30:40] = 2
+    spacing = (np.float32(0.7), np.float32(0.7), np.float32(1.25))
+    theirs = ts_pp.refine_vertebrae_pp_with_body_mask(data.copy(), body, label_map, voxel_spacing=spacing, dilation_mm=2)
+    ours = ops.refine_vertebrae_pp_with_body_mask(data.copy(), body, label_map, voxel_spacing=spacing, dilation_mm=2)
+    assert np.array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        ops.refine_vertebrae_pp_with_body_mask(data, body[:-1], label_map)
+
+
+def test_structured_dilation_like_scipy() -> None:
+    rng = np.random.default_rng(12)
+    for shape in [(3, 4, 2), (5, 5, 5), (2, 2, 2), (4, 3, 5)]:
+        structure = rng.random(shape) < 0.6
+        mask = rng.random((9, 11, 7)) < 0.1
+        assert np.array_equal(ops.binary_dilation_structure(mask, structure), ndimage.binary_dilation(mask, structure=structure))
+    for spacing, radius in [((1.5, 1.5, 1.5), 3), ((np.float32(0.8), np.float32(0.8), np.float32(2.5)), 3), ((1.0, 1.0, 1.0), 0)]:
+        assert np.array_equal(ops.ellipsoid_structure(spacing, radius), ts_pp.get_ellipsoid_structuring_element(spacing, radius))

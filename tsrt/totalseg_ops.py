@@ -1,24 +1,30 @@
 """TotalSegmentator-specific image operations, one import for the task layer.
 
 The implementations live in `tsrt.ts_resample` (zoom, change_spacing, canonical, crop, triple
-split) and `tsrt.ts_postprocess` (blobs, morphology, auxiliary labels, v1 order, combine masks);
+split) and `tsrt.ts_postprocess` (blobs, morphology, auxiliary labels, v1 order, combine masks,
+vertebrae_pp relabelling);
 both reproduce TotalSegmentator 2.18 / scipy 1.17 / nibabel 5 results with numpy, numba and nibabel.
 """
 
 from tsrt.ts_postprocess import (
     COMBINE_MASK_CLASSES,
     binary_dilation_cross,
+    binary_dilation_structure,
     binary_erosion_cross,
     blob_size_interval,
     combine_mask_names,
     combine_masks_from_dir,
     combine_masks_from_labels,
+    dilate_vertebrae_labels,
+    ellipsoid_structure,
     extract_skin,
     keep_largest_blob,
     keep_largest_blob_multilabel,
     keep_roi_subset,
     label_boxes,
     label_components,
+    postprocess_vertebrae_pp,
+    refine_vertebrae_pp_with_body_mask,
     remove_auxiliary_labels,
     remove_outside_of_mask,
     remove_small_blobs,
@@ -55,6 +61,7 @@ __all__ = [
     "as_closest_canonical",
     "bbox_from_mask",
     "binary_dilation_cross",
+    "binary_dilation_structure",
     "binary_erosion_cross",
     "blob_size_interval",
     "change_spacing",
@@ -62,6 +69,8 @@ __all__ = [
     "combine_masks_from_dir",
     "combine_masks_from_labels",
     "combine_three_parts",
+    "dilate_vertebrae_labels",
+    "ellipsoid_structure",
     "crop_addon_voxels",
     "crop_to_bbox",
     "crop_to_mask",
@@ -72,6 +81,8 @@ __all__ = [
     "label_boxes",
     "label_components",
     "nifti_zooms",
+    "postprocess_vertebrae_pp",
+    "refine_vertebrae_pp_with_body_mask",
     "remove_auxiliary_labels",
     "remove_outside_of_mask",
     "remove_small_blobs",

@@ -85,15 +85,15 @@ def _label_6(mask):
             for k in range(n2):
                 if not mask[i, j, k]:
                     continue
-                label = 0
-                if i > 0 and labels[i - 1, j, k] > 0:
-                    label = labels[i - 1, j, k]
-                if j > 0 and labels[i, j - 1, k] > 0:
+                label = labels[i, j, k - 1] if k > 0 else 0
+                if j > 0:
                     other = labels[i, j - 1, k]
-                    label = other if label == 0 else _union(parent, label, other)
-                if k > 0 and labels[i, j, k - 1] > 0:
-                    other = labels[i, j, k - 1]
-                    label = other if label == 0 else _union(parent, label, other)
+                    if other > 0 and other != label:
+                        label = other if label == 0 else _union(parent, label, other)
+                if i > 0:
+                    other = labels[i - 1, j, k]
+                    if other > 0 and other != label:
+                        label = other if label == 0 else _union(parent, label, other)
                 if label == 0:
                     if next_label >= parent.size:
                         grown = np.empty(parent.size * 2, dtype=np.int32)
@@ -411,3 +411,164 @@ def combine_masks_from_dir(mask_dir: Path, class_type: str | Sequence[str]) -> t
     for name in names:
         combined[np.asanyarray(nib.load(mask_dir / f"{name}.nii.gz").dataobj) > 0.5] = 1
     return combined, ref_img.affine
+
+
+# --------------------------------------------------------------------------- vertebrae_pp
+
+
+def ellipsoid_structure(voxel_spacing: Sequence[float], radius_mm: float) -> np.ndarray:
+    """postprocessing.get_ellipsoid_structuring_element: voxels of an ellipsoid of `radius_mm` on the voxel grid.
+
+    The grid runs from -r to r + 1 (exclusive) in unit steps with r = radius_mm / spacing, so for
+    a non-integer r it is not centred on 0; with float32 header spacings r is float32. Both shape
+    the element exactly as upstream does.
+    """
+    if radius_mm <= 0:
+        return np.ones((1, 1, 1), dtype=bool)
+    radii = [radius_mm / spacing for spacing in voxel_spacing]
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    normalized = sum((grid * grid) / (r * r) for grid, r in zip(grids, radii))
+    return normalized <= 1
+
+
+@numba.njit(cache=True)
+def _scatter_dilate(mask, offsets):
+    """Binary dilation by a structure given as offsets (index - shape // 2): scipy's placement, border 0."""
+    n0, n1, n2 = mask.shape
+    out = np.zeros(mask.shape, dtype=np.bool_)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                if not mask[i, j, k]:
+                    continue
+                for o in range(offsets.shape[0]):
+                    a = i + offsets[o, 0]
+                    b = j + offsets[o, 1]
+                    c = k + offsets[o, 2]
+                    if 0 <= a < n0 and 0 <= b < n1 and 0 <= c < n2:
+                        out[a, b, c] = True
+    return out
+
+
+def binary_dilation_structure(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_dilation(mask, structure=structure)` (one iteration, border 0), 3D."""
+    offsets = np.argwhere(structure) - np.array(structure.shape) // 2
+    return _scatter_dilate(np.ascontiguousarray(mask != 0), offsets.astype(np.int64))
+
+
+@numba.njit(cache=True)
+def _labels_touch(data):
+    """Whether two different non-zero labels are 6-neighbours anywhere."""
+    n0, n1, n2 = data.shape
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                v = data[i, j, k]
+                if v == 0:
+                    continue
+                if i + 1 < n0 and data[i + 1, j, k] != 0 and data[i + 1, j, k] != v:
+                    return True
+                if j + 1 < n1 and data[i, j + 1, k] != 0 and data[i, j + 1, k] != v:
+                    return True
+                if k + 1 < n2 and data[i, j, k + 1] != 0 and data[i, j, k + 1] != v:
+                    return True
+    return False
+
+
+def dilate_vertebrae_labels(
+    data: np.ndarray, label_map: Mapping[int, str], voxel_spacing: Sequence[float] = (1.0, 1.0, 1.0), dilation_mm: float = 3
+) -> np.ndarray:
+    """postprocessing.dilate_vertebrae_labels: grow each label (ascending id) by an ellipsoid into background only.
+
+    Each label is dilated from `data` within its box grown by ceil(dilation_mm / spacing); earlier
+    ids win contested voxels. Pass the float32 header zooms as `voxel_spacing`.
+    """
+    if dilation_mm <= 0:
+        return data
+    structure = ellipsoid_structure(voxel_spacing, dilation_mm)
+    radius_vox = np.ceil([dilation_mm / spacing for spacing in voxel_spacing]).astype(int)
+    out = data.copy()
+    labels = sorted(label_map)
+    boxes = label_boxes(data, labels)
+    for label in labels:
+        if boxes[label] is None:
+            continue
+        box = tuple(
+            slice(max(b.start - int(r), 0), min(b.stop + int(r), n)) for b, r, n in zip(boxes[label], radius_vox, data.shape)
+        )
+        dilated = binary_dilation_structure(data[box] == label, structure)
+        out_box = out[box]
+        out_box[(out_box == 0) & dilated] = label
+    return out
+
+
+def postprocess_vertebrae_pp(
+    data: np.ndarray,
+    label_map: Mapping[int, str],
+    min_size_mm3: float = 100,
+    voxel_volume: float = 1.0,
+    voxel_spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    dilation_mm: float = 3,
+) -> np.ndarray:
+    """postprocessing.postprocess_vertebrae_pp: relabel touching vertebrae by anatomy, then dilate (uint8).
+
+    When no two labels touch, only the dilation runs. Otherwise 6-connected bodies of at least
+    `min_size_mm3` (count * voxel_volume, voxel_volume = float32 product of the header zooms) are
+    renumbered by their centre's third coordinate: from the bottom starting at the highest label
+    present, or - when C1 but not L5 is present - from C1 downwards.
+    """
+    data = data.astype(np.uint8, copy=False)
+    if not _labels_touch(np.ascontiguousarray(data)):
+        return dilate_vertebrae_labels(data, label_map, voxel_spacing, dilation_mm)
+
+    component_map, sizes = _label_6(np.ascontiguousarray(data > 0))
+    keep_components = np.flatnonzero(sizes * voxel_volume >= min_size_mm3)
+    keep_components = keep_components[keep_components != 0]
+    if len(keep_components) == 0:
+        return np.zeros_like(data, dtype=np.uint8)
+    keep_lookup = np.zeros(sizes.shape, dtype=bool)
+    keep_lookup[keep_components] = True
+    keep_mask = keep_lookup[component_map]
+    present_labels = sorted(int(label) for label in np.unique(data[keep_mask]) if int(label) in label_map)
+    if len(present_labels) == 0:
+        return np.zeros_like(data, dtype=np.uint8)
+
+    label_map_inv = {name: idx for idx, name in label_map.items()}
+    c1_label = label_map_inv["vertebrae_C1"]
+    l5_label = label_map_inv["vertebrae_L5"]
+    count_from_top = l5_label not in present_labels and c1_label in present_labels
+
+    # Centre of mass along the third axis: integer coordinate sums are exact in float64, so one division matches scipy.
+    z_sums = np.bincount(component_map.ravel(), weights=np.broadcast_to(np.arange(data.shape[2], dtype=np.float64), data.shape).ravel())
+    component_centers = [(int(c), z_sums[c] / float(sizes[c])) for c in keep_components]
+    if count_from_top:
+        component_centers = sorted(component_centers, key=lambda item: item[1], reverse=True)
+        labels_to_assign = range(c1_label, max(label_map) + 1)
+    else:
+        component_centers = sorted(component_centers, key=lambda item: item[1])
+        labels_to_assign = range(max(present_labels), min(label_map) - 1, -1)
+
+    lut = np.zeros(len(sizes), dtype=np.uint8)
+    for (component, _), label in zip(component_centers, labels_to_assign):
+        lut[component] = label
+    out = lut[component_map]
+    return dilate_vertebrae_labels(out, label_map, voxel_spacing, dilation_mm)
+
+
+def refine_vertebrae_pp_with_body_mask(
+    data: np.ndarray,
+    body_data: np.ndarray,
+    label_map: Mapping[int, str],
+    voxel_spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    dilation_mm: float = 2,
+) -> np.ndarray:
+    """postprocessing.refine_vertebrae_pp_with_body_mask: dilate the instances, keep them where body_data == 1 (uint8).
+
+    nnUNet_predict_image runs it on the final, original-resolution map with the *input file's*
+    header zooms (img_in_orig.header.get_zooms()), not the rebuilt image's.
+    """
+    if data.shape != body_data.shape:
+        raise ValueError(f"vertebrae_pp and vertebrae_body shapes do not match: {data.shape} vs {body_data.shape}")
+    refined = dilate_vertebrae_labels(data, label_map, voxel_spacing, dilation_mm)
+    refined[body_data != 1] = 0
+    return refined.astype(np.uint8, copy=False)
