@@ -18,7 +18,7 @@ import numpy as np
 from tsrt.errors import ModelError
 from tsrt.plan import RecordedPlan, load_model_plans
 from tsrt.preprocess import Preprocessed
-from tsrt.providers import ProviderChoice, choose_provider, create_session
+from tsrt.providers import ProviderChoice, choose_provider, create_session, parse_device
 from tsrt.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
 
 log = logging.getLogger("tsrt")
@@ -70,15 +70,30 @@ def load_model(
 ) -> LoadedModel:
     """Read the recorded plans of the chosen folds and open their graphs on the chosen provider."""
     plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
-    choice = provider if isinstance(provider, ProviderChoice) else choose_provider(
-        provider, device=device, fp16=plans[0].graph_precision == "fp16", threads=threads
-    )
+    if isinstance(provider, ProviderChoice):
+        choice = provider
+    else:
+        choice = choose_provider(provider, device=device, fp16=plans[0].graph_precision == "fp16", threads=threads)
+        if choice.name == "tensorrt":
+            choice = _with_engine_cache(choice, Path(model_dir), provider, device, threads)
     sessions = []
     for plan in plans:
         if not plan.graph_path.exists():
             raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
         sessions.append(create_session(plan.graph_path, choice, threads=threads))
     return LoadedModel(directory=Path(model_dir), plans=plans, provider=choice, sessions=sessions)
+
+
+def _with_engine_cache(choice: ProviderChoice, model_dir: Path, provider: str, device: str | None, threads: int | None) -> ProviderChoice:
+    """Point TensorRT at this model's engine cache, preferring fp16 engines when `tsrt engine build --fp16` made them."""
+    from tsrt.engines import EngineKey, engine_cache_dir, gpu_name, tensorrt_version
+
+    name, version = gpu_name(parse_device(device)), tensorrt_version()
+    fp16_cache = engine_cache_dir(model_dir, EngineKey(name, version, "fp16"))
+    fp16 = fp16_cache.is_dir() and any(fp16_cache.iterdir())
+    cache = fp16_cache if fp16 else engine_cache_dir(model_dir, EngineKey(name, version, "fp32"))
+    log.info("TensorRT engine cache: %s", cache)
+    return choose_provider(provider, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads)
 
 
 def predict_streaming(
