@@ -20,9 +20,11 @@ app = typer.Typer(
 
 
 def _register_subcommands() -> None:
+    from tsrt.cli_engine import engine_app
     from tsrt.cli_models import models_app
 
     app.add_typer(models_app, name="models")
+    app.add_typer(engine_app, name="engine")
 
 
 @app.command()
