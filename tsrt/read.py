@@ -264,12 +264,17 @@ def _volume_shape(shape: tuple[int, ...], source: str) -> tuple[int, int, int]:
 
 
 def _check_finite(array: np.ndarray, source: str) -> None:
-    if array.dtype.kind != "f":
-        return
-    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-    if bad:
+    """Reject NaN/Inf voxels and images with one value everywhere (nothing to segment: a broken export)."""
+    if array.dtype.kind == "f":
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InputError(
+                f"{source} contains {bad} voxel(s) that are NaN or infinite; fix or re-export the image so every voxel has a value."
+            )
+    if array.size and array.min() == array.max():
         raise InputError(
-            f"{source} contains {bad} voxel(s) that are NaN or infinite; fix or re-export the image so every voxel has a value."
+            f"{source} has the same value ({array.flat[0]}) in every voxel, so it shows no anatomy; check that the right "
+            "series was exported."
         )
 
 
