@@ -61,3 +61,29 @@ def test_runtime_imports_every_runtime_module(runtime_venv):
     result = _run(runtime_venv, python, "-c", code, cwd="/")
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) >= 8
+
+
+def test_runtime_install_segments_an_image(runtime_venv, tiny_result_folder, tmp_path):
+    """A full segmentation in the torch-free venv, on a graph exported by the dev toolchain."""
+    import nibabel as nib
+    import numpy as np
+
+    from tsrt.phantom import make_phantom
+    from tsrt_export.onnx_export import export_model
+
+    model = tmp_path / "model"
+    export_model(tiny_result_folder, model, progress=False)
+    phantom = make_phantom(shape=(48, 40, 32), spacing=(3.0, 3.0, 3.0))
+    source = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.image, phantom.affine), source)
+    output = tmp_path / "seg.nii.gz"
+    result = _run(
+        runtime_venv, str(runtime_venv / "bin" / "tsrt"), "segment", str(source), "-o", str(output),
+        "--model", str(model), "--no-tta", "-q", cwd=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    labels = np.asarray(nib.load(output).dataobj)
+    assert labels.shape == phantom.image.shape
+    assert len(np.unique(labels)) > 1, "the tiny model's seeded weights give more than one label"
+    probe = _run(runtime_venv, str(runtime_venv / "bin" / "python"), "-c", "import torch")
+    assert probe.returncode != 0
