@@ -68,7 +68,6 @@ def test_zoom_bit_equal_on_odd_shapes_and_dtypes(order: int) -> None:
         ((7, 13, 5), (1.37, 0.61, 2.0 / 3.0), np.float64),
         ((9, 1, 6), (0.5, 3.0, 1.5), np.float64),  # an axis of length 1, shape ties 4.5 -> 4, 9 -> 9
         ((11, 8, 3), (0.35, 1.01, 1.0), np.int16),  # integer output: scipy rounds half away from zero
-        ((6, 10, 7), (1.9, 0.5, 0.72), np.float32),
         ((5, 5, 5), (1.0, 1.0, 1.0), np.float64),  # all-ones early exit
     ]
     for shape, zoom, dtype in cases:

@@ -78,6 +78,8 @@ def _label_6(mask):
     """
     n0, n1, n2 = mask.shape
     labels = np.zeros((n0, n1, n2), dtype=np.int32)
+    # A voxel opens a new provisional label only when none of its back-neighbours is foreground,
+    # so those voxels are pairwise non-adjacent: at most ceil(size / 2) of them.
     parent = np.empty(mask.size // 2 + 2, dtype=np.int32)
     next_label = 1
     for i in range(n0):
@@ -95,10 +97,6 @@ def _label_6(mask):
                     if other > 0 and other != label:
                         label = other if label == 0 else _union(parent, label, other)
                 if label == 0:
-                    if next_label >= parent.size:
-                        grown = np.empty(parent.size * 2, dtype=np.int32)
-                        grown[: parent.size] = parent
-                        parent = grown
                     parent[next_label] = next_label
                     label = next_label
                     next_label += 1

@@ -189,47 +189,77 @@ def _prefilter_line(c, poles, gain):
             c[i] = z * (c[i + 1] - c[i])
 
 
+@numba.njit(cache=True)
+def _prefilter_panel(panel, poles, gain):
+    """`_prefilter_line` on every column of a 2D panel at once (rows are contiguous): same operations per column."""
+    n, m = panel.shape
+    for i in range(n):
+        for col in range(m):
+            panel[i, col] *= gain
+    total = np.empty(m, dtype=np.float64)
+    for z in poles:
+        z_n = math.pow(z, float(n))
+        for col in range(m):
+            total[col] = panel[0, col] + z_n * panel[n - 1, col]
+        z_i = z
+        for i in range(1, n):
+            for col in range(m):
+                total[col] += z_i * (panel[i, col] + z_n * panel[n - 1 - i, col])
+            z_i *= z
+        denominator = 1 - z_n * z_n
+        for col in range(m):
+            panel[0, col] += total[col] * z / denominator
+        for i in range(1, n):
+            for col in range(m):
+                panel[i, col] += z * panel[i - 1, col]
+        last_factor = z / (z - 1)
+        for col in range(m):
+            panel[n - 1, col] *= last_factor
+        for i in range(n - 2, -1, -1):
+            for col in range(m):
+                panel[i, col] = z * (panel[i + 1, col] - panel[i, col])
+
+
 @numba.njit(parallel=True, cache=True)
-def _prefilter_axis(volume, axis, poles, gain):
-    """Prefilter every line of a float64 3D volume along `axis`, in place."""
-    shape = volume.shape
-    n = shape[axis]
-    if n <= 1:
-        return
-    other_a = 1 if axis == 0 else 0
-    other_b = 1 if axis == 2 else 2
-    na = shape[other_a]
-    nb = shape[other_b]
-    for flat in numba.prange(na * nb):
-        a = flat // nb
-        b = flat % nb
-        line = np.empty(n, dtype=np.float64)
-        for i in range(n):
-            if axis == 0:
-                line[i] = volume[i, a, b]
-            elif axis == 1:
-                line[i] = volume[a, i, b]
-            else:
-                line[i] = volume[a, b, i]
-        _prefilter_line(line, poles, gain)
-        for i in range(n):
-            if axis == 0:
-                volume[i, a, b] = line[i]
-            elif axis == 1:
-                volume[a, i, b] = line[i]
-            else:
-                volume[a, b, i] = line[i]
+def _prefilter_volume(volume, poles, gain):
+    """Prefilter a float64 3D volume in place along axes 0, 1, 2 in turn (scipy's spline_filter order).
+
+    Axes 0 and 1 are filtered as panels whose rows are contiguous, axis 2 line by line.
+    """
+    n0, n1, n2 = volume.shape
+    if n0 > 1:
+        for j in numba.prange(n1):
+            _prefilter_panel(volume[:, j, :], poles, gain)
+    if n1 > 1:
+        for i in numba.prange(n0):
+            _prefilter_panel(volume[i], poles, gain)
+    if n2 > 1:
+        for flat in numba.prange(n0 * n1):
+            _prefilter_line(volume[flat // n1, flat % n1], poles, gain)
+
+
+@numba.njit(parallel=True, cache=True)
+def _pad_edge_float64(data, pad):
+    """`np.pad(data, pad, mode="edge").astype(np.float64)` in one parallel pass."""
+    n0, n1, n2 = data.shape
+    out = np.empty((n0 + 2 * pad, n1 + 2 * pad, n2 + 2 * pad), dtype=np.float64)
+    for i in numba.prange(out.shape[0]):
+        si = min(max(i - pad, 0), n0 - 1)
+        for j in range(out.shape[1]):
+            sj = min(max(j - pad, 0), n1 - 1)
+            for k in range(out.shape[2]):
+                out[i, j, k] = np.float64(data[si, sj, min(max(k - pad, 0), n2 - 1)])
+    return out
 
 
 def _spline_coefficients(data: np.ndarray, order: int) -> np.ndarray:
     """scipy's `_prepad_for_spline_filter` + `spline_filter(output=float64, mode='nearest')`."""
-    coefficients = np.pad(data, _SPLINE_PAD, mode="edge").astype(np.float64)
-    poles = np.array(_SPLINE_POLES[order], dtype=np.float64)
+    source = data.view(np.uint8) if data.dtype == np.bool_ else data
+    coefficients = _pad_edge_float64(source, _SPLINE_PAD)
     gain = 1.0
     for z in _SPLINE_POLES[order]:
         gain *= (1.0 - z) * (1.0 - 1.0 / z)
-    for axis in range(3):
-        _prefilter_axis(coefficients, axis, poles, gain)
+    _prefilter_volume(coefficients, np.array(_SPLINE_POLES[order], dtype=np.float64), gain)
     return coefficients
 
 
