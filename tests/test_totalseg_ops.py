@@ -399,6 +399,15 @@ def test_morphology_and_remove_outside_of_mask_like_upstream() -> None:
     assert not ops.binary_dilation_cross(empty, 0).any()
 
 
+def test_remove_outside_dilation_voxels_like_upstream() -> None:
+    assert "int(remove_outside_dilation / np.mean(img_in_orig.header.get_zooms()))" in _upstream_split_source()
+    for affine in [np.diag([0.7, 0.7, 1.0, 1.0]), _oblique_affine(), np.diag([3.3, 3.3, 3.4, 1.0])]:
+        zooms = nib.Nifti1Image(np.zeros((2, 2, 2)), affine).header.get_zooms()
+        for dilation_mm in (10, 5, 3):
+            assert ops.remove_outside_dilation_voxels(dilation_mm, zooms) == int(dilation_mm / np.mean(zooms))
+    assert ops.remove_outside_dilation_voxels(10, (np.float32(0.8),) * 3) == 12
+
+
 def test_extract_skin_like_upstream(ct_img: nib.Nifti1Image) -> None:
     ct = ct_img.get_fdata()
     body = (ct > -500).astype(np.uint8)

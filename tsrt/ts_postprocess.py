@@ -320,6 +320,11 @@ def remove_outside_of_mask(seg: np.ndarray, mask: np.ndarray, addon: int = 1) ->
     return seg
 
 
+def remove_outside_dilation_voxels(dilation_mm: float, zooms: Sequence[float]) -> int:
+    """int(dilation_mm / mean(zooms)) as nnUNet_predict_image converts it; the mean of float32 zooms is float32."""
+    return int(dilation_mm / np.mean(np.asarray(zooms, dtype=np.float32)))
+
+
 def extract_skin(ct: np.ndarray, body: np.ndarray) -> np.ndarray:
     """postprocessing.extract_skin: a 1-voxel-out / 3-voxels-in shell of the body at -200 < HU < 250, blobs > 5 voxels."""
     body = binary_dilation_cross(body, iterations=1).astype(np.uint8)
