@@ -54,13 +54,16 @@ METADATA_VERIFICATION_KEY = "tsrt_verification"
 #: The random verification input has two tiles, so the dynamic batch axis is exercised too.
 RANDOM_VERIFICATION_BATCH = 2
 RANDOM_VERIFICATION_SEED = 0
-#: The exporter: torch's TorchScript-based exporter (torch.onnx.export(dynamo=False)). Measured with
-#: torch 2.14.1 on nnU-Net PlainConvUNets, it and the dynamo exporter emit the same operators
-#: (Conv, InstanceNormalization, LeakyRelu, ConvTranspose, Concat; the TorchScript graph adds Identity
-#: nodes that ORT removes at load) with the same numerics, so ORT CPU speed is the same within noise
-#: (32..320 features, 64^3 tile: 1.5-4.0 s vs 1.5-4.8 s on 2 shared cores), and both are TensorRT
-#: friendly (no dynamic shape subgraphs). The TorchScript exporter exports 2-5x faster (1 s vs 5 s on
-#: a small net, 4 s vs 8 s on a 6-stage one) and needs no onnxscript opset conversion.
+#: The exporter of float32 graphs: torch's TorchScript-based exporter (torch.onnx.export(dynamo=False)).
+#: Measured with torch 2.14.1 on nnU-Net PlainConvUNets, it and the dynamo exporter emit the same
+#: operators (Conv, InstanceNormalization, LeakyRelu, ConvTranspose, Concat; the TorchScript graph adds
+#: Identity aliases of shared weights that ORT drops at load) with the same numerics, so ORT CPU speed
+#: is the same within noise (6 stages 32..320 features, 64^3 tile: best of 3 1.5 s both), and both
+#: are TensorRT friendly (static shapes, no shape subgraphs). The TorchScript exporter is 2-5x faster
+#: (1 s vs 5 s on a small net, 4 s vs 8 s on a 6-stage one), which matters for tests and 5-fold models.
+#: fp16 graphs always use the dynamo exporter: the TorchScript exporter runs the module once, and
+#: torch's CPU half-precision conv3d is so slow that a 128^3 TotalSegmentator-sized net had not
+#: finished tracing after 19 minutes; dynamo traces with fake tensors.
 USE_DYNAMO_EXPORTER = False
 
 _NNUNET_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError)
@@ -368,9 +371,13 @@ class _TwoLevelInstanceNorm(nn.Module):
         if math.prod(spatial) < TWO_LEVEL_NORM_MIN_VOXELS:
             return nn.functional.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
         rows = x.reshape(-1, channels, spatial[0], math.prod(spatial[1:]))
-        mean = rows.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+        # Sums, not means: ReduceSum takes its axes as an input since opset 13, so graphs convert
+        # between opsets 17 and 18 (ReduceMean changed form at 18 and breaks the dynamo
+        # exporter's down-conversion).
+        inverse_count = 1.0 / math.prod(spatial)
+        mean = rows.sum(dim=3, keepdim=True).sum(dim=2, keepdim=True) * inverse_count
         centred = rows - mean
-        variance = (centred * centred).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+        variance = (centred * centred).sum(dim=3, keepdim=True).sum(dim=2, keepdim=True) * inverse_count
         normalised = (centred / torch.sqrt(variance + self.eps)).reshape(-1, channels, *spatial)
         if self.weight is None:
             return normalised
@@ -431,26 +438,30 @@ def _replace_modules(module: nn.Module, kinds: type | tuple[type, ...], wrap: Ca
             _replace_modules(child, kinds, wrap)
 
 
-def export_graph(graph_module: nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
+def export_graph(module: nn.Module, spec: ModelSpec, path: Path, opset: int, *, dynamo: bool) -> None:
     """Write the ONNX graph: batch axis dynamic, channel and spatial axes static.
 
     The runtime always feeds patch-sized tiles (it pads smaller images up to the patch, as nnU-Net
     does), so static spatial axes cost nothing and let ORT and TensorRT plan memory and pick conv
     kernels once; only the number of tiles per run varies, hence a dynamic batch axis.
     """
-    example = torch.zeros(1, spec.num_input_channels, *spec.patch_size)
+    names = {"input_names": [GRAPH_INPUT_NAME], "output_names": [GRAPH_OUTPUT_NAME], "opset_version": opset}
     with torch.no_grad(), _quiet():
-        torch.onnx.export(
-            graph_module,
-            (example,),
-            str(path),
-            input_names=[GRAPH_INPUT_NAME],
-            output_names=[GRAPH_OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=USE_DYNAMO_EXPORTER,
-            dynamic_axes={GRAPH_INPUT_NAME: {0: BATCH_AXIS_NAME}, GRAPH_OUTPUT_NAME: {0: BATCH_AXIS_NAME}},
-            do_constant_folding=True,
-        )
+        if dynamo:
+            # torch.export specialises axes whose example size is 0 or 1, so the example has two tiles.
+            example = torch.zeros(2, spec.num_input_channels, *spec.patch_size)
+            batch = torch.export.Dim(BATCH_AXIS_NAME, min=1, max=4096)
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), external_data=False,
+                **names,
+            )
+        else:
+            example = torch.zeros(1, spec.num_input_channels, *spec.patch_size)
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=False, do_constant_folding=True,
+                dynamic_axes={GRAPH_INPUT_NAME: {0: BATCH_AXIS_NAME}, GRAPH_OUTPUT_NAME: {0: BATCH_AXIS_NAME}},
+                **names,
+            )
 
 
 def preprocess_verification_patch(spec: ModelSpec, image: Path) -> np.ndarray:
@@ -506,7 +517,7 @@ def _export_fold(
         step("building network")
         network = load_weights(build_network(spec), ckpt, spec)
         step("exporting graph")
-        export_graph(exportable_module(network, fp16=fp16), spec, graph_path, opset)
+        export_graph(exportable_module(network, fp16=fp16), spec, graph_path, opset, dynamo=fp16 or USE_DYNAMO_EXPORTER)
         step("checking graph")
         check_graph(graph_path, [BATCH_AXIS_NAME, spec.num_segmentation_heads, *spec.patch_size])
         step("verifying against torch")

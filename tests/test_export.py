@@ -180,7 +180,7 @@ def test_variant_exports_and_matches_predictor(
     if name == "resenc":
         assert plan.network_class.endswith("ResidualEncoderUNet")
         ops = {node.op_type for node in onnx.load(str(plan.graph_path)).graph.node}
-        assert {"ReduceMean", "InstanceNormalization"} <= ops  # two-level norms at full resolution, native below
+        assert {"ReduceSum", "InstanceNormalization"} <= ops  # two-level norms at full resolution, native below
     _assert_matches_predictor(folder, tmp_path / "out", "0")
 
 
@@ -247,7 +247,8 @@ def test_fp16_graph_keeps_float32_io_and_instance_norm(results_root: Path, tmp_p
     assert weight_types == {onnx.TensorProto.FLOAT16}
     typed = onnx.shape_inference.infer_shapes(model)
     value_types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input]}
-    float32_kinds = {"InstanceNormalization", "ReduceMean", "AveragePool"}
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    float32_kinds = {"InstanceNormalization", "ReduceSum", "AveragePool"}
     float32_ops = [node for node in model.graph.node if node.op_type in float32_kinds]
     assert {node.op_type for node in float32_ops} == float32_kinds
     assert {value_types[node.input[0]] for node in float32_ops} == {onnx.TensorProto.FLOAT}
