@@ -22,8 +22,10 @@ app = typer.Typer(
 def _register_subcommands() -> None:
     from tsrt.cli_engine import engine_app
     from tsrt.cli_models import models_app
+    from tsrt.cli_totalseg import register
 
     app.add_typer(models_app, name="models")
+    register(app)
     app.add_typer(engine_app, name="engine")
 
 
@@ -75,36 +77,114 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
+_TS = "TotalSegmentator task options"
+_MODEL = "Exported nnU-Net model options (--model)"
+
+
 @app.command()
 def segment(
     input_path: Optional[Path] = typer.Argument(None, metavar="INPUT", help="NIfTI file, DICOM folder or zip."),
     input_option: Optional[Path] = typer.Option(None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output label file (.nii.gz)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Exported model folder (fold_N.onnx + fold_N.plan.json)."),
-    folds: Optional[list[str]] = typer.Option(None, "--folds", "-f", help="Folds to ensemble (default: all exported)."),
-    tta: bool = typer.Option(True, "--tta/--no-tta", help="Mirroring test-time augmentation where the model allows it."),
-    step_size: float = typer.Option(0.5, "--step-size", help="Tile overlap as a fraction of the patch."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Tiles per network call."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Output folder (one mask per class), or with --ml / --model the label file."
+    ),
+    task: str = typer.Option("total", "--task", "-ta", help="TotalSegmentator task (`tsrt tasks` lists them).", rich_help_panel=_TS),
+    fast: bool = typer.Option(False, "--fast", "-f", help="Lower-resolution model (3 mm for total).", rich_help_panel=_TS),
+    fastest: bool = typer.Option(False, "--fastest", "-ff", help="Lowest-resolution model (6 mm for total).", rich_help_panel=_TS),
+    roi_subset: Optional[list[str]] = typer.Option(
+        None, "--roi-subset", "--roi_subset", "-rs", help="Only these classes (cropped around them, faster).", rich_help_panel=_TS
+    ),
+    roi_subset_robust: Optional[list[str]] = typer.Option(
+        None, "--roi-subset-robust", "--roi_subset_robust", "-rsr", help="--roi-subset with the 3 mm crop model.",
+        rich_help_panel=_TS,
+    ),
+    robust_crop: bool = typer.Option(
+        False, "--robust-crop", "--robust_crop", "-rc", help="Crop with the 3 mm model instead of 6 mm.", rich_help_panel=_TS
+    ),
+    body_seg: bool = typer.Option(
+        False, "--body-seg", "--body_seg", "-bs", help="Crop to the body first (6 mm body model).", rich_help_panel=_TS
+    ),
+    force_split: bool = typer.Option(
+        False, "--force-split", "--force_split", "-fs", help="Predict in three z parts (less memory).", rich_help_panel=_TS
+    ),
+    ml: bool = typer.Option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class.", rich_help_panel=_TS),
+    statistics: bool = typer.Option(False, "--statistics", "-s", help="Also write statistics.json.", rich_help_panel=_TS),
+    stats_include_incomplete: bool = typer.Option(
+        False, "--stats-include-incomplete", "--stats_include_incomplete", "-sii",
+        help="Statistics also for masks touching the image border.", rich_help_panel=_TS,
+    ),
+    stats_aggregation: str = typer.Option(
+        "mean", "--stats-aggregation", "--stats_aggregation", "-sa", help="mean or median intensity.", rich_help_panel=_TS
+    ),
+    preview: bool = typer.Option(False, "--preview", "-p", help="Also write a preview PNG.", rich_help_panel=_TS),
+    output_type: str = typer.Option(
+        "nifti", "--output-type", "--output_type", "-ot", help="nifti, dicom_seg or dicom_rtstruct.", rich_help_panel=_TS
+    ),
+    v1_order: bool = typer.Option(
+        False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total).", rich_help_panel=_TS
+    ),
+    no_derived_masks: bool = typer.Option(
+        False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body.",
+        rich_help_panel=_TS,
+    ),
+    nr_thr_resamp: Optional[int] = typer.Option(
+        None, "--nr-thr-resamp", "--nr_thr_resamp", "-nr", hidden=True, help="Accepted for compatibility; no effect."
+    ),
+    nr_thr_saving: Optional[int] = typer.Option(
+        None, "--nr-thr-saving", "--nr_thr_saving", "-ns", hidden=True, help="Accepted for compatibility; no effect."
+    ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", "-m", help="Exported model folder (fold_N.onnx + fold_N.plan.json) instead of a task.",
+        rich_help_panel=_MODEL,
+    ),
+    folds: Optional[list[str]] = typer.Option(
+        None, "--folds", help="Folds to ensemble (default: all exported).", rich_help_panel=_MODEL
+    ),
+    tta: bool = typer.Option(
+        True, "--tta/--no-tta", help="Mirroring test-time augmentation where the model allows it.", rich_help_panel=_MODEL
+    ),
+    step_size: float = typer.Option(0.5, "--step-size", help="Tile overlap as a fraction of the patch.", rich_help_panel=_MODEL),
+    batch_size: int = typer.Option(1, "--batch-size", help="Tiles per network call.", rich_help_panel=_MODEL),
+    save_probabilities: bool = typer.Option(
+        False, "--save-probabilities", "--save_probabilities", help="Also write class probabilities (.npz; --model only).",
+        rich_help_panel=_MODEL,
+    ),
     provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
-    device: Optional[str] = typer.Option(None, "--device", help="gpu or gpu:N for CUDA/TensorRT."),
-    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write class probabilities (.npz)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
-    """Segment an image with an exported nnU-Net model (nnUNetv2_predict's defaults)."""
-    from tsrt.api import segment as run_segment
-
+    """Segment an image with a TotalSegmentator task (default: total), or with any exported model (--model)."""
     _configure_logging(quiet, verbose)
     source = input_path or input_option
     if source is None:
         raise TsrtError("No input given: pass the image as INPUT or with -i.")
-    run = run_segment(
-        source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
-        provider=provider, device=device, save_probabilities=save_probabilities, progress=not quiet,
+    if model is not None:
+        from tsrt.api import segment as run_segment
+
+        run = run_segment(
+            source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
+            provider=provider, device=device, save_probabilities=save_probabilities, progress=not quiet,
+        )
+        if not quiet:
+            timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.seconds.items())
+            typer.echo(f"wrote {output} ({timings})")
+        return
+    if save_probabilities:
+        raise TsrtError("--save-probabilities works with --model only; for tasks drop it.")
+    from tsrt.totalseg import segment as run_task
+
+    if stats_aggregation not in ("mean", "median"):
+        raise TsrtError(f"--stats-aggregation must be mean or median, not {stats_aggregation!r}.")
+    run_task(
+        source, output, task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics,
+        preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
+        provider=provider, device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
+        statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
+        no_derived_masks=no_derived_masks,
     )
     if not quiet:
-        timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.seconds.items())
-        typer.echo(f"wrote {output} ({timings})")
+        typer.echo(f"wrote {output}")
 
 
 @app.command()
@@ -121,7 +201,11 @@ def demo(
 
 
 #: Options that take several values in TotalSegmentator's argparse CLI (`--roi_subset liver brain`).
-_MULTI_VALUE_OPTIONS = {"--folds", "-f", "--roi-subset", "--roi_subset", "-rs"}
+_MULTI_VALUE_OPTIONS = {
+    "--folds", "--roi-subset", "--roi_subset", "-rs", "--roi-subset-robust", "--roi_subset_robust", "-rsr"
+}
+#: First arguments that are not TotalSegmentator-style segment options (`tsrt -i ct.nii.gz -o out` runs segment).
+_TOP_LEVEL_OPTIONS = {"--help", "-h", "--version"}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -146,10 +230,17 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 _register_subcommands()
 
 
+def totalsegmentator_argv(argv: list[str]) -> list[str]:
+    """`tsrt -i ct.nii.gz -o seg --fast` (TotalSegmentator's call with the program renamed) means `tsrt segment ...`."""
+    if argv and argv[0].startswith("-") and argv[0] not in _TOP_LEVEL_OPTIONS:
+        argv = ["segment", *argv]
+    return expand_multi_value_options(argv)
+
+
 def main() -> None:
     """Console-script entry: run the Typer app and turn TsrtError into one line + exit code."""
     try:
-        app(args=expand_multi_value_options(sys.argv[1:]), prog_name="tsrt")
+        app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="tsrt")
     except TsrtError as err:
         typer.echo(f"tsrt: error: {err}", err=True)
         sys.exit(err.exit_code)
