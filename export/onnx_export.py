@@ -56,11 +56,12 @@ RANDOM_VERIFICATION_BATCH = 2
 RANDOM_VERIFICATION_SEED = 0
 #: The exporter of float32 graphs: torch's TorchScript-based exporter (torch.onnx.export(dynamo=False)).
 #: Measured with torch 2.14.1 on nnU-Net PlainConvUNets, it and the dynamo exporter emit the same
-#: operators (Conv, InstanceNormalization, LeakyRelu, ConvTranspose, Concat; the TorchScript graph adds
-#: Identity aliases of shared weights that ORT drops at load) with the same numerics, so ORT CPU speed
-#: is the same within noise (6 stages 32..320 features, 64^3 tile: best of 3 1.5 s both), and both
-#: are TensorRT friendly (static shapes, no shape subgraphs). The TorchScript exporter is 2-5x faster
-#: (1 s vs 5 s on a small net, 4 s vs 8 s on a 6-stage one), which matters for tests and 5-fold models.
+#: operators (Conv, InstanceNormalization, LeakyRelu, ConvTranspose, Concat; the TorchScript graph
+#: adds Identity aliases for initializers with identical values, which ORT drops at load) with the
+#: same numerics, so ORT CPU speed is the same within noise (6 stages 32..320 features, 64^3 tile:
+#: best of 3 1.5 s both), and both are TensorRT friendly (static shapes, no shape subgraphs). The
+#: TorchScript exporter is 2-5x faster (1 s vs 5 s on a small net, 4 s vs 8 s on a 6-stage one),
+#: which matters for tests and 5-fold models.
 #: fp16 graphs always use the dynamo exporter: the TorchScript exporter runs the module once, and
 #: torch's CPU half-precision conv3d is so slow that a 128^3 TotalSegmentator-sized net had not
 #: finished tracing after 19 minutes; dynamo traces with fake tensors.
@@ -687,13 +688,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Loggers that report the dynamo exporter's routine steps (opset choice, version conversion) as warnings.
+_NOISY_LOGGERS = ("torch.onnx", "onnxscript")
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence nnU-Net's and torch's prints and warnings (class search, preprocessing, tracing) so the
     progress bar and the verification report stay readable; real problems raise instead."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class _FoldProgress:
