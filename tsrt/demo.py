@@ -9,7 +9,6 @@ phantom's ground truth.
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 import nibabel as nib
@@ -26,7 +25,7 @@ from tsrt.write import atomic_output
 
 def demo_model_dir() -> Path:
     """The bundled demo model (package data), exported from models/demo with `tsrt export`."""
-    folder = Path(str(resources.files("tsrt") / "demo_model"))
+    folder = Path(__file__).resolve().parent / "demo_model"  # package data, on disk in wheel and editable installs
     if not any(folder.glob("fold_*.plan.json")):
         raise ModelError(f"The bundled demo model is missing from {folder}: reinstall tsrt (pip install .).")
     return folder
