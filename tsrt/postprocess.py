@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numba
 import numpy as np
 
 from tsrt.plan import RecordedPlan
@@ -23,6 +24,28 @@ def label_dtype(plan: RecordedPlan) -> type:
     return np.uint8 if max(plan.label_names, default=0) < 255 else np.uint16
 
 
+@numba.njit(parallel=True, cache=True)
+def _argmax_classes(logits: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = argmax over axis 0, first maximum on ties (numpy's rule), for (C, X, Y, Z) logits.
+
+    numpy's argmax over the leading axis walks memory with a stride of a whole volume per class;
+    this loops classes innermost over contiguous z-rows and runs on every core.
+    """
+    n_classes, nx, ny, nz = logits.shape
+    for i in numba.prange(nx):
+        best = np.empty(nz, dtype=np.float32)
+        for j in range(ny):
+            for k in range(nz):
+                best[k] = logits[0, i, j, k]
+                out[i, j, k] = 0
+            for c in range(1, n_classes):
+                for k in range(nz):
+                    value = logits[c, i, j, k]
+                    if value > best[k]:
+                        best[k] = value
+                        out[i, j, k] = c
+
+
 def logits_to_labels(logits: np.ndarray, plan: RecordedPlan) -> np.ndarray:
     """Argmax over classes, or for region models each region where sigmoid > 0.5 in regions_class_order.
 
@@ -32,6 +55,10 @@ def logits_to_labels(logits: np.ndarray, plan: RecordedPlan) -> np.ndarray:
         labels = np.zeros(logits.shape[1:], dtype=label_dtype(plan))
         for channel, label in enumerate(plan.regions_class_order or []):
             labels[logits[channel] > 0] = label
+        return labels
+    labels = np.empty(logits.shape[1:], dtype=label_dtype(plan))
+    if logits.ndim == 4 and logits.dtype == np.float32:
+        _argmax_classes(logits, labels)
         return labels
     return np.argmax(logits, axis=0).astype(label_dtype(plan))
 

@@ -328,7 +328,11 @@ def _predict_with_mirroring(predict_tiles: TilePredictor, inputs: np.ndarray, fl
         flipped = np.ascontiguousarray(np.flip(inputs, tuple(a + 2 for a in axes))) if axes else inputs
         out = predict_tiles(flipped)
         out = np.flip(out, tuple(a + 3 for a in axes)) if axes else out
-        total = out.astype(np.float32, copy=True) if total is None else total + out
+        if total is None:
+            # Copy only when flips will be added into it; a lone prediction is used as it is.
+            total = out.astype(np.float32, copy=len(flips) > 1)
+        else:
+            total += out
     assert total is not None
     if len(flips) > 1:
         total /= len(flips)
