@@ -33,4 +33,4 @@ def test_regions_later_regions_overwrite_earlier_where_logit_positive():
     logits[0, 0] = 1.0  # region 1 on the first row
     logits[1, :, 0] = 1.0  # region 2 on the first column, overlapping
     ours = logits_to_labels(logits, _plan(regions=[1, 2, 3]))
-    assert ours[0, 0, 0] == 2 and ours[0, 1, 0] == 2 and ours[0, 0, 1] == 1 and ours[1, 1, 1] == 0
+    assert ours[0, 0, 0] == 2 and ours[0, 1, 0] == 1 and ours[1, 0, 1] == 2 and ours[1, 1, 1] == 0
