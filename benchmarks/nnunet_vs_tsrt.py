@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time, resource
+import json, sys, time
 mode, folder, exported, image, out, step = sys.argv[1:7]
 step = float(step)
 started = time.perf_counter()
@@ -45,7 +45,8 @@ else:
     np.save(out, run.labels)
     extra = {"stage_seconds": run.seconds}
 wall = time.perf_counter() - started
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would inherit its parent's peak.
+peak_mb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
 print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_mb, **extra}))
 """
 
