@@ -246,3 +246,72 @@ def test_mr_roi_subset_always_crops_with_the_3mm_model_and_ignores_body_seg(ct: 
     robust, _ = models_to_run(build_request("total", fast=True, roi_subset=["liver"], robust_crop=True))
     assert "Dataset297_TotalSegmentator_total_3mm_1559subj" in [m.name for m in robust]
     assert "Dataset298_TotalSegmentator_total_6mm_1559subj" not in [m.name for m in robust]
+
+
+# --------------------------------------------------------------------------------------------- cohorts
+
+
+def _write_ct(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    nib.save(nib.Nifti1Image(rng.integers(-1000, 1000, (20, 18, 16)).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    return path
+
+
+def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -> None:
+    from tsrt.cohort import find_cases, run_cohort
+    from tsrt.totalseg import OutputOptions, build_request
+
+    cases_dir = tmp_path / "cases"
+    cases_dir.mkdir()
+    for index in range(2):
+        _write_ct(cases_dir / f"case{index}.nii.gz", index)
+    (cases_dir / "broken.nii.gz").write_bytes(b"not a nifti")
+    (cases_dir / "notes.txt").write_text("ignored")
+    request = build_request("total", fast=True)
+    options = OutputOptions(multilabel=True, statistics=True)
+    cases = find_cases(cases_dir, tmp_path / "out", multilabel=True)
+    assert [case.name for case in cases] == ["broken", "case0", "case1"]
+    assert cases[1].output == tmp_path / "out" / "case0" / "case0.nii.gz"
+
+    summary = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    assert summary.done == ["case0", "case1"] and [name for name, _ in summary.failed] == ["broken"]
+    assert "cannot be read as NIfTI" in summary.failed[0][1] and "1 failed" in summary.line()
+    written = nib.load(tmp_path / "out" / "case1" / "case1.nii.gz")
+    assert np.all(np.asanyarray(written.dataobj) == 5)  # the stub's liver everywhere
+    assert (tmp_path / "out" / "case1" / "statistics.json").is_file()
+
+    again = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    assert again.skipped == ["case0", "case1"] and again.done == [] and len(again.failed) == 1
+    redone = run_cohort(cases[1:], request, _ConstantRunner(7), options, overwrite=True, progress=False)
+    assert redone.done == ["case0", "case1"]
+    assert np.all(np.asanyarray(nib.load(tmp_path / "out" / "case1" / "case1.nii.gz").dataobj) == 7)
+
+
+def test_cohort_list_file_and_per_class_completeness(tmp_path: Path) -> None:
+    from tsrt.cohort import expected_outputs, find_cases, run_cohort
+    from tsrt.totalseg import OutputOptions, build_request
+
+    image = _write_ct(tmp_path / "a.nii.gz", 0)
+    (tmp_path / "list.txt").write_text(f"# cohort\n{image}\n\nsub/b.nii.gz\n")
+    (tmp_path / "sub").mkdir()
+    _write_ct(tmp_path / "sub" / "b.nii.gz", 1)
+    cases = find_cases(tmp_path / "list.txt", tmp_path / "out", multilabel=False)
+    assert [(c.name, c.input) for c in cases] == [("a", image), ("b", tmp_path / "sub" / "b.nii.gz")]
+    request = build_request("total", fast=True, roi_subset=["liver", "spleen"])
+    options = OutputOptions()
+    assert sorted(p.name for p in expected_outputs(cases[0], request, options)) == ["liver.nii.gz", "spleen.nii.gz"]
+    summary = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    assert summary.done == ["a", "b"]
+    (tmp_path / "out" / "b" / "spleen.nii.gz").unlink()  # an interrupted case is not finished
+    again = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    assert again.skipped == ["a"] and again.done == ["b"]
+
+
+def test_single_images_are_not_cohorts(tmp_path: Path, ct: Path) -> None:
+    from tsrt.cohort import find_cases
+
+    dicom_folder = tmp_path / "dicom"
+    dicom_folder.mkdir()
+    (dicom_folder / "IM0001").write_bytes(b"")
+    assert find_cases(ct, tmp_path / "out", multilabel=True) is None
+    assert find_cases(dicom_folder, tmp_path / "out", multilabel=True) is None

@@ -83,7 +83,10 @@ _MODEL = "Exported nnU-Net model options (--model)"
 
 @app.command()
 def segment(
-    input_path: Optional[Path] = typer.Argument(None, metavar="INPUT", help="NIfTI file, DICOM folder or zip."),
+    input_path: Optional[Path] = typer.Argument(
+        None, metavar="INPUT",
+        help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files or a .txt list of images.",
+    ),
     input_option: Optional[Path] = typer.Option(None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."),
     output: Path = typer.Option(
         ..., "-o", "--output", help="Output folder (one mask per class), or with --ml / --model the label file."
@@ -149,6 +152,9 @@ def segment(
         False, "--save-probabilities", "--save_probabilities", help="Also write class probabilities (.npz; --model only).",
         rich_help_panel=_MODEL,
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Cohorts: segment finished cases again instead of skipping them.", rich_help_panel=_TS
+    ),
     provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
@@ -172,19 +178,26 @@ def segment(
         return
     if save_probabilities:
         raise TsrtError("--save-probabilities works with --model only; for tasks drop it.")
-    from tsrt.totalseg import segment as run_task
+    from tsrt import totalseg
+    from tsrt.cohort import find_cases, segment_cohort
 
-    if stats_aggregation not in ("mean", "median"):
-        raise TsrtError(f"--stats-aggregation must be mean or median, not {stats_aggregation!r}.")
-    run_task(
-        source, output, task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics,
-        preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
-        provider=provider, device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
+    options = dict(
+        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
+        body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
+        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,
     )
-    if not quiet:
-        typer.echo(f"wrote {output}")
+    cases = find_cases(Path(source), output, ml)
+    if cases is None:
+        totalseg.segment(source, output, **options)
+        if not quiet:
+            typer.echo(f"wrote {output}")
+        return
+    summary = segment_cohort(cases, overwrite=overwrite, **options)
+    typer.echo(summary.line())
+    if summary.failed:
+        raise TsrtError(f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped).")
 
 
 @app.command()

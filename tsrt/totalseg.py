@@ -101,11 +101,17 @@ class ImageRun:
 
     @property
     def label_map(self) -> dict[int, str]:
-        """The label numbers of the output (v1 numbering with --v1_order, only roi_subset classes)."""
-        label_map = dict(TOTAL_V1_CLASSES if self.v1_order and self.task_name == "total" else self.classes)
-        if self.roi_subset is not None:
-            label_map = {k: v for k, v in label_map.items() if v in self.roi_subset}
-        return label_map
+        return output_label_map(self.task_name, self.classes, v1_order=self.v1_order, roi_subset=self.roi_subset)
+
+
+def output_label_map(
+    task_name: str, classes: Mapping[int, str], *, v1_order: bool = False, roi_subset: Sequence[str] | None = None
+) -> dict[int, str]:
+    """The label numbers of an output (v1 numbering with --v1_order on total, only roi_subset classes)."""
+    label_map = dict(TOTAL_V1_CLASSES if v1_order and task_name == "total" else classes)
+    if roi_subset is not None:
+        label_map = {k: v for k, v in label_map.items() if v in roi_subset}
+    return label_map
 
 
 @dataclass
@@ -708,6 +714,102 @@ def _write_body_derived_masks(result: TaskResult, output: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------- API
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What to write besides the masks, and how (TotalSegmentator's output flags)."""
+
+    multilabel: bool = False
+    statistics: bool = False
+    preview: bool = False
+    exclude_masks_at_border: bool = True
+    stats_aggregation: str = "mean"
+    derived_masks: bool = True
+
+
+def make_runner(
+    store_root: Path | None, provider: str = "auto", device: str | None = None, *, threads: int | None = None,
+    quiet: bool = False,
+) -> ModelRunner:
+    """A ModelRunner for TotalSegmentator's --device spellings (cpu/mps pick the CPU provider)."""
+    if device in ("cpu", "mps"):
+        provider, device = ("cpu" if provider == "auto" else provider), None
+    return ModelRunner(store_root, provider=provider, device=device, threads=threads, progress=not quiet)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise TsrtError(f"Unknown output type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}.")
+    if output_type != "nifti":
+        raise TsrtError(
+            f"--output_type {output_type} is not available in this tsrt yet: write NIfTI (the default) and convert it."
+        )
+
+
+def segment_source(
+    source: SourceImage, request: TaskRequest, runner: ModelRunner, output: Path | None, options: OutputOptions
+) -> tuple[TaskResult, dict[str, dict[str, float]] | None]:
+    """Run the task on one read image and write its outputs (nothing when `output` is None)."""
+    result = run_task(source, request, runner)
+    stats = None
+    if options.statistics:
+        stats = statistics_for(
+            result, request, exclude_masks_at_border=options.exclude_masks_at_border, metric=options.stats_aggregation
+        )
+    if output is not None:
+        started = time.perf_counter()
+        # Upstream writes no statistics.json when --fast met an empty crop (nothing was resampled).
+        write_stats = options.statistics and not (request.fast and result.lowres is None)
+        write_task_outputs(
+            result, request, Path(output), multilabel=options.multilabel, statistics=write_stats, stats=stats,
+            preview=options.preview, derived_masks=options.derived_masks,
+        )
+        result.seconds["write"] = time.perf_counter() - started
+    return result, stats
+
+
+def prepare_run(
+    task: str = "total",
+    *,
+    fast: bool = False,
+    fastest: bool = False,
+    roi_subset: Sequence[str] | None = None,
+    ml: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
+    body_seg: bool = False,
+    force_split: bool = False,
+    robust_crop: bool = False,
+    v1_order: bool = False,
+    provider: str = "auto",
+    device: str | None = None,
+    quiet: bool = False,
+    roi_subset_robust: Sequence[str] | None = None,
+    output_type: str = "nifti",
+    statistics_exclude_masks_at_border: bool = True,
+    stats_aggregation: str = "mean",
+    no_derived_masks: bool = False,
+    models_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
+    """Validate `segment`'s options and check the store once, for one image or a whole cohort."""
+    check_output_type(output_type)
+    if stats_aggregation not in ("mean", "median"):
+        raise TsrtError(f"Statistics aggregate with mean or median, not {stats_aggregation!r}.")
+    request = build_request(
+        task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust,
+        robust_crop=robust_crop, body_seg=body_seg, force_split=force_split, v1_order=v1_order,
+    )
+    store_root = Path(models_dir) if models_dir is not None else None
+    check_models_installed(request, store_root)
+    runner = make_runner(store_root, provider, device, threads=threads, quiet=quiet)
+    options = OutputOptions(
+        multilabel=ml, statistics=statistics, preview=preview,
+        exclude_masks_at_border=statistics_exclude_masks_at_border, stats_aggregation=stats_aggregation,
+        derived_masks=not no_derived_masks,
+    )
+    return request, runner, options
+
+
 def segment(
     input: str | Path | nib.Nifti1Image,
     output: str | Path | None = None,
@@ -743,38 +845,15 @@ def segment(
     what TotalSegmentator returns. Models come from tsrt's store (`models_dir`, default
     $TSRT_HOME/models); a missing one raises ModelError naming the command that installs it.
     """
-    if output_type not in OUTPUT_TYPES:
-        raise TsrtError(f"Unknown output type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}.")
-    if output_type != "nifti":
-        raise TsrtError(
-            f"--output_type {output_type} is not available in this tsrt yet: write NIfTI (the default) and convert it."
-        )
-    if device in ("cpu", "mps") and provider == "auto":
-        provider = "cpu"
-    request = build_request(
-        task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust,
-        robust_crop=robust_crop, body_seg=body_seg, force_split=force_split, v1_order=v1_order,
+    request, runner, options = prepare_run(
+        task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
+        body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
+        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
+        statistics_exclude_masks_at_border=statistics_exclude_masks_at_border, stats_aggregation=stats_aggregation,
+        no_derived_masks=no_derived_masks, models_dir=models_dir, threads=threads,
     )
-    store_root = Path(models_dir) if models_dir is not None else None
-    check_models_installed(request, store_root)
     source = read_source(input)
-    runner = ModelRunner(store_root, provider=provider, device=None if device in ("cpu", "mps") else device,
-                         threads=threads, progress=not quiet)
-    result = run_task(source, request, runner)
-    stats = None
-    if statistics:
-        stats = statistics_for(
-            result, request, exclude_masks_at_border=statistics_exclude_masks_at_border, metric=stats_aggregation
-        )
-    if output is not None and not skip_saving:
-        started = time.perf_counter()
-        # Upstream writes no statistics.json when --fast met an empty crop (nothing was resampled).
-        write_stats = statistics and not (request.fast and result.lowres is None)
-        write_task_outputs(
-            result, request, Path(output), multilabel=ml, statistics=write_stats, stats=stats, preview=preview,
-            derived_masks=not no_derived_masks,
-        )
-        result.seconds["write"] = time.perf_counter() - started
+    result, stats = segment_source(source, request, runner, None if skip_saving or output is None else Path(output), options)
     image = label_image(result.labels, source.image, result.label_map)
     return (image, stats or {}) if statistics else image
 
@@ -782,6 +861,7 @@ def segment(
 __all__ = [
     "ImageRun",
     "ModelRunner",
+    "OutputOptions",
     "SourceImage",
     "TaskRequest",
     "TaskResult",
@@ -789,8 +869,11 @@ __all__ = [
     "check_models_installed",
     "predict_image",
     "read_source",
+    "make_runner",
+    "prepare_run",
     "run_task",
     "segment",
+    "segment_source",
     "statistics_for",
     "write_task_outputs",
 ]

@@ -1,0 +1,381 @@
+"""tsrt's TotalSegmentator task layer against official TotalSegmentator 2.18 on the same weights.
+
+One TotalSegmentator home (nnU-Net result folders in TotalSegmentator's layout) is written per
+module, imported into a temporary TSRT_HOME with `tsrt models import`, and every mode below is run
+twice on the real example images: by official TotalSegmentator (its python API, in a subprocess)
+and by `tsrt segment` (the CLI, in-process). Outputs are compared voxel by voxel.
+
+Weights: "confident" ones (the trained demo checkpoint's backbone, see tsrt_export.fixtures) when
+the demo model exists, else seeded random ones. Random networks put near-tied logits everywhere,
+so float noise between torch and ONNX Runtime flips a few voxels: there we require >= 99.5 %
+voxel agreement; with confident weights mean Dice >= 0.999 over present classes and >= 99.95 %.
+
+Why official TotalSegmentator runs in a subprocess: importing totalsegmentator.nnunet patches
+nnU-Net's predictor for the whole process, which would change the nnU-Net reference of other
+parity tests. The subprocess refuses every network lookup, and runs nnU-Net's in-process
+prediction path (predict_from_files_sequential: the same preprocessing, network and export
+functions as predict_from_files, without spawning worker processes that each import torch) -
+otherwise every model call costs several seconds of worker start-up. All official modes run in
+that one process, started first, while the models are imported and tsrt runs.
+
+Costs are kept down by small networks (48^3 patches), one official process, and a cropped copy of
+example_ct_sm for the 1.5 mm modes (total's 5 parts, roi_subset), which dominate the run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Random-weight criterion (near-tied logits flip a few voxels between torch and ONNX Runtime).
+RANDOM_MIN_AGREEMENT = 0.995
+#: Confident-weight criteria.
+CONFIDENT_MIN_AGREEMENT = 0.9995
+CONFIDENT_MIN_DICE = 0.999
+#: statistics.json values must agree this closely (relative).
+STATISTICS_RTOL = 1e-3
+
+#: TotalSegmentator task keys of tsrt_export.fixtures the modes below need.
+HOME_TASKS = ("total", "total_fast", "total_fastest", "total_mr", "body_fast")
+#: `tsrt models import` calls that bring those models into the store.
+IMPORTS = (("total", "--with-optional"), ("total", "--fast"), ("total_mr",), ("body", "--fast"))
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One TotalSegmentator call: input, the python-API keywords, and the same call as tsrt CLI flags."""
+
+    input: str  # file or folder in ../shared/data, or a name in CROPS
+    official: dict
+    cli: tuple[str, ...]
+    multilabel: bool = True
+    statistics: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+#: Crops (in voxels) of shared images that keep the expensive modes cheap: 1.5 mm modes run 5 (CT) or 2 (MR)
+#: models on 4x the voxels, and force_split runs 3 pieces. Same data, same geometry handling (MR stays LPS).
+CROPS: dict[str, tuple[str, tuple[slice, slice, slice]]] = {
+    "ct_sm_crop.nii.gz": ("example_ct_sm.nii.gz", np.s_[30:78, 25:65, :]),
+    "mr_sm_crop.nii.gz": ("example_mr_sm.nii.gz", np.s_[20:80, 15:75, :]),
+    "ct_crop.nii.gz": ("example_ct.nii.gz", np.s_[20:100, 15:85, :]),
+}
+
+MODES: dict[str, Mode] = {
+    "fast": Mode("example_ct_sm.nii.gz", {"fast": True}, ("--fast", "--preview")),
+    "total": Mode("ct_sm_crop.nii.gz", {"statistics": True}, ("--statistics",), statistics=True),
+    "roi_subset": Mode("ct_sm_crop.nii.gz", {"roi_subset": ["liver", "brain"]}, ("--roi_subset", "liver", "brain")),
+    "body_seg": Mode("example_ct_sm.nii.gz", {"fast": True, "body_seg": True}, ("--fast", "-bs")),
+    "force_split": Mode("ct_crop.nii.gz", {"fast": True, "force_split": True}, ("--fast", "-fs")),
+    "total_mr": Mode("mr_sm_crop.nii.gz", {"task": "total_mr"}, ("-ta", "total_mr")),
+    "dicom": Mode("example_ct_dicom", {"fast": True}, ("--fast",)),
+    "masks_statistics": Mode(
+        "example_ct_sm.nii.gz", {"fast": True, "statistics": True}, ("--fast", "--statistics"),
+        multilabel=False, statistics=True,
+    ),
+    "body_masks": Mode("example_ct_sm.nii.gz", {"task": "body", "fast": True}, ("--task", "body", "--fast"), multilabel=False),
+}
+
+
+# --------------------------------------------------------------------------------------------- official
+
+
+_OFFICIAL_RUNNER = textwrap.dedent(
+    """
+    import importlib, json, socket, sys, time, traceback
+    from pathlib import Path
+
+    _connect = socket.socket.connect
+
+    def no_lookup(host, *args, **kwargs):
+        raise socket.gaierror("network disabled in this test")
+
+    def no_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError("network disabled in this test")
+        return _connect(self, address)
+
+    socket.getaddrinfo, socket.socket.connect = no_lookup, no_connect
+
+    def main():
+        jobs = json.loads(Path(sys.argv[1]).read_text())
+        from totalsegmentator.python_api import totalsegmentator
+        importlib.import_module("totalsegmentator.nnunet")  # TotalSegmentator's own predictor patch first
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        def in_process(self, source, target, save_probabilities=False, overwrite=True,
+                       num_processes_preprocessing=1, num_processes_segmentation_export=1,
+                       folder_with_segs_from_prev_stage=None, num_parts=1, part_id=0, **kwargs):
+            return self.predict_from_files_sequential(source, target, save_probabilities, overwrite,
+                                                      folder_with_segs_from_prev_stage, **kwargs)
+
+        nnUNetPredictor.predict_from_files = in_process
+        for name, job in jobs.items():
+            started = time.time()
+            try:
+                totalsegmentator(device="cpu", quiet=True, nr_thr_saving=1, **job)
+                status = "ok"
+            except Exception:
+                status = traceback.format_exc()
+            print(json.dumps({"mode": name, "status": status, "seconds": time.time() - started}), flush=True)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+class OfficialRuns:
+    """Official TotalSegmentator running every mode in one background process."""
+
+    def __init__(self, process: subprocess.Popen, outputs: dict[str, Path], log: Path) -> None:
+        self.process, self.outputs, self.log = process, outputs, log
+        self._status: dict[str, str] | None = None
+
+    def output(self, mode: str) -> Path:
+        if self._status is None:
+            try:
+                self.process.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise
+            lines = [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+            self._status = {line["mode"]: line["status"] for line in lines}
+        status = self._status.get(mode)
+        if status is None:
+            errors = (self.log.with_suffix(".err")).read_text()[-3000:]
+            raise AssertionError(f"official TotalSegmentator did not finish mode {mode}:\n{errors}")
+        assert status == "ok", f"official TotalSegmentator failed on {mode}:\n{status}"
+        return self.outputs[mode]
+
+
+def _output_path(root: Path, mode: str) -> Path:
+    spec = MODES[mode]
+    return root / mode / ("seg.nii.gz" if spec.multilabel else "masks")
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def demo_weights() -> Path | None:
+    from tsrt_export.fixtures import find_demo_checkpoint
+
+    return find_demo_checkpoint(REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def ts_home(tmp_path_factory: pytest.TempPathFactory, demo_weights: Path | None) -> Path:
+    pytest.importorskip("totalsegmentator", reason="parity needs official TotalSegmentator (dev environment)")
+    from tsrt_export.fixtures import write_totalseg_home
+
+    home = tmp_path_factory.mktemp("ts_home")
+    return write_totalseg_home(home, HOME_TASKS, source_checkpoint=demo_weights, small=True)
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every mode's input: shared files as they are, crops written next to the test's temp files."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for name, (source, box) in CROPS.items():
+        nib.save(nib.load(shared_data / source).slicer[box], folder / name)
+    return {name: (folder / spec.input if spec.input in CROPS else shared_data / spec.input) for name, spec in MODES.items()}
+
+
+@pytest.fixture(scope="module")
+def official(ts_home: Path, inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> OfficialRuns:
+    """Start official TotalSegmentator on every mode now; `output()` waits for it."""
+    work = tmp_path_factory.mktemp("official")
+    home = work / "home"
+    import shutil
+
+    shutil.copytree(ts_home, home)  # TotalSegmentator writes its prediction counter into config.json
+    outputs = {mode: _output_path(work, mode) for mode in MODES}
+    for output in outputs.values():
+        output.parent.mkdir(parents=True)  # upstream creates only the last folder level for statistics
+    jobs = {
+        mode: {"input": str(inputs[mode]), "output": str(outputs[mode]), "ml": spec.multilabel, **spec.official}
+        for mode, spec in MODES.items()
+    }
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    (work / "runner.py").write_text(_OFFICIAL_RUNNER)  # a file: nnU-Net may re-import __main__
+    env = {k: v for k, v in os.environ.items() if k != "TOTALSEG_WEIGHTS_PATH" and not k.startswith("nnUNet_")}
+    env["TOTALSEG_HOME_DIR"] = str(home)
+    log = work / "runs.log"
+    with open(log, "w") as stdout, open(log.with_suffix(".err"), "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(work / "runner.py"), str(work / "jobs.json")], stdout=stdout, stderr=stderr, env=env
+        )
+    runs = OfficialRuns(process, outputs, log)
+    yield runs
+    if process.poll() is None:
+        process.kill()
+
+
+def _cli(*args: str, env: dict[str, str]):
+    from tsrt.cli import app, totalsegmentator_argv
+
+    result = CliRunner().invoke(app, totalsegmentator_argv(list(args)), env=env, catch_exceptions=True)
+    return result
+
+
+@pytest.fixture(scope="module")
+def tsrt_home(ts_home: Path, official: OfficialRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TSRT_HOME holding every model the modes need, imported with `tsrt models import`."""
+    pytest.importorskip("nnunetv2", reason="importing models needs the export extra")
+    home = tmp_path_factory.mktemp("tsrt_home")
+    for task, *flags in IMPORTS:
+        result = _cli("models", "import", task, *flags, "--totalseg-home", str(ts_home), "-q", env={"TSRT_HOME": str(home)})
+        assert result.exit_code == 0, (result.output, result.exception)
+    return home
+
+
+@pytest.fixture(scope="module")
+def tsrt_runs(tsrt_home: Path, inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """`tsrt segment` on every mode (while official TotalSegmentator still runs): output path or the failure."""
+    work = tmp_path_factory.mktemp("tsrt")
+    runs: dict[str, object] = {}
+    for mode, spec in MODES.items():
+        output = _output_path(work, mode)
+        args = ["segment", str(inputs[mode]), "-o", str(output), "-q", "--device", "cpu", *spec.cli]
+        if spec.multilabel:
+            args.append("--ml")
+        result = _cli(*args, env={"TSRT_HOME": str(tsrt_home)})
+        runs[mode] = output if result.exit_code == 0 else AssertionError(f"tsrt {' '.join(args)}: {result.output} {result.exception!r}")
+    return runs
+
+
+# --------------------------------------------------------------------------------------------- comparison
+
+
+def agreement_and_dice(expected: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
+    """(share of equal voxels, mean Dice over classes present in either map)."""
+    assert expected.shape == actual.shape
+    present = sorted((set(np.unique(expected)) | set(np.unique(actual))) - {0})
+    dice = []
+    for label in present:
+        a, b = expected == label, actual == label
+        dice.append(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+    return float(np.mean(expected == actual)), float(np.mean(dice)) if dice else 1.0
+
+
+def assert_parity(expected: np.ndarray, actual: np.ndarray, confident: bool, what: str) -> None:
+    agreement, dice = agreement_and_dice(expected, actual)
+    print(f"{what}: voxel agreement {agreement:.6f}, mean Dice {dice:.6f} ({'confident' if confident else 'random'} weights)")
+    if confident:
+        assert agreement >= CONFIDENT_MIN_AGREEMENT and dice >= CONFIDENT_MIN_DICE, (what, agreement, dice)
+    else:
+        assert agreement >= RANDOM_MIN_AGREEMENT, (what, agreement, dice)
+
+
+def _label_table(path: Path) -> dict[int, str]:
+    from tsrt.cli_totalseg import read_label_table
+
+    return read_label_table(nib.load(path))
+
+
+def _compare_statistics(official_json: Path, tsrt_json: Path) -> None:
+    expected, actual = json.loads(official_json.read_text()), json.loads(tsrt_json.read_text())
+    assert list(actual) == list(expected)
+    for name, values in expected.items():
+        for key in ("volume", "intensity"):
+            assert actual[name][key] == pytest.approx(values[key], rel=STATISTICS_RTOL, abs=1e-6), (name, key)
+
+
+def _result(runs: dict[str, object], mode: str) -> Path:
+    outcome = runs[mode]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("mode", [m for m, spec in MODES.items() if spec.multilabel])
+def test_multilabel_output_matches_totalsegmentator(
+    mode: str, official: OfficialRuns, tsrt_runs: dict, demo_weights: Path | None
+) -> None:
+    ours = _result(tsrt_runs, mode)
+    theirs = official.output(mode)
+    ours_image, theirs_image = nib.load(ours), nib.load(theirs)
+    assert ours_image.shape == theirs_image.shape
+    assert np.allclose(ours_image.affine, theirs_image.affine, atol=1e-4)
+    assert ours_image.get_data_dtype() == np.uint8
+    assert _label_table(ours) == _label_table(theirs)
+    expected, actual = np.asanyarray(theirs_image.dataobj), np.asanyarray(ours_image.dataobj)
+    assert len(np.unique(expected)) > 1, "the official run produced an empty map: the comparison would prove nothing"
+    assert_parity(expected, actual, demo_weights is not None, mode)
+    if MODES[mode].statistics:
+        _compare_statistics(theirs.parent / "statistics.json", ours.parent / "statistics.json")
+    if "--preview" in MODES[mode].cli:
+        assert (ours.parent / "preview_total.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("mode", [m for m, spec in MODES.items() if not spec.multilabel])
+def test_per_class_masks_match_totalsegmentator(
+    mode: str, official: OfficialRuns, tsrt_runs: dict, demo_weights: Path | None
+) -> None:
+    ours = _result(tsrt_runs, mode)
+    theirs = official.output(mode)
+    expected_files = sorted(p.name for p in theirs.glob("*.nii.gz"))
+    assert sorted(p.name for p in ours.glob("*.nii.gz")) == expected_files
+    # All masks as one label map (files in name order), so Dice/agreement read like the multilabel modes.
+    shape = nib.load(theirs / expected_files[0]).shape
+    expected, actual = np.zeros(shape, np.uint16), np.zeros(shape, np.uint16)
+    for index, name in enumerate(expected_files, start=1):
+        theirs_mask, ours_mask = nib.load(theirs / name), nib.load(ours / name)
+        assert np.allclose(ours_mask.affine, theirs_mask.affine, atol=1e-4)
+        mask_expected, mask_actual = np.asanyarray(theirs_mask.dataobj), np.asanyarray(ours_mask.dataobj)
+        assert set(np.unique(mask_actual)) <= {0, 1}
+        expected[mask_expected > 0] = index
+        actual[mask_actual > 0] = index
+    assert_parity(expected, actual, demo_weights is not None, mode)
+    if MODES[mode].statistics:
+        _compare_statistics(theirs / "statistics.json", ours / "statistics.json")
+
+
+def test_python_api_returns_the_same_image_for_a_nibabel_input(
+    tsrt_home: Path, official: OfficialRuns, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+    demo_weights: Path | None,
+) -> None:
+    """tsrt.segment(nibabel image) without output returns the multilabel image, like totalsegmentator()."""
+    import tsrt
+
+    monkeypatch.setenv("TSRT_HOME", str(tsrt_home))
+    image = nib.load(shared_data / "example_ct_sm.nii.gz")
+    result, stats = tsrt.segment(image, None, task="total", fast=True, statistics=True, quiet=True, device="cpu")
+    assert isinstance(result, nib.Nifti1Image) and result.shape == image.shape
+    expected = np.asanyarray(nib.load(official.output("fast")).dataobj)
+    assert_parity(expected, np.asanyarray(result.dataobj), demo_weights is not None, "python api")
+    assert len(stats) == 117 and set(next(iter(stats.values()))) == {"volume", "intensity"}
+
+
+def test_v1_order_renumbers_like_totalsegmentator(
+    tsrt_home: Path, official: OfficialRuns, shared_data: Path, monkeypatch: pytest.MonkeyPatch,
+    demo_weights: Path | None,
+) -> None:
+    from totalsegmentator.map_to_binary import class_map  # a plain table module (no nnU-Net patching)
+
+    from tsrt import totalseg_ops as ops
+    from tsrt.total_v1_classes import TOTAL_V1_CLASSES
+    from tsrt.totalseg import segment
+
+    assert dict(TOTAL_V1_CLASSES) == class_map["total_v1"]
+    monkeypatch.setenv("TSRT_HOME", str(tsrt_home))
+    result = segment(shared_data / "example_ct_sm.nii.gz", task="total", fast=True, v1_order=True, quiet=True, device="cpu")
+    official_v2 = np.asanyarray(nib.load(official.output("fast")).dataobj)
+    expected = ops.reorder_multilabel_like_v1(official_v2, class_map["total"], class_map["total_v1"])
+    assert int(np.asanyarray(result.dataobj).max()) <= 104
+    assert_parity(expected, np.asanyarray(result.dataobj), demo_weights is not None, "v1 order")
