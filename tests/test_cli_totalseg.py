@@ -315,3 +315,15 @@ def test_single_images_are_not_cohorts(tmp_path: Path, ct: Path) -> None:
     (dicom_folder / "IM0001").write_bytes(b"")
     assert find_cases(ct, tmp_path / "out", multilabel=True) is None
     assert find_cases(dicom_folder, tmp_path / "out", multilabel=True) is None
+
+
+@pytest.mark.parametrize(("body_label", "kept"), [(1, True), (2, False)])
+def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(ct: Path, body_label: int, kept: bool) -> None:
+    from tsrt.totalseg import build_request, read_source, run_task
+
+    task = get_task("vertebrae_pp_refined")
+    helper = task.helpers[0].model.name
+    runner = _ConstantRunner(3, {helper: body_label})  # every voxel: vertebra label 3; the helper says body or disc
+    result = run_task(read_source(ct), build_request("vertebrae_pp_refined"), runner)
+    assert [name for name, _ in runner.calls] == [helper, task.parts[0].name]
+    assert result.labels.any() == kept

@@ -79,6 +79,14 @@ class RemoveOutside:
 
 
 @dataclass
+class BodyMask:
+    """vertebrae_pp_refined: vertebra labels are dilated by `dilation_mm` and kept where `labels == 1`."""
+
+    labels: np.ndarray  # the vertebrae_body model's map on the input grid (1 = vertebral body)
+    dilation_mm: float
+
+
+@dataclass
 class ImageRun:
     """One `nnUNet_predict_image` call: which models run, how their labels are named and cleaned."""
 
@@ -94,6 +102,7 @@ class ImageRun:
     v1_order: bool = False
     roi_subset: tuple[str, ...] | None = None
     remove_outside: RemoveOutside | None = None
+    body_mask: BodyMask | None = None
 
     @property
     def resample_mm(self) -> tuple[float, float, float] | None:
@@ -194,6 +203,13 @@ def _source_from_nifti(nifti: nib.spatialimages.SpatialImage, name: str) -> Sour
         header.set_data_shape(values.shape)
     image = Image(values, np.array(nifti.affine, dtype=np.float64), header, name)
     return SourceImage(image, values)
+
+
+def header_zooms(image: Image) -> tuple[np.float32, np.float32, np.float32]:
+    """`img_in_orig.header.get_zooms()`: the float32 voxel sizes upstream's statistics and postprocessing use."""
+    if image.header is not None:
+        return tuple(np.float32(z) for z in image.header.get_zooms()[:3])  # type: ignore[return-value]
+    return ops.nifti_zooms(image.affine)
 
 
 def _is_scaled(header: nib.Nifti1Header) -> bool:
@@ -423,6 +439,7 @@ def run_task(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> 
         crop, remove_outside = coarse_crop(source, request, runner)
     elif request.body_seg and task.body_seg is not None:
         crop = body_crop(source, request, runner)
+    body_mask = vertebrae_body_mask(source, task, runner)
     run = ImageRun(
         task_name=task.name,
         parts=_parts_for_roi_subset(task, request.roi_subset),
@@ -435,6 +452,7 @@ def run_task(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> 
         v1_order=request.v1_order,
         roi_subset=request.roi_subset,
         remove_outside=remove_outside,
+        body_mask=body_mask,
     )
     result = predict_image(source, run, runner)
     seconds = {"total": time.perf_counter() - started, **runner.seconds}
@@ -477,6 +495,17 @@ def body_crop(source: SourceImage, request: TaskRequest, runner: ModelRunner) ->
     log.info("Generating rough body segmentation...")
     body = predict_image(source, _single_model_run(spec.model, binary=True), runner)
     return CropMask(body.labels, spec.margin_mm)
+
+
+def vertebrae_body_mask(source: SourceImage, task: Task, runner: ModelRunner) -> BodyMask | None:
+    """The vertebrae_body helper model's map, which vertebrae_pp_refined clips its instances to."""
+    for helper in task.helpers:
+        if helper.role != "vertebrae_body_mask":
+            raise TaskError(f"Task {task.name} needs a {helper.role!r} helper model, which tsrt does not run yet.")
+        log.info("Generating vertebrae body mask for refinement...")
+        helper_run = predict_image(source, _single_model_run(helper.model), runner)
+        return BodyMask(helper_run.labels, float(helper.params.get("dilation_mm", 2.0)))
+    return None
 
 
 def _class_mask(labels: np.ndarray, class_map: Mapping[int, str], classes: Sequence[str]) -> np.ndarray:
@@ -584,8 +613,8 @@ def postprocess_lowres(labels: np.ndarray, affine: np.ndarray, run: ImageRun) ->
             labels = ops.postprocess_vertebrae_pp(
                 labels, run.classes, voxel_volume=np.prod(np.asarray(zooms, dtype=np.float32)), voxel_spacing=zooms
             )
-        elif step.step in ("derived_masks",):
-            continue  # output stage (one file per class)
+        elif step.step in ("derived_masks", "refine_with_vertebrae_body_mask"):
+            continue  # on the input grid: finalize_labels / the output stage
         else:
             raise TaskError(f"Task {run.task_name} needs the postprocessing step {step.step!r}, which tsrt does not have yet.")
     return labels
@@ -614,15 +643,20 @@ def restore_input_grid(
 
 
 def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> np.ndarray:
-    """Binary for crop masks, v1 numbering, roi_subset selection, remove_outside - upstream's order."""
+    """Binary for crop masks, vertebrae refinement, v1 numbering, roi_subset, remove_outside - upstream's order."""
     if run.binary:
         labels = (labels > 0).astype(np.uint8)
+    if run.body_mask is not None:
+        labels = ops.refine_vertebrae_pp_with_body_mask(
+            labels, run.body_mask.labels, run.label_map, voxel_spacing=header_zooms(source.image),
+            dilation_mm=run.body_mask.dilation_mm,
+        )
     if run.v1_order and run.task_name == "total":
         labels = ops.reorder_multilabel_like_v1(labels, run.classes, TOTAL_V1_CLASSES)
     if run.roi_subset is not None:
         labels = ops.keep_roi_subset(labels, list(run.label_map))
     if run.remove_outside is not None:
-        zooms = source.image.spacing
+        zooms = header_zooms(source.image)
         dilation_voxels = int(run.remove_outside.dilation_mm / np.mean(np.asarray(zooms, dtype=np.float32)))
         labels = ops.remove_outside_of_mask(labels, run.remove_outside.mask, addon=dilation_voxels)
     return labels
@@ -649,8 +683,7 @@ def statistics_for(
         labels, values, zooms = result.lowres.labels, result.lowres.values, result.lowres.zooms
     else:
         labels, values = result.labels, result.source.values
-        header = result.source.image.header
-        zooms = tuple(header.get_zooms()[:3]) if header is not None else ops.nifti_zooms(result.source.image.affine)
+        zooms = header_zooms(result.source.image)
     return structure_statistics(
         labels, values, zooms, names, exclude_masks_at_border=exclude_masks_at_border, metric=metric
     )
