@@ -88,6 +88,7 @@ def run_onnxruntime(graph_path: Path, inputs: np.ndarray) -> np.ndarray:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # one run per session: return the memory of big tiles at once
     session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: inputs})[0]
 
