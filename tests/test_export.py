@@ -73,8 +73,9 @@ def results_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plain_folder(results_root: Path) -> Path:
-    return write_result_folder(results_root, dataset_id=901, dataset_name="Plain")
+def plain_folder(tiny_result_folder: Path) -> Path:
+    """The session's 3d PlainConvUNet folder (read-only: tests that break it work on a copy)."""
+    return tiny_result_folder
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,8 @@ def test_plain_3d_plan_records_plans_dataset_and_checkpoint(plain_folder: Path, 
     plans = json.loads((plain_folder / "plans.json").read_text())
     dataset = json.loads((plain_folder / "dataset.json").read_text())
     config = plans["configurations"]["3d_fullres"]
-    assert (plan.dataset_name, plan.plans_name, plan.configuration) == ("Dataset901_Plain", "nnUNetPlans", "3d_fullres")
+    assert plan.dataset_name == plans["dataset_name"]
+    assert (plan.plans_name, plan.configuration) == ("nnUNetPlans", "3d_fullres")
     assert (plan.trainer, plan.fold, plan.graph_precision) == ("nnUNetTrainer", "0", "fp32")
     assert plan.network_class == config["architecture"]["network_class_name"]
     assert plan.image_reader_writer == plans["image_reader_writer"] and plan.file_ending == dataset["file_ending"]
