@@ -31,12 +31,15 @@ def _main(*args: str, home: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _write_ct(path: Path, seed: int) -> Path:
+    voxels = np.random.default_rng(seed).integers(-1000, 1000, (20, 18, 16)).astype(np.int16)
+    nib.save(nib.Nifti1Image(voxels, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    return path
+
+
 @pytest.fixture()
 def ct(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(rng.integers(-1000, 1000, (20, 18, 16)).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), path)
-    return path
+    return _write_ct(tmp_path / "ct.nii.gz", 0)
 
 
 @pytest.fixture()
@@ -176,7 +179,8 @@ def test_combine_masks_from_a_multilabel_file_and_from_a_mask_folder(tmp_path: P
 def test_combine_masks_refuses_unknown_kinds_and_missing_inputs(tmp_path: Path) -> None:
     result = _main("combine-masks", str(tmp_path), "-o", str(tmp_path / "x.nii.gz"), "-m", "heart", home=tmp_path)
     assert result.returncode != 0 and "Unknown combination 'heart'" in result.stderr
-    result = _main("combine-masks", str(tmp_path / "nope"), "-o", str(tmp_path / "x.nii.gz"), "-m", "lung", home=tmp_path)
+    missing = tmp_path / "nope"
+    result = _main("combine-masks", str(missing), "-o", str(tmp_path / "x.nii.gz"), "-m", "lung", home=tmp_path)
     assert result.returncode != 0 and "does not exist" in result.stderr
 
 
@@ -251,12 +255,6 @@ def test_mr_roi_subset_always_crops_with_the_3mm_model_and_ignores_body_seg(ct: 
 # --------------------------------------------------------------------------------------------- cohorts
 
 
-def _write_ct(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    nib.save(nib.Nifti1Image(rng.integers(-1000, 1000, (20, 18, 16)).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])), path)
-    return path
-
-
 def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -> None:
     from tsrt.cohort import find_cases, run_cohort
     from tsrt.totalseg import OutputOptions, build_request
@@ -318,7 +316,9 @@ def test_single_images_are_not_cohorts(tmp_path: Path, ct: Path) -> None:
 
 
 @pytest.mark.parametrize(("body_label", "kept"), [(1, True), (2, False)])
-def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(ct: Path, body_label: int, kept: bool) -> None:
+def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(
+    ct: Path, body_label: int, kept: bool
+) -> None:
     from tsrt.totalseg import build_request, read_source, run_task
 
     task = get_task("vertebrae_pp_refined")

@@ -52,7 +52,7 @@ def _tsrt(args: list[str], home: Path):
 def real_home() -> Path:
     value = os.environ.get(HOME_VARIABLE)
     if not value:
-        pytest.skip(f"{HOME_VARIABLE} is not set: point it at a TotalSegmentator home with the real weights to run these")
+        pytest.skip(f"{HOME_VARIABLE} is not set: point it at a TotalSegmentator home with the real weights to run")
     home = Path(value).expanduser()
     if not (home / "nnunet" / "results").is_dir():
         pytest.skip(f"{HOME_VARIABLE}={home} has no nnunet/results folder (not a TotalSegmentator home with weights)")
@@ -74,12 +74,15 @@ def dice_over_reference_classes(reference: np.ndarray, prediction: np.ndarray) -
     scores = []
     for label in np.unique(reference)[1:]:
         expected, found = reference == label, prediction == label
-        scores.append(2.0 * np.count_nonzero(expected & found) / (np.count_nonzero(expected) + np.count_nonzero(found) + 1e-6))
+        overlap = np.count_nonzero(expected & found)
+        scores.append(2.0 * overlap / (np.count_nonzero(expected) + np.count_nonzero(found) + 1e-6))
     return float(np.mean(scores))
 
 
 @pytest.mark.parametrize("reference", list(README_COMMANDS))
-def test_readme_command_matches_the_reference(reference: str, tsrt_home: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_readme_command_matches_the_reference(
+    reference: str, tsrt_home: Path, shared_data: Path, tmp_path: Path
+) -> None:
     source, arguments = README_COMMANDS[reference]
     output = tmp_path / "seg.nii.gz"
     result = _tsrt(["-i", str(shared_data / source), "-o", str(output), "-q", *arguments], tsrt_home)
@@ -94,7 +97,8 @@ def test_readme_command_matches_the_reference(reference: str, tsrt_home: Path, s
 
 def test_fast_statistics_match_the_reference(tsrt_home: Path, shared_data: Path, tmp_path: Path) -> None:
     output = tmp_path / "masks"
-    arguments = ["-i", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "--fast", "--statistics", "-sii", "-q"]
+    source = shared_data / "example_ct_sm.nii.gz"
+    arguments = ["-i", str(source), "-o", str(output), "--fast", "--statistics", "-sii", "-q"]
     result = _tsrt(arguments, tsrt_home)
     assert result.exit_code == 0, (result.output, result.exception)
     expected = json.loads((shared_data / "example_seg_fast_statistics.json").read_text())

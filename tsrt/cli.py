@@ -81,54 +81,62 @@ _TS = "TotalSegmentator task options"
 _MODEL = "Exported nnU-Net model options (--model)"
 
 
+def _task_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_TS, **kwargs)
+
+
+def _model_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_MODEL, **kwargs)
+
+
 @app.command()
 def segment(
     input_path: Optional[Path] = typer.Argument(
         None, metavar="INPUT",
         help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files or a .txt list of images.",
     ),
-    input_option: Optional[Path] = typer.Option(None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."),
+    input_option: Optional[Path] = typer.Option(
+        None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."
+    ),
     output: Path = typer.Option(
         ..., "-o", "--output", help="Output folder (one mask per class), or with --ml / --model the label file."
     ),
-    task: str = typer.Option("total", "--task", "-ta", help="TotalSegmentator task (`tsrt tasks` lists them).", rich_help_panel=_TS),
-    fast: bool = typer.Option(False, "--fast", "-f", help="Lower-resolution model (3 mm for total).", rich_help_panel=_TS),
-    fastest: bool = typer.Option(False, "--fastest", "-ff", help="Lowest-resolution model (6 mm for total).", rich_help_panel=_TS),
-    roi_subset: Optional[list[str]] = typer.Option(
-        None, "--roi-subset", "--roi_subset", "-rs", help="Only these classes (cropped around them, faster).", rich_help_panel=_TS
+    task: str = _task_option("total", "--task", "-ta", help="TotalSegmentator task (`tsrt tasks` lists them)."),
+    fast: bool = _task_option(False, "--fast", "-f", help="Lower-resolution model (3 mm for total)."),
+    fastest: bool = _task_option(False, "--fastest", "-ff", help="Lowest-resolution model (6 mm for total)."),
+    roi_subset: Optional[list[str]] = _task_option(
+        None, "--roi-subset", "--roi_subset", "-rs", help="Only these classes (cropped around them, faster)."
     ),
-    roi_subset_robust: Optional[list[str]] = typer.Option(
-        None, "--roi-subset-robust", "--roi_subset_robust", "-rsr", help="--roi-subset with the 3 mm crop model.",
-        rich_help_panel=_TS,
+    roi_subset_robust: Optional[list[str]] = _task_option(
+        None, "--roi-subset-robust", "--roi_subset_robust", "-rsr", help="--roi-subset with the 3 mm crop model."
     ),
-    robust_crop: bool = typer.Option(
-        False, "--robust-crop", "--robust_crop", "-rc", help="Crop with the 3 mm model instead of 6 mm.", rich_help_panel=_TS
+    robust_crop: bool = _task_option(
+        False, "--robust-crop", "--robust_crop", "-rc", help="Crop with the 3 mm model instead of 6 mm."
     ),
-    body_seg: bool = typer.Option(
-        False, "--body-seg", "--body_seg", "-bs", help="Crop to the body first (6 mm body model).", rich_help_panel=_TS
+    body_seg: bool = _task_option(
+        False, "--body-seg", "--body_seg", "-bs", help="Crop to the body first (6 mm body model)."
     ),
-    force_split: bool = typer.Option(
-        False, "--force-split", "--force_split", "-fs", help="Predict in three z parts (less memory).", rich_help_panel=_TS
+    force_split: bool = _task_option(
+        False, "--force-split", "--force_split", "-fs", help="Predict in three z parts (less memory)."
     ),
-    ml: bool = typer.Option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class.", rich_help_panel=_TS),
-    statistics: bool = typer.Option(False, "--statistics", "-s", help="Also write statistics.json.", rich_help_panel=_TS),
-    stats_include_incomplete: bool = typer.Option(
+    ml: bool = _task_option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class."),
+    statistics: bool = _task_option(False, "--statistics", "-s", help="Also write statistics.json."),
+    stats_include_incomplete: bool = _task_option(
         False, "--stats-include-incomplete", "--stats_include_incomplete", "-sii",
-        help="Statistics also for masks touching the image border.", rich_help_panel=_TS,
+        help="Statistics also for masks touching the image border."
     ),
-    stats_aggregation: str = typer.Option(
-        "mean", "--stats-aggregation", "--stats_aggregation", "-sa", help="mean or median intensity.", rich_help_panel=_TS
+    stats_aggregation: str = _task_option(
+        "mean", "--stats-aggregation", "--stats_aggregation", "-sa", help="mean or median intensity."
     ),
-    preview: bool = typer.Option(False, "--preview", "-p", help="Also write a preview PNG.", rich_help_panel=_TS),
-    output_type: str = typer.Option(
-        "nifti", "--output-type", "--output_type", "-ot", help="nifti, dicom_seg or dicom_rtstruct.", rich_help_panel=_TS
+    preview: bool = _task_option(False, "--preview", "-p", help="Also write a preview PNG."),
+    output_type: str = _task_option(
+        "nifti", "--output-type", "--output_type", "-ot", help="nifti, dicom_seg or dicom_rtstruct."
     ),
-    v1_order: bool = typer.Option(
-        False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total).", rich_help_panel=_TS
+    v1_order: bool = _task_option(
+        False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total)."
     ),
-    no_derived_masks: bool = typer.Option(
-        False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body.",
-        rich_help_panel=_TS,
+    no_derived_masks: bool = _task_option(
+        False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body."
     ),
     nr_thr_resamp: Optional[int] = typer.Option(
         None, "--nr-thr-resamp", "--nr_thr_resamp", "-nr", hidden=True, help="Accepted for compatibility; no effect."
@@ -136,24 +144,23 @@ def segment(
     nr_thr_saving: Optional[int] = typer.Option(
         None, "--nr-thr-saving", "--nr_thr_saving", "-ns", hidden=True, help="Accepted for compatibility; no effect."
     ),
-    model: Optional[Path] = typer.Option(
-        None, "--model", "-m", help="Exported model folder (fold_N.onnx + fold_N.plan.json) instead of a task.",
-        rich_help_panel=_MODEL,
+    model: Optional[Path] = _model_option(
+        None, "--model", "-m", help="Exported model folder (fold_N.onnx + fold_N.plan.json) instead of a task."
     ),
-    folds: Optional[list[str]] = typer.Option(
-        None, "--folds", help="Folds to ensemble (default: all exported).", rich_help_panel=_MODEL
+    folds: Optional[list[str]] = _model_option(
+        None, "--folds", help="Folds to ensemble (default: all exported)."
     ),
-    tta: bool = typer.Option(
-        True, "--tta/--no-tta", help="Mirroring test-time augmentation where the model allows it.", rich_help_panel=_MODEL
+    tta: bool = _model_option(
+        True, "--tta/--no-tta", help="Mirroring test-time augmentation where the model allows it."
     ),
-    step_size: float = typer.Option(0.5, "--step-size", help="Tile overlap as a fraction of the patch.", rich_help_panel=_MODEL),
-    batch_size: int = typer.Option(1, "--batch-size", help="Tiles per network call.", rich_help_panel=_MODEL),
-    save_probabilities: bool = typer.Option(
-        False, "--save-probabilities", "--save_probabilities", help="Also write class probabilities (.npz; --model only).",
-        rich_help_panel=_MODEL,
+    step_size: float = _model_option(0.5, "--step-size", help="Tile overlap as a fraction of the patch."),
+    batch_size: int = _model_option(1, "--batch-size", help="Tiles per network call."),
+    save_probabilities: bool = _model_option(
+        False, "--save-probabilities", "--save_probabilities",
+        help="Also write class probabilities (.npz; --model only)."
     ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Cohorts: segment finished cases again instead of skipping them.", rich_help_panel=_TS
+    overwrite: bool = _task_option(
+        False, "--overwrite", help="Cohorts: segment finished cases again instead of skipping them."
     ),
     provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
@@ -197,7 +204,9 @@ def segment(
     summary = segment_cohort(cases, overwrite=overwrite, **options)
     typer.echo(summary.line())
     if summary.failed:
-        raise TsrtError(f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped).")
+        raise TsrtError(
+            f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped)."
+        )
 
 
 @app.command()

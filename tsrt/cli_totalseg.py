@@ -88,7 +88,10 @@ def doctor() -> None:
                 runnable.append(name if mode == "normal" else f"{name} --{mode}")
     typer.echo(f"runnable tasks: {', '.join(runnable) if runnable else 'none yet'}")
     if not runnable:
-        typer.echo("  install one with `tsrt models import total --fast --totalseg-home DIR` or `tsrt models download total --fast`")
+        typer.echo(
+            "  install one with `tsrt models import total --fast --totalseg-home DIR` "
+            "or `tsrt models download total --fast`"
+        )
 
 
 def read_label_table(nifti) -> dict[int, str]:
@@ -107,7 +110,9 @@ def combine_masks(
     ),
     input_option: Optional[Path] = typer.Option(None, "-i", help="Same as INPUT (totalseg_combine_masks' spelling)."),
     output: Path = typer.Option(..., "-o", "--output", help="Combined mask file (.nii.gz)."),
-    kind: str = typer.Option(..., "-m", "--masks", help="lung, lung_left, lung_right, vertebrae, ribs, vertebrae_ribs, pelvis or body."),
+    kind: str = typer.Option(
+        ..., "-m", "--masks", help="lung, lung_left, lung_right, vertebrae, ribs, vertebrae_ribs, pelvis or body."
+    ),
     multilabel: bool = typer.Option(False, "--ml", "-ml", "--multilabel", help="Store the label table ({1: KIND})."),
 ) -> None:
     """Merge classes into one binary mask, like totalseg_combine_masks."""

@@ -38,7 +38,10 @@ class CohortSummary:
     seconds: float = 0.0
 
     def line(self) -> str:
-        text = f"{len(self.done)} segmented, {len(self.skipped)} already done, {len(self.failed)} failed ({self.seconds:.0f}s)"
+        text = (
+            f"{len(self.done)} segmented, {len(self.skipped)} already done, {len(self.failed)} failed "
+            f"({self.seconds:.0f}s)"
+        )
         if self.failed:
             text += ": " + "; ".join(f"{name} ({reason})" for name, reason in self.failed)
         return text
@@ -130,7 +133,9 @@ def run_cohort(
                 continue
             except Exception as err:  # noqa: BLE001 - one broken case must not stop a cohort
                 summary.failed.append((case.name, f"{type(err).__name__}: {err}"))
-                log.error("%s failed: %s: %s", case.name, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+                log.error(
+                    "%s failed: %s: %s", case.name, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG)
+                )
                 continue
             summary.done.append(case.name)
     summary.seconds = time.perf_counter() - started
@@ -151,7 +156,8 @@ class _CaseProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn()
+            TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(),
         )
         self._progress.start()
         self._task = self._progress.add_task("", total=self.total)

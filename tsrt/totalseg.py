@@ -3,8 +3,8 @@
 This reproduces `totalsegmentator.python_api.totalsegmentator` and `nnunet.nnUNet_predict_image`
 step by step, so that with the same weights every voxel comes out the same:
 
-    read ─► [coarse model ─► crop mask] ─► crop (+ margin, int32) ─► closest canonical ─► resample to
-    the task spacing (order 1, int32) ─► [triple split along z] ─► part models (nnU-Net runtime, fold 0,
+    read ─► [coarse model ─► crop mask] ─► crop (+ margin, int32) ─► closest canonical ─►
+    resample to the task spacing (order 1, int32) ─► [triple split along z] ─► part models (nnU-Net runtime, fold 0,
     step 0.8/0.5, no mirroring) ─► combine parts (later parts win) ─► auxiliary labels, task
     postprocessing ─► [fast statistics, preview] ─► resample back (order 0) ─► undo canonical ─►
     undo crop ─► binary / v1 order / roi_subset / remove_outside ─► outputs
@@ -196,7 +196,7 @@ def _source_from_nifti(nifti: nib.spatialimages.SpatialImage, name: str) -> Sour
     if values.dtype.kind not in "iub":
         values = nifti.get_fdata(dtype=np.float64)
     if values.ndim > 3:
-        log.warning("%s has %d dimensions; only the first volume is used (as TotalSegmentator does).", name, values.ndim)
+        log.warning("%s has %d dimensions; only the first volume is used (like TotalSegmentator).", name, values.ndim)
         values = values[(...,) + (0,) * (values.ndim - 3)]
     header = nifti.header.copy() if isinstance(nifti.header, nib.Nifti1Header) else None
     if header is not None:
@@ -328,7 +328,9 @@ def check_models_installed(request: TaskRequest, store_root: Path | None = None)
     mode = {"fast": " --fast", "fastest": " --fastest"}.get(task.mode, "")
     with_optional = " --with-optional" if any(m.name in {o.name for o in optional} for m in missing) else ""
     names = ", ".join(m.name for m in missing)
-    licensed = " (licensed: set your key with `tsrt models set-license KEY` first)" if any(m.license for m in missing) else ""
+    licensed = ""
+    if any(m.license for m in missing):
+        licensed = " (licensed: set your key with `tsrt models set-license KEY` first)"
     raise ModelError(
         f"Task {task.name}{mode} needs models that are not in the store ({names}): run "
         f"`tsrt models import {task.name}{mode}{with_optional} --totalseg-home DIR` with a TotalSegmentator "
@@ -365,7 +367,8 @@ def build_request(
         unknown = [name for name in roi_subset if name not in resolved.classes.values()]
         if unknown:
             raise TaskError(
-                f"--roi_subset: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a class of task {task}: "
+                f"--roi_subset: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
+                f"not a class of task {task}: "
                 f"`tsrt tasks {task}` lists its classes."
             )
         if task.endswith("_mr"):
@@ -616,7 +619,9 @@ def postprocess_lowres(labels: np.ndarray, affine: np.ndarray, run: ImageRun) ->
         elif step.step in ("derived_masks", "refine_with_vertebrae_body_mask"):
             continue  # on the input grid: finalize_labels / the output stage
         else:
-            raise TaskError(f"Task {run.task_name} needs the postprocessing step {step.step!r}, which tsrt does not have yet.")
+            raise TaskError(
+                f"Task {run.task_name} needs the postprocessing step {step.step!r}, which tsrt does not have yet."
+            )
     return labels
 
 
@@ -712,12 +717,14 @@ def write_task_outputs(
     preview: bool = False,
     derived_masks: bool = True,
 ) -> list[Path]:
-    """Masks (one per class, or one --ml file), derived masks, statistics.json and the preview, as upstream lays them out."""
+    """Masks (one per class, or one --ml file), derived masks, statistics.json and preview, laid out as upstream."""
     from tsrt.outputs import output_folder, write_segmentation_outputs
     from tsrt.statistics import write_statistics
 
     output = Path(output)
-    written = write_segmentation_outputs(result.labels, result.source.image, result.label_map, output, multilabel=multilabel)
+    written = write_segmentation_outputs(
+        result.labels, result.source.image, result.label_map, output, multilabel=multilabel
+    )
     paths = list(written.masks) + ([written.multilabel] if written.multilabel else [])
     folder = output_folder(output, multilabel)
     if not multilabel and derived_masks and any(step.step == "derived_masks" for step in request.task.postprocess):
@@ -886,7 +893,8 @@ def segment(
         no_derived_masks=no_derived_masks, models_dir=models_dir, threads=threads,
     )
     source = read_source(input)
-    result, stats = segment_source(source, request, runner, None if skip_saving or output is None else Path(output), options)
+    target = None if skip_saving or output is None else Path(output)
+    result, stats = segment_source(source, request, runner, target, options)
     image = label_image(result.labels, source.image, result.label_map)
     return (image, stats or {}) if statistics else image
 
