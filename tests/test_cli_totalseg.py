@@ -61,6 +61,7 @@ def test_totalsegmentator_command_line_runs_unchanged_under_tsrt(captured: dict,
     result = _invoke(
         "-i", str(ct), "-o", str(tmp_path / "seg.nii.gz"), "-ta", "total", "-rs", "liver", "brain", "--ml", "-f",
         "-bs", "-fs", "-s", "-sii", "-v1o", "-d", "cpu", "-nr", "2", "-ns", "4", "-q", "-rc", "-ot", "nifti", "-p",
+        "-rmb",
     )
     assert result.exit_code == 0, result.output
     assert captured["input"] == ct and captured["output"] == tmp_path / "seg.nii.gz"
@@ -69,6 +70,7 @@ def test_totalsegmentator_command_line_runs_unchanged_under_tsrt(captured: dict,
     assert captured["statistics"] and captured["statistics_exclude_masks_at_border"] is False
     assert captured["v1_order"] and captured["robust_crop"] and captured["preview"] and captured["quiet"]
     assert captured["device"] == "cpu" and captured["output_type"] == "nifti" and captured["task"] == "total"
+    assert captured["remove_small_blobs"] == 200.0  # -rmb alone: TotalSegmentator's 200 mm3
 
 
 def test_tsrt_spellings_map_to_the_same_arguments(captured: dict, ct: Path, tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_tsrt_spellings_map_to_the_same_arguments(captured: dict, ct: Path, tmp_
     assert captured["task"] == "total_mr" and captured["roi_subset"] == ["liver", "brain"]
     assert captured["fastest"] and not captured["fast"] and captured["force_split"] and captured["body_seg"]
     assert captured["stats_aggregation"] == "median" and captured["no_derived_masks"] and captured["provider"] == "cpu"
-    assert captured["ml"] is False
+    assert captured["ml"] is False and captured["remove_small_blobs"] is False
 
 
 def test_argv_rewriting_keeps_other_commands() -> None:
@@ -90,6 +92,8 @@ def test_argv_rewriting_keeps_other_commands() -> None:
     ]
     assert totalsegmentator_argv(["models", "list"]) == ["models", "list"]
     assert totalsegmentator_argv(["--help"]) == ["--help"]
+    assert totalsegmentator_argv(["-i", "a", "-rmb", "-o", "b"]) == ["segment", "-i", "a", "-rmb", "200", "-o", "b"]
+    assert totalsegmentator_argv(["-i", "a", "-rmb", "50.5"]) == ["segment", "-i", "a", "-rmb", "50.5"]
     # -f is --fast (a flag), so it must not swallow the input that follows it
     assert totalsegmentator_argv(["segment", "-f", "ct.nii.gz", "-o", "x"]) == ["segment", "-f", "ct.nii.gz", "-o", "x"]
 
@@ -327,3 +331,20 @@ def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(
     result = run_task(read_source(ct), build_request("vertebrae_pp_refined"), runner)
     assert [name for name, _ in runner.calls] == [helper, task.parts[0].name]
     assert result.labels.any() == kept
+
+
+def test_remove_small_blobs_drops_small_components_of_every_class() -> None:
+    from tsrt.totalseg import ImageRun, build_request, postprocess_lowres
+
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[1:6, 1:6, 1:6] = 5  # 125 voxels of 27 mm3 = 3375 mm3: kept
+    labels[8, 8, 8] = 5  # 27 mm3: dropped
+    labels[8, 1, 1] = 1  # 27 mm3: dropped
+    request = build_request("total", fast=True, remove_small_blobs=True)
+    assert request.remove_small_blobs_mm3 == 200.0
+    task = request.task
+    run = ImageRun(task.name, task.parts, False, task.classes, remove_small_blobs_mm3=200.0)
+    cleaned = postprocess_lowres(labels.copy(), np.diag([3.0, 3.0, 3.0, 1.0]), run)
+    assert np.count_nonzero(cleaned == 5) == 125 and np.count_nonzero(cleaned == 1) == 0
+    with pytest.raises(Exception, match="positive volume"):
+        build_request("total", remove_small_blobs=-1)

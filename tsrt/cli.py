@@ -135,6 +135,10 @@ def segment(
     v1_order: bool = _task_option(
         False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total)."
     ),
+    remove_small_blobs: Optional[float] = _task_option(
+        None, "--remove-small-blobs", "--remove_small_blobs", "-rmb", metavar="MM3",
+        help="Drop blobs up to this volume from every class (alone: 200 mm3, as TotalSegmentator).",
+    ),
     no_derived_masks: bool = _task_option(
         False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body."
     ),
@@ -194,6 +198,7 @@ def segment(
         device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,
+        remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
     )
     cases = find_cases(Path(source), output, ml)
     if cases is None:
@@ -252,11 +257,35 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 _register_subcommands()
 
 
+#: TotalSegmentator options whose value may be left out (argparse nargs="?"), with the value it then means.
+_OPTIONAL_VALUE_OPTIONS = {"-rmb": "200", "--remove_small_blobs": "200", "--remove-small-blobs": "200"}
+
+
+def _fill_optional_values(argv: list[str]) -> list[str]:
+    """`-rmb` alone means `-rmb 200` in TotalSegmentator; Typer options always take their value."""
+    filled: list[str] = []
+    for index, token in enumerate(argv):
+        filled.append(token)
+        if token in _OPTIONAL_VALUE_OPTIONS:
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is None or not _is_number(following):
+                filled.append(_OPTIONAL_VALUE_OPTIONS[token])
+    return filled
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def totalsegmentator_argv(argv: list[str]) -> list[str]:
     """`tsrt -i ct.nii.gz -o seg --fast` (TotalSegmentator's call with the program renamed) means `tsrt segment ...`."""
     if argv and argv[0].startswith("-") and argv[0] not in _TOP_LEVEL_OPTIONS:
         argv = ["segment", *argv]
-    return expand_multi_value_options(argv)
+    return expand_multi_value_options(_fill_optional_values(argv))
 
 
 def main() -> None:

@@ -103,6 +103,7 @@ class ImageRun:
     roi_subset: tuple[str, ...] | None = None
     remove_outside: RemoveOutside | None = None
     body_mask: BodyMask | None = None
+    remove_small_blobs_mm3: float | None = None  # --remove_small_blobs: every class, after the task's cleaning
 
     @property
     def resample_mm(self) -> tuple[float, float, float] | None:
@@ -155,6 +156,7 @@ class TaskRequest:
     force_split: bool = False
     v1_order: bool = False
     fast: bool = False  # upstream computes statistics on the resampled image only for --fast
+    remove_small_blobs_mm3: float | None = None
 
 
 @dataclass
@@ -352,8 +354,13 @@ def build_request(
     body_seg: bool = False,
     force_split: bool = False,
     v1_order: bool = False,
+    remove_small_blobs: bool | float = False,
 ) -> TaskRequest:
-    """Validate the options the way `totalsegmentator()` does and resolve the task's mode."""
+    """Validate the options the way `totalsegmentator()` does and resolve the task's mode.
+
+    `remove_small_blobs`: True drops blobs of 200 mm3 or less from every class (upstream's default), a
+    number sets the threshold in mm3.
+    """
     resolved = get_task(task, fast=fast, fastest=fastest)
     if resolved.note:
         log.info("%s", resolved.note)
@@ -385,7 +392,23 @@ def build_request(
         force_split=force_split,
         v1_order=v1_order,
         fast=fast,
+        remove_small_blobs_mm3=_blob_threshold(remove_small_blobs),
     )
+
+
+#: TotalSegmentator's --remove_small_blobs threshold when given without a value (mm3).
+DEFAULT_SMALL_BLOB_MM3 = 200.0
+
+
+def _blob_threshold(remove_small_blobs: bool | float) -> float | None:
+    if remove_small_blobs is True:
+        return DEFAULT_SMALL_BLOB_MM3
+    if remove_small_blobs is False or remove_small_blobs is None:
+        return None
+    threshold = float(remove_small_blobs)
+    if threshold <= 0:
+        raise TsrtError(f"--remove_small_blobs needs a positive volume in mm3, not {remove_small_blobs}.")
+    return threshold
 
 
 def _parts_for_roi_subset(task: Task, roi_subset: Sequence[str] | None) -> tuple[ModelPart, ...]:
@@ -456,6 +479,7 @@ def run_task(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> 
         roi_subset=request.roi_subset,
         remove_outside=remove_outside,
         body_mask=body_mask,
+        remove_small_blobs_mm3=request.remove_small_blobs_mm3,
     )
     result = predict_image(source, run, runner)
     seconds = {"total": time.perf_counter() - started, **runner.seconds}
@@ -622,6 +646,9 @@ def postprocess_lowres(labels: np.ndarray, affine: np.ndarray, run: ImageRun) ->
             raise TaskError(
                 f"Task {run.task_name} needs the postprocessing step {step.step!r}, which tsrt does not have yet."
             )
+    if run.remove_small_blobs_mm3 is not None:
+        interval = ops.blob_size_interval(run.remove_small_blobs_mm3, zooms)
+        labels = ops.remove_small_blobs_multilabel(labels, run.classes, list(run.classes.values()), interval)
     return labels
 
 
@@ -828,6 +855,7 @@ def prepare_run(
     statistics_exclude_masks_at_border: bool = True,
     stats_aggregation: str = "mean",
     no_derived_masks: bool = False,
+    remove_small_blobs: bool | float = False,
     models_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
@@ -838,6 +866,7 @@ def prepare_run(
     request = build_request(
         task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust,
         robust_crop=robust_crop, body_seg=body_seg, force_split=force_split, v1_order=v1_order,
+        remove_small_blobs=remove_small_blobs,
     )
     store_root = Path(models_dir) if models_dir is not None else None
     check_models_installed(request, store_root)
@@ -874,6 +903,7 @@ def segment(
     stats_aggregation: str = "mean",
     no_derived_masks: bool = False,
     skip_saving: bool = False,
+    remove_small_blobs: bool | float = False,
     models_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
@@ -890,7 +920,8 @@ def segment(
         body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
         device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
         statistics_exclude_masks_at_border=statistics_exclude_masks_at_border, stats_aggregation=stats_aggregation,
-        no_derived_masks=no_derived_masks, models_dir=models_dir, threads=threads,
+        no_derived_masks=no_derived_masks, remove_small_blobs=remove_small_blobs, models_dir=models_dir,
+        threads=threads,
     )
     source = read_source(input)
     target = None if skip_saving or output is None else Path(output)
