@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import io
 import json
@@ -33,6 +32,7 @@ from torch import nn
 
 from tsrt.errors import InputError, ModelError
 from tsrt.plan import PLAN_FORMAT_VERSION, PLAN_SUFFIX, RecordedPlan, Resampling
+from tsrt.store import sha256_file
 from tsrt_export.verify import (
     FP16_TOLERANCE_FRACTION,
     FP32_TOLERANCE_FRACTION,
@@ -206,7 +206,7 @@ def load_checkpoint(model_folder: Path, fold: str, checkpoint: str) -> FoldCheck
         trainer_name=str(data.get("trainer_name") or trainer_from_folder),
         configuration=str((data.get("init_args") or {}).get("configuration") or configuration_from_folder),
         inference_allowed_mirroring_axes=None if mirror_axes is None else [int(a) for a in mirror_axes],
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
     )
 
 
@@ -526,7 +526,7 @@ def _export_fold(
         step("writing plan")
         plan = _recorded_plan(spec, ckpt, graph_path, fp16=fp16)
         _embed_metadata(graph_path, plan, verification)
-        plan = RecordedPlan.from_dict({**plan.to_dict(), "graph_sha256": _sha256(graph_path)})
+        plan = RecordedPlan.from_dict({**plan.to_dict(), "graph_sha256": sha256_file(graph_path)})
         plan_path = staging / f"{stem}{PLAN_SUFFIX}"
         plan.save(plan_path)
         verify_path = staging / f"{stem}.verify.json"
@@ -678,14 +678,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} does not exist: pass a complete nnU-Net v2 result folder.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"{path} is not valid JSON ({err}): copy it again from the training machine.") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 #: Loggers that report the dynamo exporter's routine steps (opset choice, version conversion) as warnings.
