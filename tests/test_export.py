@@ -20,6 +20,7 @@ import torch
 
 from tsrt.errors import ModelError
 from tsrt.plan import load_model_plans, read_plan
+from tsrt.store import sha256_file
 from tsrt_export import onnx_export
 from tsrt_export.fixtures import write_result_folder
 from tsrt_export.onnx_export import export_model
@@ -117,8 +118,8 @@ def test_plain_3d_plan_records_plans_dataset_and_checkpoint(plain_folder: Path, 
     assert plan.allowed_mirroring_axes == [0, 1, 2]
     assert (plan.graph_input_name, plan.graph_output_name) == ("input", "logits")
     assert plan.checkpoint_file == f"{plain_folder.name}/fold_0/checkpoint_final.pth"
-    assert plan.checkpoint_sha256 == onnx_export._sha256(plain_folder / "fold_0" / "checkpoint_final.pth")
-    assert plan.graph_sha256 == onnx_export._sha256(plan.graph_path)
+    assert plan.checkpoint_sha256 == sha256_file(plain_folder / "fold_0" / "checkpoint_final.pth")
+    assert plan.graph_sha256 == sha256_file(plan.graph_path)
     assert set(plan.versions) >= {"torch", "nnunetv2", "onnx", "onnxruntime", "tsrt"}
     assert "not installed" not in plan.versions.values()
 
