@@ -250,6 +250,14 @@ def train(num_epochs: int, iterations: int, val_iterations: int, resume: bool = 
         ckpt = Path(trainer.output_folder) / "checkpoint_final.pth"
         if not ckpt.exists():
             ckpt = Path(trainer.output_folder) / "checkpoint_latest.pth"
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if checkpoint.get("optimizer_state") is None:
+            # An exported (stripped) checkpoint: carry on from its weights with a fresh SGD state.
+            trainer.initialize()
+            checkpoint["optimizer_state"] = trainer.optimizer.state_dict()
+            ckpt = ckpt.with_name("checkpoint_resume.pth")
+            torch.save(checkpoint, ckpt)
+            print("[train_demo] checkpoint has no optimizer state: SGD momentum starts afresh", flush=True)
         trainer.load_checkpoint(str(ckpt))
         print(f"[train_demo] resuming from {ckpt.name} at epoch {trainer.current_epoch}", flush=True)
     t0 = time.perf_counter()
@@ -297,9 +305,8 @@ def export_result_folder(src: Path, dst: Path) -> dict:
     for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         shutil.copy2(src / name, dst / name)
     fold_src = src / f"fold_{FOLD}"
-    logs = sorted(fold_src.glob("training_log_*.txt"))
-    if logs:
-        shutil.copy2(logs[-1], dst / f"fold_{FOLD}" / logs[-1].name)
+    for log in sorted(fold_src.glob("training_log_*.txt")):  # one per invocation (more after --resume)
+        shutil.copy2(log, dst / f"fold_{FOLD}" / log.name)
     png = fold_src / "progress.png"
     if png.exists() and png.stat().st_size < 400_000:
         shutil.copy2(png, dst / f"fold_{FOLD}" / "progress.png")
@@ -400,6 +407,9 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
     fp = json.loads((out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR / "dataset_fingerprint.json").read_text())
     cfg = plans["configurations"][CONFIGURATION]
     kw = cfg["architecture"]["arch_kwargs"]
+    folder = out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+    folder_bytes = sum((folder / f).stat().st_size for f in files)
     names = list(PHANTOM_LABELS.values())
 
     def fmt(v: float) -> str:
@@ -432,10 +442,12 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         "",
         "## Result folder",
         "",
-        f"`models/demo/nnUNet_results/{DATASET_NAME}/{RESULT_SUBDIR}/` with `fold_{FOLD}/checkpoint_final.pth`",
-        f"({info['checkpoint_bytes'] / 1e6:.2f} MB; optimizer state stripped from the "
-        f"{info['checkpoint_bytes_full'] / 1e6:.2f} MB original), `plans.json`, `dataset.json`,",
-        "`dataset_fingerprint.json`, the training log, `progress.png` and nnU-Net's validation `summary.json`.",
+        f"`models/demo/nnUNet_results/{DATASET_NAME}/{RESULT_SUBDIR}/` "
+        f"({folder_bytes / 1e6:.2f} MB in all):",
+        "",
+        *[f"- `{f}`" + (f" ({info['checkpoint_bytes'] / 1e6:.2f} MB; the optimizer state is stripped from the "
+                        f"{info['checkpoint_bytes_full'] / 1e6:.2f} MB original)" if f.endswith("checkpoint_final.pth")
+                        else "") for f in files],
         "",
         f"Trainer class recorded in the checkpoint: `{TRAINER_NAME}` (nnunetv2 ships a class of this name;",
         "ours subclasses it and only shortens training, so `nnUNetPredictor` builds the identical network).",
@@ -446,7 +458,8 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         "",
         f"- Data: {NUM_CASES} phantoms, seeds 0-{NUM_CASES - 1}, `vary=True`, isotropic 3 mm, shapes "
         "110-135 x 80-105 x 90-110 voxels; nnU-Net's 5-fold split, "
-        f"fold {FOLD} ({info['n_train_cases']} training / {info['n_val_cases']} validation cases).",
+        f"fold {FOLD}" + (f" ({info['n_train_cases']} training / {info['n_val_cases']} validation cases)."
+                          if "n_train_cases" in info else "."),
         f"- Schedule: {info['epochs']} epochs x {info['iterations_per_epoch']} iterations = "
         f"**{info['iterations']} training iterations** (batch size {cfg['batch_size']}), "
         f"{info['val_iterations_per_epoch']} validation iterations per epoch; SGD, poly LR from 0.01 "
@@ -526,11 +539,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-proc-da", type=int, default=1, help="nnUNet_n_proc_DA (0: augment in the main process)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the training in --work-dir up to --epochs (nnU-Net's --c), then export")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite TRAINING.md from the training_info.json already in --out")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="only evaluate the folder already in --out and print JSON (used in a fresh process)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     model_folder = out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR
+
+    if args.report_only:
+        recorded = json.loads((out / "training_info.json").read_text())
+        write_report(out, recorded["training"], recorded["evaluation"])
+        return 0
 
     if args.evaluate_only:
         _set_nnunet_env(Path(tempfile.mkdtemp(prefix="tsrt_demo_eval_")), args.n_proc_da)
