@@ -83,7 +83,9 @@ MODES: dict[str, Mode] = {
     "roi_subset": Mode(
         "ct_sm_crop.nii.gz", {"roi_subset": ["liver", "spleen", "aorta"]}, ("--roi_subset", "liver", "spleen", "aorta")
     ),
-    "body_seg": Mode("example_ct_sm.nii.gz", {"fast": True, "body_seg": True}, ("--fast", "-bs")),
+    # The whole example_ct: with the confident demo weights the body model finds a trunk only with its full
+    # context (on example_ct_sm its blobs are all below the 50000 mm3 cut, so the crop would be empty).
+    "body_seg": Mode("example_ct.nii.gz", {"fast": True, "body_seg": True}, ("--fast", "-bs")),
     "force_split": Mode("ct_crop.nii.gz", {"fast": True, "force_split": True}, ("--fast", "-fs")),
     "total_mr": Mode("mr_sm_crop.nii.gz", {"task": "total_mr"}, ("-ta", "total_mr")),
     "dicom": Mode("example_ct_dicom", {"fast": True}, ("--fast",)),
