@@ -25,8 +25,9 @@ dev: $(DEV_VENV)/.installed
 demo: $(RUNTIME_VENV)/.installed
 	$(RUNTIME_VENV)/bin/tsrt demo -o demo_output
 
+# UTF-8 mode: tests decode the CLI's (rich, Unicode) output whatever locale CI runs with.
 test: $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/python -m pytest -q
+	PYTHONUTF8=1 $(DEV_VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info

@@ -30,7 +30,7 @@ def runtime_venv(tmp_path_factory) -> Path:
 def _run(venv: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
-    return subprocess.run(list(args), capture_output=True, text=True, env=env, **kwargs)
+    return subprocess.run(list(args), capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, **kwargs)
 
 
 def test_runtime_install_has_no_torch(runtime_venv):
