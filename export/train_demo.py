@@ -246,6 +246,7 @@ def train(num_epochs: int, iterations: int, val_iterations: int, resume: bool = 
     dataset_json = load_json(str(pre / "dataset.json"))
     trainer = trainer_cls(plans=plans, configuration=CONFIGURATION, fold=FOLD,
                           dataset_json=dataset_json, device=torch.device("cpu"))
+    fresh_optimizer = False
     if resume:  # what nnUNetv2_train --c does: carry on from the last checkpoint up to num_epochs
         ckpt = Path(trainer.output_folder) / "checkpoint_final.pth"
         if not ckpt.exists():
@@ -255,6 +256,7 @@ def train(num_epochs: int, iterations: int, val_iterations: int, resume: bool = 
             # An exported (stripped) checkpoint: carry on from its weights with a fresh SGD state.
             trainer.initialize()
             checkpoint["optimizer_state"] = trainer.optimizer.state_dict()
+            fresh_optimizer = True
             ckpt = ckpt.with_name("checkpoint_resume.pth")
             torch.save(checkpoint, ckpt)
             print("[train_demo] checkpoint has no optimizer state: SGD momentum starts afresh", flush=True)
@@ -276,6 +278,7 @@ def train(num_epochs: int, iterations: int, val_iterations: int, resume: bool = 
         "train_seconds": float(sum(e - b for b, e in zip(starts, ends))),
         "wall_seconds_last_invocation": wall_s,
         "resumed": resume,
+        "resume_fresh_optimizer": fresh_optimizer,
         "validation_seconds": val_s,
         "epochs": num_epochs,
         "iterations_per_epoch": iterations,
@@ -430,7 +433,9 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         *([
             "",
             f"The training was then carried on to {info['epochs']} epochs with nnU-Net's own continue mechanism",
-            "(what `nnUNetv2_train --c` does; the poly learning rate follows the new epoch count from there):",
+            "(what `nnUNetv2_train --c` does; the poly learning rate follows the new epoch count from there"
+            + ("; it started from the exported checkpoint, whose optimizer state is stripped, so the SGD "
+               "momentum restarted" if info.get("resume_fresh_optimizer") else "") + "):",
             "",
             "```",
             f"python -m tsrt_export.train_demo --out models/demo --work-dir <same work dir> --resume --epochs {info['epochs']}",
