@@ -4,10 +4,11 @@ This reproduces `totalsegmentator.python_api.totalsegmentator` and `nnunet.nnUNe
 step by step, so that with the same weights every voxel comes out the same:
 
     read ─► [coarse model ─► crop mask] ─► crop (+ margin, int32) ─► closest canonical ─►
-    resample to the task spacing (order 1, int32) ─► [triple split along z] ─► part models (nnU-Net runtime, fold 0,
-    step 0.8/0.5, no mirroring) ─► combine parts (later parts win) ─► auxiliary labels, task
-    postprocessing ─► [fast statistics, preview] ─► resample back (order 0) ─► undo canonical ─►
-    undo crop ─► binary / v1 order / roi_subset / remove_outside ─► outputs
+    resample to the task spacing (order 1, int32) ─► [triple split along z] ─► part models
+    (nnU-Net runtime, fold 0, step 0.8/0.5, no mirroring) ─► combine parts (later parts win) ─►
+    auxiliary labels, task postprocessing ─► [fast statistics, preview] ─► resample back
+    (order 0) ─► undo canonical ─► undo crop ─► binary / vertebrae refinement / v1 order /
+    roi_subset / remove_outside ─► outputs
 
 Upstream writes the resampled image to `s01_0000.nii.gz` and nnU-Net reads it back with the plan's
 reader; here the same array and header geometry go to `tsrt.read.to_nnunet_array` directly, which
@@ -34,7 +35,9 @@ import numpy as np
 from tsrt import totalseg_ops as ops
 from tsrt.errors import InputError, ModelError, TsrtError
 from tsrt.infer import InferenceSettings, LoadedModel, load_model
+from tsrt.plan import load_model_plans
 from tsrt.predict import predict_array
+from tsrt.providers import ProviderChoice, choose_provider
 from tsrt.read import Image, from_nnunet_array, read_image, to_nnunet_array
 from tsrt.registry import ModelPart, PostprocessStep, Task, TaskError, get_task, load_registry
 from tsrt.total_v1_classes import TOTAL_V1_CLASSES
@@ -249,6 +252,7 @@ class ModelRunner:
         self.threads = threads
         self.progress = progress
         self._models: dict[str, LoadedModel] = {}
+        self._providers: dict[bool, ProviderChoice] = {}
         self.seconds: dict[str, float] = {}
 
     def model(self, part: ModelPart) -> LoadedModel:
@@ -256,12 +260,19 @@ class ModelRunner:
             from tsrt.store import model_dir
 
             started = time.perf_counter()
+            folder = model_dir(part, self.store_root)
             self._models[part.name] = load_model(
-                model_dir(part, self.store_root), folds=part.fold_names, provider=self.provider,
-                device=self.device, threads=self.threads,
+                folder, folds=part.fold_names, provider=self._provider(folder, part), threads=self.threads
             )
             self._add_seconds("load models", started)
         return self._models[part.name]
+
+    def _provider(self, folder: Path, part: ModelPart) -> ProviderChoice:
+        """One provider choice per graph precision for all models (and one log line, not one per model)."""
+        fp16 = load_model_plans(folder, list(part.fold_names) if part.fold_names else None)[0].graph_precision == "fp16"
+        if fp16 not in self._providers:
+            self._providers[fp16] = choose_provider(self.provider, device=self.device, fp16=fp16, threads=self.threads)
+        return self._providers[fp16]
 
     def predict(self, part: ModelPart, values: np.ndarray, affine: np.ndarray) -> np.ndarray:
         """Labels (uint8, same grid) for the volume `values` with voxel->RAS `affine`.
