@@ -348,3 +348,12 @@ def test_remove_small_blobs_drops_small_components_of_every_class() -> None:
     assert np.count_nonzero(cleaned == 5) == 125 and np.count_nonzero(cleaned == 1) == 0
     with pytest.raises(Exception, match="positive volume"):
         build_request("total", remove_small_blobs=-1)
+
+
+def test_roi_subset_accepts_one_name_and_rejects_none() -> None:
+    from tsrt.registry import TaskError
+    from tsrt.totalseg import build_request
+
+    assert build_request("total", roi_subset="liver").roi_subset == ("liver",)
+    with pytest.raises(TaskError, match="at least one class"):
+        build_request("total", roi_subset=[])

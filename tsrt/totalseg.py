@@ -379,7 +379,9 @@ def build_request(
     if roi_subset_robust is not None:
         roi_subset = roi_subset_robust
     if roi_subset is not None:
-        roi_subset = tuple(roi_subset)
+        roi_subset = (roi_subset,) if isinstance(roi_subset, str) else tuple(roi_subset)
+        if not roi_subset:
+            raise TaskError("--roi_subset needs at least one class name (e.g. liver).")
         if not task.startswith("total") or resolved.roi_subset_crop is None:
             raise TaskError(f"--roi_subset works with the tasks total, total_mr and total_v3, not {task}: drop it.")
         unknown = [name for name in roi_subset if name not in resolved.classes.values()]
