@@ -25,9 +25,10 @@ def _invoke(*args: str, env: dict[str, str] | None = None):
 
 def _main(*args: str, home: Path) -> subprocess.CompletedProcess:
     """The console script as a user runs it (TsrtError -> one stderr line + exit code)."""
-    env = {**os.environ, "TSRT_HOME": str(home)}
+    env = {**os.environ, "TSRT_HOME": str(home), "PYTHONUTF8": "1"}  # messages may hold non-ASCII (—)
     return subprocess.run(
-        [sys.executable, "-c", "from tsrt.cli import main; main()", *args], capture_output=True, text=True, env=env
+        [sys.executable, "-c", "from tsrt.cli import main; main()", *args],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
     )
 
 
@@ -199,7 +200,9 @@ def test_import_tsrt_is_light_and_the_task_layer_is_torch_free() -> None:
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'nnunetv2', 'totalsegmentator')]\n"
         "assert not bad, bad\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace"
+    )
     assert result.returncode == 0, result.stderr
 
 
