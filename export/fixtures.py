@@ -17,6 +17,7 @@ TotalSegmentator task keys of `write_totalseg_home` (see `TOTALSEG_TASKS`):
     total_mr_fastest Dataset853 (--fastest), 6 mm
     body             Dataset299, nnUNetTrainer, 1.5 mm
     body_fast        Dataset300 (--fast, and the --body_seg crop model), 6 mm
+    <sub-task>       any single-model task of TotalSegmentator's TASK_CONFIGS (liver_segments, ...)
 
 Folder names, dataset ids, trainers, spacings, folds and class maps are read from the installed
 TotalSegmentator's own tables (map_tasks_config, map_to_binary), so the layout is exactly what
@@ -703,6 +704,8 @@ TOTALSEG_TASKS: dict[str, tuple[str, str]] = {
     "body": ("body", "default"),
     "body_fast": ("body", "fast"),
 }
+#: Plan spacing (mm) of fixture models for tasks TotalSegmentator does not resample (resample=None).
+NATIVE_TASK_SPACING = 1.5
 #: totalsegmentator() passes plans="nnUNetPlans" unless model_size="small" (total_v3 only).
 TOTALSEG_PLANS = "nnUNetPlans"
 #: Offline TotalSegmentator config: no usage statistics (the only network call left once weights exist).
@@ -733,12 +736,19 @@ def totalseg_models(task: str) -> list[TotalSegModel]:
     from totalsegmentator import map_to_binary
     from totalsegmentator.map_tasks_config import DEFAULT_CONFIG, TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
 
-    if task not in TOTALSEG_TASKS:
-        raise ModelError(f"Unknown TotalSegmentator task key {task!r}: use one of {', '.join(TOTALSEG_TASKS)}.")
-    ts_task, mode = TOTALSEG_TASKS[task]
-    sub_mode = {**DEFAULT_CONFIG, **TASK_CONFIGS[ts_task]["sub_modes"][mode]}
+    if task in TOTALSEG_TASKS:
+        ts_task, mode = TOTALSEG_TASKS[task]
+        sub_mode = {**DEFAULT_CONFIG, **TASK_CONFIGS[ts_task]["sub_modes"][mode]}
+    elif task in TASK_CONFIGS and "sub_modes" not in TASK_CONFIGS[task]:
+        ts_task, sub_mode = task, {**DEFAULT_CONFIG, **TASK_CONFIGS[task]}  # a single-model sub-task
+    else:
+        raise ModelError(
+            f"Unknown TotalSegmentator task key {task!r}: use one of {', '.join(TOTALSEG_TASKS)} "
+            "or a single-model TotalSegmentator task (liver_segments, lung_vessels, ...)."
+        )
     task_ids = sub_mode["task_id"] if isinstance(sub_mode["task_id"], list) else [sub_mode["task_id"]]
-    resample = sub_mode["resample"]
+    # No resampling by TotalSegmentator (resample None): nnU-Net resamples to the plan's spacing itself.
+    resample = sub_mode["resample"] if sub_mode["resample"] is not None else NATIVE_TASK_SPACING
     spacing_xyz = [float(resample)] * 3 if isinstance(resample, (int, float)) else [float(r) for r in resample]
     # TotalSegmentator picks part class maps like nnunet.nnUNet_predict_image does.
     parts = {
@@ -758,7 +768,7 @@ def totalseg_models(task: str) -> list[TotalSegModel]:
                 folder_name=TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"],
                 trainer=sub_mode["trainer"],
                 configuration=sub_mode["model"],
-                folds=list(sub_mode["folds"]),
+                folds=list(sub_mode["folds"] or [0]),  # None: nnU-Net finds the folds present
                 spacing=spacing_xyz[::-1],
                 labels={"background": 0, **{name: int(value) for value, name in sorted(class_map.items())}},
                 modality="MR" if ts_task.endswith("_mr") else "CT",

@@ -50,9 +50,11 @@ CONFIDENT_MIN_DICE = 0.999
 STATISTICS_RTOL = 1e-3
 
 #: TotalSegmentator task keys of tsrt_export.fixtures the modes below need.
-HOME_TASKS = ("total", "total_fast", "total_fastest", "total_mr", "body_fast")
+HOME_TASKS = ("total", "total_fast", "total_fastest", "total_mr", "body_fast", "liver_segments")
 #: `tsrt models import` calls that bring those models into the store.
-IMPORTS = (("total", "--with-optional"), ("total", "--fast"), ("total_mr",), ("body", "--fast"))
+IMPORTS = (
+    ("total", "--with-optional"), ("total", "--fast"), ("total_mr",), ("body", "--fast"), ("liver_segments",)
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ MODES: dict[str, Mode] = {
     "body_seg": Mode("example_ct.nii.gz", {"fast": True, "body_seg": True}, ("--fast", "-bs")),
     "force_split": Mode("ct_crop.nii.gz", {"fast": True, "force_split": True}, ("--fast", "-fs")),
     "total_mr": Mode("mr_sm_crop.nii.gz", {"task": "total_mr"}, ("-ta", "total_mr")),
+    # A cropped sub-task: the 6 mm total model finds the liver, the input is cut to it plus a 10-voxel margin,
+    # resampled to 0.8x0.8x1.5 mm for the sub-task model, and the result pasted back into the full grid.
+    "liver_segments": Mode("ct_sm_crop.nii.gz", {"task": "liver_segments"}, ("-ta", "liver_segments")),
     "dicom": Mode("example_ct_dicom", {"fast": True}, ("--fast",)),
     "masks_statistics": Mode(
         "example_ct_sm.nii.gz", {"fast": True, "statistics": True}, ("--fast", "--statistics"),
