@@ -33,6 +33,8 @@ class InferenceSettings:
     batch_size: int = 1
     accumulation: str = "float16"  # nnU-Net's float16 buffers, reproduced exactly; or "float32"
     progress: bool = True
+    # Called with (tiles finished, tiles in total) after each batch: progress for a UI, not a terminal.
+    on_tiles: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -109,6 +111,8 @@ def predict_streaming(
     mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
     n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
     with _progress_bar(n_tiles, progress_description, settings.progress) as advance:
+        if settings.on_tiles is not None:
+            advance = _also_reporting(advance, settings.on_tiles, n_tiles)
         sliding_window_inference(
             preprocessed.data,
             model.predict_tiles,
@@ -121,6 +125,19 @@ def predict_streaming(
             accumulation=settings.accumulation,
             progress=advance,
         )
+
+
+def _also_reporting(advance: Callable[[int], None], on_tiles: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """Wrap a bar's advance(n) so `on_tiles` also hears the running count."""
+    finished = 0
+
+    def both(n: int) -> None:
+        nonlocal finished
+        finished += n
+        advance(n)
+        on_tiles(finished, total)
+
+    return both
 
 
 class _progress_bar:

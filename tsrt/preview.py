@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -44,8 +44,8 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient to RAS+ voxel order; returns the array and its spacing."""
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient to RAS+ voxel order (index grows to the patient's right, anterior, superior); returns it and its spacing."""
     orientation = nib.orientations.io_orientation(affine)
     ras = nib.orientations.apply_orientation(array, orientation)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[np.argsort(orientation[:, 0])]
@@ -61,6 +61,36 @@ def _stretch(panel: np.ndarray, row_mm: float, col_mm: float, pixel_mm: float) -
     return panel[r][:, c]
 
 
+#: The three orthogonal views, each with the RAS axis it cuts.
+VIEW_AXES = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+def orthogonal_slice(
+    volume_ras: np.ndarray, spacing: Sequence[float], view: str, index: int, pixel_mm: float
+) -> np.ndarray:
+    """Slice `index` of a RAS-ordered volume as a radiology viewer shows it, with square `pixel_mm` pixels.
+
+    Radiological convention: axial and coronal views show the patient's right on the image's left;
+    axial has anterior at the top, coronal and sagittal superior at the top, sagittal anterior on the left.
+    """
+    axis = VIEW_AXES[view]
+    cols_axis, rows_axis = (a for a in range(3) if a != axis)
+    cut = np.take(volume_ras, index, axis=axis)  # (cols_axis, rows_axis)
+    # Transposed so the later RAS axis runs down the rows; both reversed (anterior/superior up, right/anterior left).
+    panel = cut.T[::-1, ::-1]
+    return _stretch(panel, float(spacing[rows_axis]), float(spacing[cols_axis]), pixel_mm)
+
+
+def blend_overlay(
+    grey: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float, visible: Iterable[int] | None = None
+) -> np.ndarray:
+    """Grey panel (H, W) with each label's colour mixed in at `alpha`; only `visible` labels when given (RGB uint8)."""
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    overlay = labels > 0 if visible is None else np.isin(labels, list(visible)) & (labels > 0)
+    rgb[overlay] = (1 - alpha) * rgb[overlay] + alpha * colours[labels[overlay]]
+    return rgb.astype(np.uint8)
+
+
 def render_preview(
     image: np.ndarray,
     labels: np.ndarray,
@@ -71,30 +101,19 @@ def render_preview(
     alpha: float = 0.45,
 ) -> np.ndarray:
     """Three orthogonal slices through the centre of the segmented anatomy, side by side (RGB)."""
-    image_ras, spacing = _to_ras(image, affine)
-    labels_ras, _ = _to_ras(labels, affine)
+    image_ras, spacing = to_ras(image, affine)
+    labels_ras, _ = to_ras(labels, affine)
     found = np.argwhere(labels_ras > 0)
     centre = found.mean(axis=0).round().astype(int) if len(found) else np.array(labels_ras.shape) // 2
     grey = window(image_ras, *WINDOWS[window_name])
     n_colours = int(max(labels_ras.max(), max(label_names or {0: ""}))) if labels_ras.size else 0
     colours = label_colours(n_colours)
     pixel_mm = float(min(spacing))
-    sx, sy, sz = spacing
-    x, y, z = centre
-    # (slice, row spacing, column spacing): rows run anterior->posterior or superior->inferior.
-    cuts = [
-        (np.s_[:, :, z], sy, sx, lambda a: a.T[::-1]),  # axial: columns R->L, rows A->P
-        (np.s_[:, y, :], sz, sx, lambda a: a.T[::-1]),  # coronal: columns R->L, rows S->I
-        (np.s_[x, :, :], sz, sy, lambda a: a.T[::-1, ::-1]),  # sagittal: columns A->P, rows S->I
-    ]
     panels = []
-    for index, row_mm, col_mm, orient in cuts:
-        g = _stretch(orient(grey[index]), row_mm, col_mm, pixel_mm)
-        lab = _stretch(orient(labels_ras[index]), row_mm, col_mm, pixel_mm)
-        rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32)
-        overlay = lab > 0
-        rgb[overlay] = (1 - alpha) * rgb[overlay] + alpha * colours[lab[overlay]]
-        panels.append(rgb.astype(np.uint8))
+    for view, axis in VIEW_AXES.items():
+        g = orthogonal_slice(grey, spacing, view, int(centre[axis]), pixel_mm)
+        lab = orthogonal_slice(labels_ras, spacing, view, int(centre[axis]), pixel_mm)
+        panels.append(blend_overlay(g, lab, colours, alpha))
     height = max(p.shape[0] for p in panels)
     gap = np.zeros((height, 4, 3), dtype=np.uint8)
     padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,7 @@ class ModelRunner:
         self.device = device
         self.threads = threads
         self.progress = progress
+        self.on_tiles: Callable[[int, int], None] | None = None  # per-model tile counts, for a UI's progress bar
         self._models: dict[str, LoadedModel] = {}
         self._providers: dict[bool, ProviderChoice] = {}
         self.seconds: dict[str, float] = {}
@@ -284,7 +285,9 @@ class ModelRunner:
         header = _nifti_header_for(values.shape, affine)
         image = Image(values, np.asarray(affine, dtype=np.float64), header, part.name)
         data, properties = to_nnunet_array(image, model.plan.image_reader_writer)
-        settings = InferenceSettings(step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress)
+        settings = InferenceSettings(
+            step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress, on_tiles=self.on_tiles
+        )
         started = time.perf_counter()
         prediction = predict_array(data, properties["spacing"], model, settings)
         self._add_seconds("predict", started)
