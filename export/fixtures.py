@@ -47,7 +47,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -219,18 +219,28 @@ def _confident_state_dict(
     source: CheckpointArchitecture,
     target_heads: list[str],
     target_regions: bool,
+    class_rows: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Trained backbone + segmentation rows re-assigned to the requested classes.
 
-    Each requested class takes the trained row of the same name, else the first trained row not yet
-    used; classes left over get zero weights and DEAD_CLASS_BIAS, so no two classes share a row and
-    unassigned classes are never predicted. Sigmoid (region) heads get `row - background row`, the
-    trained log-odds of the class against background.
+    Each requested class takes the trained row `class_rows` names for it, else the trained row of the
+    same name, else the first trained row not yet used; classes left over get zero weights and
+    DEAD_CLASS_BIAS, so no two classes share a row and unassigned classes are never predicted.
+    Sigmoid (region) heads get `row - background row`, the trained log-odds of the class against background.
     """
     if source.has_regions:
         raise ModelError("The source checkpoint is region-based; pass a softmax-trained (regular labels) checkpoint.")
     source_classes = source.head_names[1:]
-    assigned: dict[str, int] = {name: source_classes.index(name) + 1 for name in target_heads if name in source_classes}
+    unknown = sorted(set((class_rows or {}).values()) - set(source_classes))
+    if unknown:
+        raise ModelError(f"class_rows names {unknown[0]!r}, which the source checkpoint has no row for.")
+    assigned: dict[str, int] = {
+        name: source_classes.index(row) + 1 for name, row in (class_rows or {}).items() if name in target_heads
+    }
+    for name in target_heads:
+        row = source_classes.index(name) + 1 if name in source_classes else None
+        if name not in assigned and row is not None and row not in assigned.values():
+            assigned[name] = row
     unused = [row for row in range(1, len(source.head_names)) if row not in assigned.values()]
     for name in target_heads:
         if name in assigned or name == "background":
@@ -520,6 +530,7 @@ def write_result_folder(
     mirror_axes: Sequence[int] | None = (0, 1, 2),
     source_checkpoint: Path | None = None,
     intensity_properties: dict | None = None,
+    class_rows: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a complete nnU-Net v2 result folder and return its path.
 
@@ -529,7 +540,8 @@ def write_result_folder(
     `architecture` ("PlainConvUNet" default, or "ResidualEncoderUNet"), `n_stages` (default 3) and
     `features` (default min(4 * 2**i, 32)) describe a new network; with `source_checkpoint` they
     default to, and must agree with, the trained checkpoint, whose backbone is copied and whose
-    segmentation rows are re-assigned to `labels` (see `_confident_state_dict`).
+    segmentation rows are re-assigned to `labels` (see `_confident_state_dict`; `class_rows` maps a
+    class to the trained row it takes, e.g. {"brain": "spine"}).
     For "2d", `patch_size` and `spacing` may be given in 3d; their last two entries are used.
     `mirror_axes` beyond the configuration's dimensionality are dropped, as nnU-Net's trainer does.
     """
@@ -623,7 +635,9 @@ def write_result_folder(
         fold_value: int | str = fold if fold == "all" else int(fold)
         network = _build_network(plans, configuration, dataset_json, trainer, _fold_seed(seed, fold_value))
         if source is not None:
-            network.load_state_dict(_confident_state_dict(network.state_dict(), source, heads, has_regions))
+            network.load_state_dict(
+                _confident_state_dict(network.state_dict(), source, heads, has_regions, class_rows)
+            )
         _save_checkpoint(
             output_dir / f"fold_{fold_value}" / "checkpoint_final.pth",
             network,
@@ -784,6 +798,7 @@ def write_totalseg_home(
     source_checkpoint: Path | None = None,
     seed: int = 0,
     small: bool = True,
+    class_rows: Mapping[str, str] | None = None,
 ) -> Path:
     """Lay out a TOTALSEG_HOME_DIR that official TotalSegmentator runs offline; return `home`.
 
@@ -791,7 +806,8 @@ def write_totalseg_home(
     unset (see the module docstring for why).
     `small` builds 4-stage nets of 4..32 features on 48^3 patches (seconds on CPU); small=False
     builds full-size 6-stage, 32..320-feature nets on 128^3 patches for benchmarks.
-    With `source_checkpoint`, every model gets that checkpoint's backbone and "confident" rows.
+    With `source_checkpoint`, every model gets that checkpoint's backbone and "confident" rows
+    (`class_rows`: which trained row a class takes in every model that has it).
     """
     home = Path(home)
     results_root = home / "nnunet" / "results"
@@ -825,6 +841,7 @@ def write_totalseg_home(
                 seed=seed,
                 mirror_axes=None if "NoMirroring" in model.trainer else (0, 1, 2),
                 source_checkpoint=source_checkpoint,
+                class_rows=class_rows,
                 **shape_kwargs,
             )
     return home

@@ -335,6 +335,22 @@ def test_confident_remap_copies_backbone_and_assigns_rows(random_source: Path, f
                        (3.0, 3.0, 3.0))
 
 
+def test_confident_class_rows_pick_the_trained_row(random_source: Path, fixture_results_root: Path) -> None:
+    """class_rows wins over names: colon takes liver's row, so liver falls back to the first unused row."""
+    target = write_result_folder(fixture_results_root, dataset_id=833, dataset_name="RemapRows", labels=TARGET_LABELS,
+                                 source_checkpoint=random_source, class_rows={"colon": "liver"})
+    source_weights = torch.load(random_source, map_location="cpu", weights_only=False)["network_weights"]
+    target_weights = _load_checkpoint(target)["network_weights"]
+    # colon <- liver (3); spleen by name (1); liver, pancreas, stomach take the unused rows 2, 4 in order.
+    expected = {5: 3, 3: 1, 1: 2, 2: 4}
+    for key in _seg_layer_keys(target_weights):
+        for target_row, source_row in expected.items():
+            assert torch.equal(target_weights[key][target_row], source_weights[key][source_row]), (key, target_row)
+    with pytest.raises(ModelError, match="no row for"):
+        write_result_folder(fixture_results_root, dataset_id=834, dataset_name="RemapBad", labels=TARGET_LABELS,
+                            source_checkpoint=random_source, class_rows={"colon": "brain"})
+
+
 def test_confident_region_heads_are_log_odds_against_background(
     random_source: Path, fixture_results_root: Path
 ) -> None:
