@@ -23,6 +23,9 @@ def _register_subcommands() -> None:
     from tsrt.cli_engine import engine_app
     from tsrt.cli_models import models_app
     from tsrt.cli_totalseg import register
+    from tsrt.cli_ui import ui
+
+    app.command("ui")(ui)
 
     app.add_typer(models_app, name="models")
     register(app)

@@ -1,0 +1,341 @@
+"""tsrt's clinical web page (Streamlit): open a CT or MR, segment it, look at the result, download it.
+
+Start it with `tsrt ui` (tsrt/cli_ui.py), which binds it to this machine and switches off Streamlit's
+usage statistics. Streamlit runs this script top to bottom on every click; what must survive a
+click (the opened image, the result) lives in `st.session_state`. The logic is in the sibling
+modules; this file only lays out widgets and wires them to it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from tsrt.errors import TsrtError
+from tsrt.ui.results import (
+    STATUS_NOT_FOUND,
+    ResultFiles,
+    file_stem,
+    mean_column,
+    structure_report,
+    write_result_files,
+)
+from tsrt.ui.runner import ModelChoice, model_choices, provider_choices, segment_for_ui
+from tsrt.ui.settings import UiSettings
+from tsrt.ui.slices import DEFAULT_ALPHA, VIEWS, WINDOW_PRESETS, SliceViewer, colour_hex
+from tsrt.ui.uploads import INPUT_ENDINGS, SessionFolder, find_images, human_size, save_upload
+
+PRIVACY_NOTE = (
+    "Everything runs on this computer: the scan, the results and how you use this page never leave it "
+    "(no external requests, no usage statistics)."
+)
+
+
+@dataclass
+class OpenedImage:
+    key: str  # identifies the upload or file, so a new one resets the result
+    name: str
+    source: object  # tsrt.totalseg.SourceImage
+    read_seconds: float
+
+
+@dataclass
+class RunOptions:
+    choice: ModelChoice
+    fast: bool
+    structures: list[str]
+    provider: str
+
+
+@dataclass
+class PageResult:
+    image_key: str
+    files: ResultFiles
+    report: dict[str, list]
+    viewer: SliceViewer
+    seconds: dict[str, float]
+
+
+class ProgressBars:
+    """One progress bar per stage on the page (tsrt.ui.runner.StageReporter)."""
+
+    def __init__(self, container) -> None:
+        self.container = container
+        self.bar = None
+        self.name = ""
+        self.started = 0.0
+        self.shown = -1
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str) -> None:
+        self._finish_current()
+        self.name, self.started, self.shown = name, time.perf_counter(), -1
+        self.bar = self.container.progress(0, text=f"{name} ...")
+
+    def tiles(self, done: int, total: int) -> None:
+        percent = int(100 * done / max(total, 1))
+        if self.bar is not None and percent != self.shown:  # one message per percent, not per tile
+            self.shown = percent
+            self.bar.progress(percent, text=f"{self.name}: {done} of {total} tiles")
+
+    def finish(self) -> None:
+        self._finish_current()
+        self.bar = None
+
+    def _finish_current(self) -> None:
+        if self.bar is not None:
+            seconds = time.perf_counter() - self.started
+            self.seconds[self.name] = seconds
+            self.bar.progress(100, text=f"{self.name}: done in {seconds:.1f} s")
+
+
+def _workspace(settings: UiSettings) -> SessionFolder:
+    if "workspace" not in st.session_state:
+        st.session_state["workspace"] = SessionFolder(settings.temp_dir)
+    return st.session_state["workspace"]
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+def _pick_image(settings: UiSettings, workspace: SessionFolder) -> OpenedImage | None:
+    st.header("1. Scan")
+    sources = ["Upload"] + (["Image folder"] if settings.data_dir is not None else [])
+    source = st.radio("Open from", sources, horizontal=True, key="source") if len(sources) > 1 else "Upload"
+    if source == "Upload":
+        upload = st.file_uploader(
+            "CT or MR: a NIfTI file or a zip of one DICOM series",
+            type=list(INPUT_ENDINGS),
+            key="upload",
+            max_upload_size=settings.max_upload_mb,
+            help=f"Up to {human_size(settings.max_upload_bytes)}. The file stays on this computer.",
+        )
+        if upload is None:
+            _close_upload(workspace)
+            return None
+        key = f"upload:{upload.file_id}"
+
+        def locate() -> Path:
+            return save_upload(upload.name, upload.size, upload, workspace.new_folder("upload"), settings.max_upload_bytes)
+
+        return _open(key, upload.name, locate)
+    assert settings.data_dir is not None
+    images = find_images(settings.data_dir)
+    if not images:
+        st.info(f"No NIfTI files, DICOM zips or DICOM folders in {settings.data_dir}.")
+        return None
+    path = st.selectbox(
+        "Scan", images, index=None, key="folder_image", placeholder="Choose a scan",
+        format_func=lambda p: str(p.relative_to(settings.data_dir)),
+    )
+    if path is None:
+        return None
+    return _open(f"file:{path}:{path.stat().st_mtime_ns}", path.name, lambda: path)
+
+
+def _close_upload(workspace: SessionFolder) -> None:
+    """The upload was removed from the page: forget it and its result, and delete their files."""
+    opened: OpenedImage | None = st.session_state.get("opened")
+    if opened is not None and opened.key.startswith("upload:"):
+        st.session_state.pop("opened", None)
+        st.session_state.pop("result", None)
+        workspace.clear("upload")
+        workspace.clear("result")
+
+
+def _open(key: str, name: str, locate) -> OpenedImage | None:
+    """Read the scan once per upload/file; a failure is one message, and nothing stays open."""
+    opened: OpenedImage | None = st.session_state.get("opened")
+    if opened is not None and opened.key == key:
+        return opened
+    st.session_state.pop("opened", None)
+    st.session_state.pop("result", None)
+    from tsrt.totalseg import read_source
+
+    started = time.perf_counter()
+    try:
+        with st.spinner(f"Reading {name} ..."):
+            source = read_source(locate())
+    except TsrtError as err:
+        st.error(str(err))
+        return None
+    opened = OpenedImage(key, name, source, time.perf_counter() - started)
+    st.session_state["opened"] = opened
+    return opened
+
+
+def _describe(opened: OpenedImage) -> str:
+    image = opened.source.image
+    shape = " x ".join(str(n) for n in image.spatial_shape)
+    spacing = " x ".join(f"{s:.2f}" for s in image.spacing)
+    modality = image.extra.get("modality")
+    return f"**{opened.name}**: {shape} voxels of {spacing} mm{f', {modality}' if modality else ''}"
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _model_choices(store: str) -> list[ModelChoice]:
+    """Installed tasks, looked up at most every 30 s (a status check reads every model's plan)."""
+    return model_choices(Path(store))
+
+
+def _run_options(has_image: bool) -> tuple[RunOptions, bool]:
+    st.header("2. Segmentation")
+    from tsrt.store import models_root
+
+    choices = _model_choices(str(models_root()))
+    choice = st.selectbox("Model", choices, format_func=lambda c: c.label, key="model")
+    fast_only = "normal" not in choice.modes
+    fast = st.checkbox(
+        "fast (lower resolution, quicker)", value=fast_only, key="fast", disabled=len(choice.modes) < 2,
+        help="Only the installed modes can be chosen.",
+    )
+    fast = fast or fast_only
+    names = sorted(choice.classes(fast).values())
+    structures = st.multiselect(
+        "Structures", names, key=f"structures:{choice.key}", placeholder="All structures (type to search)",
+        help="Leave empty for all. Whole-body tasks then crop around the chosen ones, which is faster.",
+    )
+    provider = st.selectbox("Compute on", provider_choices(), key="provider")
+    run = st.button("Segment", type="primary", disabled=not has_image, key="run", width="stretch")
+    return RunOptions(choice, fast, structures, provider), run
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder) -> None:
+    bars = ProgressBars(st.container())
+    try:
+        segmentation = segment_for_ui(
+            opened.source, options.choice, fast=options.fast, structures=options.structures,
+            provider=options.provider, reporter=bars,
+        )
+        bars.stage("Measuring volumes and intensities")
+        report = structure_report(segmentation)
+        bars.stage("Writing the label file and the overview")
+        files = write_result_files(segmentation, report, workspace.new_folder("result"), file_stem(opened.name))
+        bars.stage("Preparing the viewer")
+        viewer = SliceViewer.from_volume(
+            segmentation.values, segmentation.labels, segmentation.image.affine, max(segmentation.label_names, default=0)
+        )
+        bars.finish()
+    except TsrtError as err:
+        st.error(str(err))
+        return
+    for key in [k for k in st.session_state if str(k).startswith(("show:", "slice:"))]:
+        del st.session_state[key]  # the new result starts with every structure shown, at its centre
+    st.session_state["result"] = PageResult(opened.key, files, report, viewer, {"read": opened.read_seconds, **bars.seconds})
+
+
+# --------------------------------------------------------------------------------------------- result
+
+
+def _show_result(result: PageResult) -> None:
+    seg = result.files.segmentation
+    report = result.report
+    found = [
+        (label, name)
+        for label, name, status in zip(report["label"], report["structure"], report["status"])
+        if status != STATUS_NOT_FOUND
+    ]
+    st.header("3. Result")
+    total = sum(result.seconds.values())
+    st.caption(
+        f"{seg.model_label} on {seg.provider}: {len(found)} of {len(seg.label_names)} structures found "
+        f"in {total:.1f} s (reading the scan included)."
+    )
+    for note in seg.notes:
+        st.info(note)
+    viewer = result.viewer
+
+    window_column, overlay_column, alpha_column = st.columns([2, 1, 1])
+    presets = list(WINDOW_PRESETS)
+    default = presets.index("Soft tissue" if seg.modality == "CT" else "Auto")
+    preset = window_column.radio("Window", presets, index=default, horizontal=True, key="window")
+    overlay = overlay_column.toggle("Overlay", value=True, key="overlay")
+    alpha = alpha_column.slider("Opacity", 0.1, 1.0, DEFAULT_ALPHA, 0.05, key="alpha")
+    visible = _structure_toggles(found, viewer) if overlay else set()
+
+    centre = viewer.centre()
+    level_width = viewer.window_for(preset)
+    for column, view in zip(st.columns(3), VIEWS):
+        with column:
+            count = viewer.size(view)
+            number = st.slider(view.capitalize(), 1, count, centre[view] + 1, key=f"slice:{view}")
+            picture = viewer.render(view, number - 1, level_width, visible, alpha)
+            st.image(picture, width="stretch", output_format="PNG", caption=f"{view} {number} of {count}")
+
+    st.subheader("Overview")
+    st.image(str(result.files.overview), caption="Axial, coronal and sagittal through the centre of the segmented anatomy")
+
+    st.subheader("Report")
+    st.dataframe(
+        result.report, hide_index=True, key="report",
+        column_config={
+            "volume (ml)": st.column_config.NumberColumn(format="%.1f"),
+            mean_column(seg.modality): st.column_config.NumberColumn(format="%.0f"),
+        },
+    )
+    files = result.files
+    csv_column, label_column, masks_column = st.columns(3)
+    csv_column.download_button(
+        "Report (CSV)", data=files.report.read_bytes(), file_name=files.report.name, mime="text/csv",
+        on_click="ignore", key="download_report", width="stretch",
+    )
+    label_column.download_button(
+        "Label file (NIfTI, all structures)", data=files.multilabel.read_bytes(), file_name=files.multilabel.name,
+        mime="application/gzip", on_click="ignore", key="download_multilabel", width="stretch",
+    )
+    masks_column.download_button(
+        "Masks (zip, one NIfTI per structure)", data=files.masks_zip_bytes, file_name=files.masks_zip_name,
+        mime="application/zip", on_click="ignore", key="download_masks", width="stretch",
+    )
+
+
+def _structure_toggles(found: list[tuple[int, str]], viewer: SliceViewer) -> set[int]:
+    """A coloured checkbox per structure found; returns the labels to colour in."""
+    visible: set[int] = set()
+    with st.expander(f"Structures in the overlay ({len(found)})", expanded=len(found) <= 24):
+        columns = st.columns(4)
+        for index, (label, name) in enumerate(found):
+            with columns[index % 4]:
+                swatch, box = st.columns([1, 9], vertical_alignment="center", gap="small")
+                swatch.html(
+                    f'<div style="width:1em;height:1em;border-radius:3px;background:{colour_hex(viewer.colours, label)}"></div>'
+                )
+                if box.checkbox(name, value=True, key=f"show:{name}"):
+                    visible.add(label)
+    return visible
+
+
+# --------------------------------------------------------------------------------------------- page
+
+
+def main() -> None:
+    st.set_page_config(page_title="tsrt segmentation", layout="wide")
+    settings = UiSettings.from_environment()
+    workspace = _workspace(settings)
+    st.title("tsrt: CT and MR segmentation")
+    st.caption(PRIVACY_NOTE)
+    with st.sidebar:
+        opened = _pick_image(settings, workspace)
+        options, run = _run_options(opened is not None)
+    if opened is None:
+        st.info("Open a scan in the sidebar: upload a NIfTI file or a zip of a DICOM series.")
+        return
+    st.markdown(_describe(opened))
+    if run:
+        _run(opened, options, workspace)
+    result: PageResult | None = st.session_state.get("result")
+    if result is not None and result.image_key == opened.key:
+        _show_result(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Segmentation for the web UI: the bundled demo model or an installed TotalSegmentator task, stage by stage.
+
+The pipelines are tsrt's own (`tsrt.api` for the exported demo model, `tsrt.totalseg` for tasks);
+this module only chooses one, reports progress per stage, and narrows the result to the structures
+the clinician asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from tsrt.read import Image
+
+DEMO_KEY = "demo"
+DEMO_LABEL = "Demo model (bundled; phantom organs)"
+
+
+class StageReporter(Protocol):
+    """Where progress goes (the page's progress bars; nothing in tests that do not look)."""
+
+    def stage(self, name: str) -> None:
+        """A new stage starts; the previous one is finished."""
+
+    def tiles(self, done: int, total: int) -> None:
+        """Tiles of the current model finished so far."""
+
+
+class SilentReporter:
+    def stage(self, name: str) -> None:
+        pass
+
+    def tiles(self, done: int, total: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model menu: the demo model or a task whose models are installed."""
+
+    key: str  # DEMO_KEY or a TotalSegmentator task name
+    label: str
+    modality: str  # "CT" or "MR": what the report calls the mean intensity
+    modes: tuple[str, ...]  # installed modes among "normal" and "fast"
+    roi_subset: bool  # the task can crop to requested structures (faster than segmenting everything)
+
+    def classes(self, fast: bool) -> dict[int, str]:
+        """Label number -> structure name of what this model (in this mode) segments."""
+        if self.key == DEMO_KEY:
+            return demo_label_names()
+        from tsrt.registry import get_task
+
+        return dict(get_task(self.key, fast=fast).classes)
+
+
+def demo_label_names() -> dict[int, str]:
+    from tsrt.demo import demo_model_dir
+    from tsrt.plan import load_model_plans
+
+    return dict(load_model_plans(demo_model_dir())[0].label_names)
+
+
+def model_choices(store_root: Path | None = None) -> list[ModelChoice]:
+    """The demo model, then every task with all models of its normal or fast mode complete in the store."""
+    from tsrt.registry import load_registry
+    from tsrt.store import model_status, models_root
+
+    choices = [ModelChoice(DEMO_KEY, DEMO_LABEL, "CT", ("normal",), False)]
+    root = models_root(store_root)
+    present = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    if not present:
+        return choices
+    registry = load_registry()
+    for name in registry.task_names():
+        installed = []
+        for mode in registry.modes(name):
+            if mode not in ("normal", "fast"):
+                continue
+            task = registry.task(name, fast=mode == "fast")
+            models = task.required_models
+            if all(m.name in present for m in models) and all(model_status(m, store_root).complete for m in models):
+                installed.append(mode)
+        if installed:
+            task = registry.task(name, fast=installed[0] == "fast")
+            label = f"{name} (TotalSegmentator task)"
+            choices.append(ModelChoice(name, label, task.modality, tuple(installed), task.roi_subset))
+    return choices
+
+
+def provider_choices() -> list[str]:
+    """auto, then the execution providers this onnxruntime build has, by tsrt's names."""
+    from tsrt.providers import PROVIDER_NAMES, available_providers
+
+    available = available_providers()
+    return ["auto", *(name for name, ort_name in PROVIDER_NAMES.items() if ort_name in available)]
+
+
+@dataclass
+class Segmentation:
+    """Labels on the input's voxel grid and how they were made."""
+
+    image: Image
+    values: np.ndarray  # the voxel values statistics use (tsrt.totalseg.SourceImage.values)
+    labels: np.ndarray
+    label_names: dict[int, str]
+    model_label: str
+    modality: str
+    provider: str
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def segment_for_ui(
+    source,
+    choice: ModelChoice,
+    *,
+    fast: bool = False,
+    structures: Sequence[str] = (),
+    provider: str = "auto",
+    reporter: StageReporter | None = None,
+    store_root: Path | None = None,
+) -> Segmentation:
+    """Segment a read image (`tsrt.totalseg.SourceImage`) with the chosen model; `structures` narrows the result."""
+    reporter = reporter or SilentReporter()
+    if choice.key == DEMO_KEY:
+        result = _segment_with_demo_model(source, provider, reporter)
+    else:
+        result = _segment_with_task(source, choice, fast, structures, provider, reporter, store_root)
+    if structures and set(result.label_names.values()) - set(structures):
+        result.labels, result.label_names = keep_structures(result.labels, result.label_names, structures)
+    return result
+
+
+def keep_structures(
+    labels: np.ndarray, label_names: dict[int, str], structures: Sequence[str]
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Only the named structures (others become background), as --roi_subset leaves them."""
+    from tsrt.totalseg import output_label_map
+    from tsrt.totalseg_ops import keep_roi_subset
+
+    kept = output_label_map("", label_names, roi_subset=list(structures))
+    return keep_roi_subset(np.array(labels), list(kept)), kept
+
+
+def _segment_with_demo_model(source, provider: str, reporter: StageReporter) -> Segmentation:
+    from tsrt.api import segment_image_with_model
+    from tsrt.demo import demo_model_dir
+    from tsrt.infer import InferenceSettings, load_model
+
+    reporter.stage("Loading the model")
+    started = time.perf_counter()
+    model = load_model(demo_model_dir(), provider=provider)
+    loaded = time.perf_counter()
+    reporter.stage(f"Segmenting ({model.provider.name})")
+    run = segment_image_with_model(source.image, model, InferenceSettings(progress=False, on_tiles=reporter.tiles))
+    seconds = {"load model": loaded - started, "segment": time.perf_counter() - loaded}
+    return Segmentation(
+        source.image, source.values, run.labels, dict(run.label_names), DEMO_LABEL, "CT", model.provider.name,
+        seconds=seconds,
+    )
+
+
+def _segment_with_task(
+    source,
+    choice: ModelChoice,
+    fast: bool,
+    structures: Sequence[str],
+    provider: str,
+    reporter: StageReporter,
+    store_root: Path | None,
+) -> Segmentation:
+    from tsrt.providers import choose_provider
+    from tsrt.totalseg import build_request, missing_models, models_to_run, prepare_run, run_task
+
+    reporter.stage("Checking the installed models")
+    started = time.perf_counter()
+    notes = []
+    roi_subset = list(structures) if structures and choice.roi_subset else None
+    if roi_subset is not None:
+        crop_request = build_request(choice.key, fast=fast, roi_subset=roi_subset)
+        if missing_models(models_to_run(crop_request)[0], store_root):
+            notes.append("Segmented every structure and kept the chosen ones (the crop model is not installed).")
+            roi_subset = None
+    request, runner, _ = prepare_run(
+        choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True, models_dir=store_root
+    )
+    runner.on_tiles = reporter.tiles
+    checked = time.perf_counter()
+    reporter.stage("Segmenting")
+    result = run_task(source, request, runner)
+    used_provider = choose_provider(provider).name  # what `auto` resolved to, as the runner chose it
+    label = f"{choice.key}{' --fast' if fast else ''}"
+    return Segmentation(
+        source.image, source.values, result.labels, dict(result.label_map), label, choice.modality,
+        used_provider, notes=notes,
+        seconds={"check models": checked - started, "segment": time.perf_counter() - checked},
+    )
