@@ -192,7 +192,7 @@ def _run_options(has_image: bool) -> tuple[RunOptions, bool]:
     choice = st.selectbox("Model", choices, format_func=lambda c: c.label, key="model")
     fast_only = "normal" not in choice.modes
     fast = st.checkbox(
-        "fast (lower resolution, quicker)", value=fast_only, key="fast", disabled=len(choice.modes) < 2,
+        "fast (lower resolution, quicker)", value=fast_only, key=f"fast:{choice.key}", disabled=len(choice.modes) < 2,
         help="Only the installed modes can be chosen.",
     )
     fast = fast or fast_only
@@ -260,7 +260,8 @@ def _show_result(result: PageResult) -> None:
     preset = window_column.radio("Window", presets, index=default, horizontal=True, key="window")
     overlay = overlay_column.toggle("Overlay", value=True, key="overlay")
     alpha = alpha_column.slider("Opacity", 0.1, 1.0, DEFAULT_ALPHA, 0.05, key="alpha")
-    visible = _structure_toggles(found, viewer) if overlay else set()
+    ticked = _structure_toggles(found, viewer)  # always drawn: Streamlit forgets widgets a run leaves out
+    visible = ticked if overlay else set()
 
     centre = viewer.centre()
     level_width = viewer.window_for(preset)
