@@ -80,12 +80,82 @@ def segment(
     read_seconds = time.perf_counter() - started
     model = load_model(Path(model_dir), folds=folds, provider=provider, device=device)
     settings = InferenceSettings(step_size=step_size, use_mirroring=tta, batch_size=batch_size, progress=progress)
-    probabilities = Path(str(output_path).removesuffix(".gz").removesuffix(".nii") + ".npz") if save_probabilities else None
+    run = write_model_segmentation(image, model, Path(output_path), settings, save_probabilities=save_probabilities)
+    run.seconds = {"read": read_seconds, **run.seconds}
+    return run
+
+
+def probabilities_path(output_path: Path) -> Path:
+    """Where --save-probabilities puts the .npz next to the label file (its .json beside it)."""
+    return Path(str(output_path).removesuffix(".gz").removesuffix(".nii") + ".npz")
+
+
+def write_model_segmentation(
+    image: Image,
+    model: LoadedModel,
+    output_path: Path,
+    settings: InferenceSettings | None = None,
+    *,
+    save_probabilities: bool = False,
+) -> SegmentationRun:
+    """Segment a read image and write its label map (and probabilities): one image or one cohort case."""
+    probabilities = probabilities_path(output_path) if save_probabilities else None
     run = segment_image_with_model(image, model, settings, probabilities_path=probabilities)
     started = time.perf_counter()
     write_label_map(run.labels, image, Path(output_path), label_names=run.label_names)
-    run.seconds = {"read": read_seconds, **run.seconds, "write": time.perf_counter() - started}
+    run.seconds["write"] = time.perf_counter() - started
     return run
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """An exported model over a cohort (`tsrt segment COHORT --model DIR`): picklable, so that each
+    Ray worker opens its own ONNX Runtime sessions once (tsrt.cohort.CohortJob)."""
+
+    model_dir: Path
+    folds: tuple[str, ...] | None = None
+    tta: bool = True
+    step_size: float = 0.5
+    batch_size: int = 1
+    provider: str = "auto"
+    device: str | None = None
+    save_probabilities: bool = False
+
+    def open(self, threads: int | None = None) -> ModelSegmenter:
+        return ModelSegmenter(self, threads)
+
+
+class ModelSegmenter:
+    """A cohort's per-case work with an exported model; the sessions open on first use, then stay open."""
+
+    def __init__(self, job: ModelJob, threads: int | None = None) -> None:
+        self.job, self.threads = job, threads
+        self._model: LoadedModel | None = None
+        self.settings = InferenceSettings(
+            step_size=job.step_size, use_mirroring=job.tta, batch_size=job.batch_size, progress=False
+        )
+
+    def warm_up(self) -> None:
+        if self._model is None:
+            self._model = load_model(
+                Path(self.job.model_dir), folds=self.job.folds, provider=self.job.provider, device=self.job.device,
+                threads=self.threads,
+            )
+
+    def expected_outputs(self, case) -> list[Path]:
+        if not self.job.save_probabilities:
+            return [case.output]
+        probabilities = probabilities_path(case.output)
+        return [case.output, probabilities, probabilities.with_suffix(".json")]
+
+    def read(self, case) -> Image:
+        return read_image(case.input)
+
+    def segment(self, image: Image, output: Path) -> None:
+        self.warm_up()
+        write_model_segmentation(
+            image, self._model, output, self.settings, save_probabilities=self.job.save_probabilities
+        )
 
 
 def segment_to_outputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -82,6 +83,7 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 _TS = "TotalSegmentator task options"
 _MODEL = "Exported nnU-Net model options (--model)"
+_COHORT = "Cohorts (a folder of NIfTI files, a .txt/.csv list or a glob)"
 
 
 def _task_option(default, *names: str, **kwargs):
@@ -92,11 +94,15 @@ def _model_option(default, *names: str, **kwargs):
     return typer.Option(default, *names, rich_help_panel=_MODEL, **kwargs)
 
 
+def _cohort_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_COHORT, **kwargs)
+
+
 @app.command()
 def segment(
     input_path: Optional[Path] = typer.Argument(
         None, metavar="INPUT",
-        help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files or a .txt list of images.",
+        help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files, a .txt/.csv list, a quoted glob.",
     ),
     input_option: Optional[Path] = typer.Option(
         None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."
@@ -166,8 +172,18 @@ def segment(
         False, "--save-probabilities", "--save_probabilities",
         help="Also write class probabilities (.npz; --model only)."
     ),
-    overwrite: bool = _task_option(
-        False, "--overwrite", help="Cohorts: segment finished cases again instead of skipping them."
+    overwrite: bool = _cohort_option(
+        False, "--overwrite", help="Segment finished cases again instead of skipping them."
+    ),
+    ray: Optional[str] = _cohort_option(
+        None, "--ray", metavar="[auto|HOST:PORT]",
+        help="Run on Ray (pip install 'tsrt[cluster]'): alone, Ray starts here; auto or HOST:PORT joins a cluster.",
+    ),
+    ray_workers: Optional[int] = _cohort_option(
+        None, "--ray-workers", help="At most this many Ray workers (default: as many as the cluster's CPUs/GPUs hold)."
+    ),
+    ray_cpus_per_worker: float = _cohort_option(
+        1.0, "--ray-cpus-per-worker", help="CPUs (ONNX Runtime threads) each Ray worker takes."
     ),
     provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
@@ -179,6 +195,21 @@ def segment(
     source = input_path or input_option
     if source is None:
         raise TsrtError("No input given: pass the image as INPUT or with -i.")
+    from tsrt.cohort import TaskJob, find_cases
+
+    cases = find_cases(Path(source), output, ml or model is not None)
+    if cases is None and ray is not None:
+        raise TsrtError("--ray runs cohorts (a folder of NIfTI files, a .txt/.csv list, a glob); drop it for 1 image.")
+    cohort = dict(overwrite=overwrite, quiet=quiet, ray=ray, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+    if model is not None and cases is not None:
+        from tsrt.api import ModelJob
+
+        job = ModelJob(
+            model, folds=tuple(folds) if folds else None, tta=tta, step_size=step_size, batch_size=batch_size,
+            provider=provider, device=device, save_probabilities=save_probabilities,
+        )
+        _segment_cohort(cases, job, output, **cohort)
+        return
     if model is not None:
         from tsrt.api import segment as run_segment
 
@@ -193,7 +224,6 @@ def segment(
     if save_probabilities:
         raise TsrtError("--save-probabilities works with --model only; for tasks drop it.")
     from tsrt import totalseg
-    from tsrt.cohort import find_cases, segment_cohort
 
     options = dict(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
@@ -203,14 +233,25 @@ def segment(
         no_derived_masks=no_derived_masks,
         remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
     )
-    cases = find_cases(Path(source), output, ml)
     if cases is None:
         totalseg.segment(source, output, **options)
         if not quiet:
             typer.echo(f"wrote {output}")
         return
-    summary = segment_cohort(cases, overwrite=overwrite, **options)
-    typer.echo(summary.line())
+    _segment_cohort(cases, TaskJob(options), output, **cohort)
+
+
+def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, **ray_options) -> None:
+    """Run a cohort here or on Ray, print its table, write OUTPUT/cohort_summary.json; failures exit non-zero."""
+    from tsrt.cohort import run_job
+
+    summary = run_job(cases, job, overwrite=overwrite, progress=not quiet, **ray_options)
+    path = summary.write(output)
+    if not quiet:
+        from rich.console import Console
+
+        Console().print(summary.table())
+    typer.echo(f"{summary.line()}; summary: {path}")
     if summary.failed:
         raise TsrtError(
             f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped)."
@@ -260,19 +301,20 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 _register_subcommands()
 
 
-#: TotalSegmentator options whose value may be left out (argparse nargs="?"), with the value it then means.
-_OPTIONAL_VALUE_OPTIONS = {"-rmb": "200", "--remove_small_blobs": "200", "--remove-small-blobs": "200"}
+def _is_ray_address(text: str) -> bool:
+    return text in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", text) is not None
 
 
 def _fill_optional_values(argv: list[str]) -> list[str]:
-    """`-rmb` alone means `-rmb 200` in TotalSegmentator; Typer options always take their value."""
+    """`-rmb` alone means `-rmb 200` in TotalSegmentator, `--ray` alone `--ray local`; Typer options take a value."""
     filled: list[str] = []
     for index, token in enumerate(argv):
         filled.append(token)
         if token in _OPTIONAL_VALUE_OPTIONS:
+            default, is_value = _OPTIONAL_VALUE_OPTIONS[token]
             following = argv[index + 1] if index + 1 < len(argv) else None
-            if following is None or not _is_number(following):
-                filled.append(_OPTIONAL_VALUE_OPTIONS[token])
+            if following is None or not is_value(following):
+                filled.append(default)
     return filled
 
 
@@ -282,6 +324,15 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+#: Options whose value may be left out (TotalSegmentator's argparse nargs="?"): (value it then means, test for a value).
+_OPTIONAL_VALUE_OPTIONS = {
+    "-rmb": ("200", _is_number),
+    "--remove_small_blobs": ("200", _is_number),
+    "--remove-small-blobs": ("200", _is_number),
+    "--ray": ("local", _is_ray_address),
+}
 
 
 def totalsegmentator_argv(argv: list[str]) -> list[str]:
