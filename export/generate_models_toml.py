@@ -23,6 +23,7 @@ import importlib.util
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -654,15 +655,22 @@ def generate() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="file to write (default: tsrt/models.toml)")
+    return generator_main(generate, OUTPUT, __doc__.splitlines()[0], "tsrt_export.generate_models_toml", argv)
+
+
+def generator_main(
+    generate_text: Callable[[], str], output: Path, description: str, module: str, argv: list[str] | None = None
+) -> int:
+    """The command line of a generated data file: write it, or with --check exit 1 when it is stale."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output", type=Path, default=output, help=f"file to write (default: tsrt/{output.name})")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the file is stale")
     args = parser.parse_args(argv)
-    text = generate()
+    text = generate_text()
     if args.check:
         current = args.output.read_text() if args.output.is_file() else ""
         if current != text:
-            print(f"{args.output} is stale: run python -m tsrt_export.generate_models_toml", file=sys.stderr)
+            print(f"{args.output} is stale: run python -m {module}", file=sys.stderr)
             return 1
         return 0
     args.output.write_text(text)

@@ -123,7 +123,7 @@ def test_missing_models_name_the_install_command(ct: Path, tmp_path: Path, flags
         (("--task", "body", "--roi_subset", "liver"), "--roi_subset works with the tasks total"),
         (("--task", "nonsense"), "Unknown task 'nonsense'"),
         (("--save-probabilities",), "--save-probabilities works with --model only"),
-        (("--output_type", "dicom_seg"), "dicom_seg is not available"),
+        (("--output_type", "dicom_seg"), "needs a DICOM series as input"),
         (("--output_type", "png"), "Unknown output type 'png'"),
     ],
 )
@@ -216,7 +216,7 @@ class _ConstantRunner:
         self.value, self.per_model, self.calls = value, per_model or {}, []
         self.seconds: dict[str, float] = {}
 
-    def predict(self, part, values, affine):
+    def predict(self, part, values, affine, *, probabilities=None):
         self.calls.append((part.name, values.shape))
         return np.full(values.shape, self.per_model.get(part.name, self.value), dtype=np.uint8)
 

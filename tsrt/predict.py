@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ class Prediction:
     labels: np.ndarray
     probabilities: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The properties nnU-Net's preprocessing adds (shape_before_cropping, bbox_used_for_cropping,
+    #: shape_after_cropping_and_before_resampling), which its probability export pickles.
+    cropping: dict[str, Any] = field(default_factory=dict)
 
 
 def predict_array(
@@ -65,7 +69,14 @@ def predict_array(
         cropped_labels = assembler.cropped_labels()
     labels = uncrop_and_untranspose(cropped_labels, preprocessed, plan)
     seconds["postprocess"] = time.perf_counter() - started
-    return Prediction(labels=np.ascontiguousarray(labels), probabilities=probabilities, seconds=seconds)
+    cropping = {
+        "shape_before_cropping": tuple(int(n) for n in preprocessed.shape_before_cropping),
+        "bbox_used_for_cropping": [[int(start), int(stop)] for start, stop in preprocessed.bbox],
+        "shape_after_cropping_and_before_resampling": tuple(int(n) for n in preprocessed.shape_after_cropping),
+    }
+    return Prediction(
+        labels=np.ascontiguousarray(labels), probabilities=probabilities, seconds=seconds, cropping=cropping
+    )
 
 
 __all__ = ["Prediction", "predict_array", "load_model", "InferenceSettings"]

@@ -22,11 +22,14 @@ crop models (`--roi_subset`, tasks with a crop, `--body_seg`) go through the sam
 
 from __future__ import annotations
 
+import inspect
 import logging
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -41,13 +44,13 @@ from tsrt.providers import ProviderChoice, choose_provider
 from tsrt.read import Image, from_nnunet_array, read_image, to_nnunet_array
 from tsrt.registry import ModelPart, PostprocessStep, Task, TaskError, get_task, load_registry
 from tsrt.total_v1_classes import TOTAL_V1_CLASSES
+from tsrt.write import atomic_output
+from tsrt.write_dicom import normalize_output_types, require_dicom_extra, require_dicom_input
 
 log = logging.getLogger("tsrt")
 
 #: TotalSegmentator resamples the input with this spline order (its --resampling_order default).
 INPUT_RESAMPLING_ORDER = 1
-#: Output types TotalSegmentator offers; the DICOM ones need the `dicom` extra.
-OUTPUT_TYPES = ("nifti", "dicom_seg", "dicom_rtstruct")
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -63,6 +66,7 @@ class SourceImage:
 
     image: Image
     values: np.ndarray
+    path: Path | None = None  # the file, DICOM folder or zip it was read from (DICOM outputs reference it)
 
 
 @dataclass
@@ -107,6 +111,7 @@ class ImageRun:
     remove_outside: RemoveOutside | None = None
     body_mask: BodyMask | None = None
     remove_small_blobs_mm3: float | None = None  # --remove_small_blobs: every class, after the task's cleaning
+    probabilities_path: Path | None = None  # --save_probabilities: the last part model's, first z piece (as upstream)
 
     @property
     def resample_mm(self) -> tuple[float, float, float] | None:
@@ -187,7 +192,7 @@ def read_source(source: str | Path | nib.Nifti1Image | Image) -> SourceImage:
     values = image.array
     if image.header is not None and _is_scaled(image.header) and path.name.lower().endswith((".nii", ".nii.gz")):
         values = np.asarray(nib.load(path).get_fdata(dtype=np.float64)).reshape(image.spatial_shape)
-    return SourceImage(image, _float64_if_not_integer(values))
+    return SourceImage(image, _float64_if_not_integer(values), path)
 
 
 def _source_from_nifti(nifti: nib.spatialimages.SpatialImage, name: str) -> SourceImage:
@@ -275,11 +280,14 @@ class ModelRunner:
             self._providers[fp16] = choose_provider(self.provider, device=self.device, fp16=fp16, threads=self.threads)
         return self._providers[fp16]
 
-    def predict(self, part: ModelPart, values: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    def predict(
+        self, part: ModelPart, values: np.ndarray, affine: np.ndarray, *, probabilities: Path | None = None
+    ) -> np.ndarray:
         """Labels (uint8, same grid) for the volume `values` with voxel->RAS `affine`.
 
         The volume is presented as nnU-Net's reader would return the NIfTI nibabel writes for
         Nifti1Image(values, affine): float32 voxels, spacing = the header zooms of that file.
+        With `probabilities`, the class probabilities are written there as nnU-Net exports them.
         """
         model = self.model(part)
         header = _nifti_header_for(values.shape, affine)
@@ -289,8 +297,11 @@ class ModelRunner:
             step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress, on_tiles=self.on_tiles
         )
         started = time.perf_counter()
-        prediction = predict_array(data, properties["spacing"], model, settings)
+        prediction = predict_array(data, properties["spacing"], model, settings, save_probabilities=probabilities is not None)
         self._add_seconds("predict", started)
+        if probabilities is not None and prediction.probabilities is not None:
+            nnunet_properties = {k: v for k, v in properties.items() if k != "tsrt"} | prediction.cropping
+            write_nnunet_probabilities(probabilities, prediction.probabilities, nnunet_properties)
         labels = from_nnunet_array(prediction.labels, properties)
         if labels.size and int(labels.max()) > 255:
             raise ModelError(f"{part.name} predicted label {int(labels.max())}; TotalSegmentator's maps stop at 255.")
@@ -298,6 +309,21 @@ class ModelRunner:
 
     def _add_seconds(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def write_nnunet_probabilities(path: Path, probabilities: np.ndarray, properties: dict[str, Any]) -> Path:
+    """What TotalSegmentator's --save_probabilities leaves: nnU-Net's export of one prediction.
+
+    `path` gets the .npz nnU-Net writes (key "probabilities": float32 (classes, *spatial) in the
+    reader's axis order, on the grid of the image the model saw), and `path` with the suffix .pkl
+    the pickled nnU-Net properties that place it (reader geometry, spacing, crop box, shapes).
+    """
+    path = Path(path)
+    with atomic_output(path) as temp, open(temp, "wb") as handle:
+        np.savez_compressed(handle, probabilities=probabilities.astype(np.float32, copy=False))
+    with atomic_output(path.with_suffix(".pkl")) as temp, open(temp, "wb") as handle:
+        pickle.dump(properties, handle)
+    return path
 
 
 def _nifti_header_for(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Header:
@@ -471,8 +497,13 @@ def _single_model_run(model: ModelPart, **options: Any) -> ImageRun:
 # --------------------------------------------------------------------------------------------- task
 
 
-def run_task(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> TaskResult:
-    """TotalSegmentator's python_api: coarse crop or body crop first, then the task's models."""
+def run_task(
+    source: SourceImage, request: TaskRequest, runner: ModelRunner, *, probabilities: Path | None = None
+) -> TaskResult:
+    """TotalSegmentator's python_api: coarse crop or body crop first, then the task's models.
+
+    `probabilities`: where the task's own models (not the crop helpers) export their probabilities.
+    """
     task = request.task
     started = time.perf_counter()
     crop: CropMask | None = None
@@ -496,6 +527,7 @@ def run_task(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> 
         remove_outside=remove_outside,
         body_mask=body_mask,
         remove_small_blobs_mm3=request.remove_small_blobs_mm3,
+        probabilities_path=probabilities,
     )
     result = predict_image(source, run, runner)
     seconds = {"total": time.perf_counter() - started, **runner.seconds}
@@ -621,18 +653,23 @@ def predict_parts(values: np.ndarray, affine: np.ndarray, run: ImageRun, runner:
         piece = values[:, :, z_slice]
         if split:
             log.info("  subpart %d of 3", index + 1)
-        predicted.append(_predict_piece(piece, affine, run, runner))
+        # Upstream copies nnU-Net's export of its first piece (s01) after each part: the last part's stays.
+        probabilities = run.probabilities_path if index == 0 else None
+        predicted.append(_predict_piece(piece, affine, run, runner, probabilities))
     return ops.combine_three_parts(predicted, shape) if split else predicted[0]
 
 
-def _predict_piece(values: np.ndarray, affine: np.ndarray, run: ImageRun, runner: ModelRunner) -> np.ndarray:
+def _predict_piece(
+    values: np.ndarray, affine: np.ndarray, run: ImageRun, runner: ModelRunner, probabilities: Path | None = None
+) -> np.ndarray:
     if not run.multimodel:
-        return runner.predict(run.parts[0], values, affine)
+        return runner.predict(run.parts[0], values, affine, probabilities=probabilities)
     inverse = {name: label for label, name in run.classes.items()}
     combined = np.zeros(values.shape, dtype=np.uint8)
     for index, part in enumerate(run.parts):
         log.info("Predicting part %d of %d (%s)...", index + 1, len(run.parts), part.name)
-        part_labels = runner.predict(part, values, affine)
+        last = index == len(run.parts) - 1
+        part_labels = runner.predict(part, values, affine, probabilities=probabilities if last else None)
         lookup = np.zeros(max(max(part.classes, default=0), int(part_labels.max(initial=0))) + 1, dtype=np.uint8)
         for label, name in part.classes.items():
             lookup[label] = inverse[name]
@@ -759,19 +796,29 @@ def write_task_outputs(
     stats: dict[str, dict[str, float]] | None = None,
     preview: bool = False,
     derived_masks: bool = True,
+    output_types: Sequence[str] = ("nifti",),
 ) -> list[Path]:
-    """Masks (one per class, or one --ml file), derived masks, statistics.json and preview, laid out as upstream."""
+    """Masks (one per class, or one --ml file), derived masks, statistics.json and preview, laid out as upstream.
+
+    With DICOM output types the label map goes into DICOM SEG / RTSTRUCT files (and, when nifti is
+    among several types, one multilabel NIfTI) named as upstream names them; upstream then treats
+    the output as multilabel, so statistics.json and the preview go next to OUTPUT.
+    """
     from tsrt.outputs import output_folder, write_segmentation_outputs
     from tsrt.statistics import write_statistics
 
     output = Path(output)
-    written = write_segmentation_outputs(
-        result.labels, result.source.image, result.label_map, output, multilabel=multilabel
-    )
-    paths = list(written.masks) + ([written.multilabel] if written.multilabel else [])
-    folder = output_folder(output, multilabel)
-    if not multilabel and derived_masks and any(step.step == "derived_masks" for step in request.task.postprocess):
-        paths.extend(_write_body_derived_masks(result, output))
+    if tuple(output_types) == ("nifti",):
+        written = write_segmentation_outputs(
+            result.labels, result.source.image, result.label_map, output, multilabel=multilabel
+        )
+        paths = list(written.masks) + ([written.multilabel] if written.multilabel else [])
+        folder = output_folder(output, multilabel)
+        if not multilabel and derived_masks and any(step.step == "derived_masks" for step in request.task.postprocess):
+            paths.extend(_write_body_derived_masks(result, output))
+    else:
+        paths = _write_typed_outputs(result, request, output, output_types)
+        folder = output.parent
     if statistics and stats is not None:
         paths.append(write_statistics(stats, folder / "statistics.json"))
     if preview and result.lowres is not None:
@@ -782,6 +829,27 @@ def write_task_outputs(
             folder / f"preview_{request.task.name}.png", lowres.values, lowres.labels, lowres.affine, result.label_map
         ))
     return paths
+
+
+def _write_typed_outputs(
+    result: TaskResult, request: TaskRequest, output: Path, output_types: Sequence[str]
+) -> list[Path]:
+    """--output_type with DICOM types: the files of `tsrt.write_dicom.dicom_output_paths`."""
+    from tsrt.write import write_label_map
+    from tsrt.write_dicom import dicom_output_paths, write_dicom_outputs
+
+    source = result.source
+    require_dicom_input(source.path, output_types)
+    assert source.path is not None
+    paths = dicom_output_paths(output, output_types, request.task.name)
+    written = []
+    if "nifti" in paths:
+        written.append(write_label_map(result.labels, source.image, paths["nifti"], label_names=dict(result.label_map)))
+    written += write_dicom_outputs(
+        result.labels, result.label_map, source.image, source.path, paths,
+        algorithm_version=load_registry().totalsegmentator_version,
+    )
+    return written
 
 
 def _write_body_derived_masks(result: TaskResult, output: Path) -> list[Path]:
@@ -807,6 +875,8 @@ class OutputOptions:
     exclude_masks_at_border: bool = True
     stats_aggregation: str = "mean"
     derived_masks: bool = True
+    output_types: tuple[str, ...] = ("nifti",)
+    probabilities: Path | None = None  # --save_probabilities: nnU-Net's .npz (+ .pkl) of the task's last model
 
 
 def make_runner(
@@ -819,20 +889,13 @@ def make_runner(
     return ModelRunner(store_root, provider=provider, device=device, threads=threads, progress=not quiet)
 
 
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise TsrtError(f"Unknown output type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}.")
-    if output_type != "nifti":
-        raise TsrtError(
-            f"--output_type {output_type} is not available in this tsrt yet: write NIfTI (the default) and convert it."
-        )
-
-
 def segment_source(
     source: SourceImage, request: TaskRequest, runner: ModelRunner, output: Path | None, options: OutputOptions
 ) -> tuple[TaskResult, dict[str, dict[str, float]] | None]:
     """Run the task on one read image and write its outputs (nothing when `output` is None)."""
-    result = run_task(source, request, runner)
+    if output is not None:
+        require_dicom_input(source.path, options.output_types)  # before any work
+    result = run_task(source, request, runner, probabilities=options.probabilities)
     stats = None
     if options.statistics:
         stats = statistics_for(
@@ -844,55 +907,54 @@ def segment_source(
         write_stats = options.statistics and not (request.fast and result.lowres is None)
         write_task_outputs(
             result, request, Path(output), multilabel=options.multilabel, statistics=write_stats, stats=stats,
-            preview=options.preview, derived_masks=options.derived_masks,
+            preview=options.preview, derived_masks=options.derived_masks, output_types=options.output_types,
         )
         result.seconds["write"] = time.perf_counter() - started
     return result, stats
 
 
-def prepare_run(
-    task: str = "total",
-    *,
-    fast: bool = False,
-    fastest: bool = False,
-    roi_subset: Sequence[str] | None = None,
-    ml: bool = False,
-    statistics: bool = False,
-    preview: bool = False,
-    body_seg: bool = False,
-    force_split: bool = False,
-    robust_crop: bool = False,
-    v1_order: bool = False,
-    provider: str = "auto",
-    device: str | None = None,
-    quiet: bool = False,
-    roi_subset_robust: Sequence[str] | None = None,
-    output_type: str = "nifti",
-    statistics_exclude_masks_at_border: bool = True,
-    stats_aggregation: str = "mean",
-    no_derived_masks: bool = False,
-    remove_small_blobs: bool | float = False,
-    models_dir: str | Path | None = None,
-    threads: int | None = None,
-) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
-    """Validate `segment`'s options and check the store once, for one image or a whole cohort."""
-    check_output_type(output_type)
-    if stats_aggregation not in ("mean", "median"):
-        raise TsrtError(f"Statistics aggregate with mean or median, not {stats_aggregation!r}.")
+#: `segment`'s parameters that are not options of the run (what to segment, where to, whether to write).
+_NOT_RUN_OPTIONS = frozenset({"input", "output", "skip_saving"})
+
+
+def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` completed with `segment`'s defaults; a name `segment` does not take is refused."""
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(segment).parameters.items()
+        if name not in _NOT_RUN_OPTIONS
+    }
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(unknown)}: tsrt.segment takes {', '.join(defaults)}")
+    return {**defaults, **options}
+
+
+def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
+    """Validate `segment`'s keyword options (same names and defaults) and check the store once.
+
+    Shared by `segment`, cohorts and the UI, so one image and a whole cohort are checked alike.
+    """
+    o = SimpleNamespace(**run_options({**options, "task": task}))
+    output_types = normalize_output_types(o.output_type)
+    require_dicom_extra(output_types)
+    if o.stats_aggregation not in ("mean", "median"):
+        raise TsrtError(f"Statistics aggregate with mean or median, not {o.stats_aggregation!r}.")
     request = build_request(
-        task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust,
-        robust_crop=robust_crop, body_seg=body_seg, force_split=force_split, v1_order=v1_order,
-        remove_small_blobs=remove_small_blobs,
+        o.task, fast=o.fast, fastest=o.fastest, roi_subset=o.roi_subset, roi_subset_robust=o.roi_subset_robust,
+        robust_crop=o.robust_crop, body_seg=o.body_seg, force_split=o.force_split, v1_order=o.v1_order,
+        remove_small_blobs=o.remove_small_blobs,
     )
-    store_root = Path(models_dir) if models_dir is not None else None
+    store_root = Path(o.models_dir) if o.models_dir is not None else None
     check_models_installed(request, store_root)
-    runner = make_runner(store_root, provider, device, threads=threads, quiet=quiet)
-    options = OutputOptions(
-        multilabel=ml, statistics=statistics, preview=preview,
-        exclude_masks_at_border=statistics_exclude_masks_at_border, stats_aggregation=stats_aggregation,
-        derived_masks=not no_derived_masks,
+    runner = make_runner(store_root, o.provider, o.device, threads=o.threads, quiet=o.quiet)
+    output_options = OutputOptions(
+        multilabel=o.ml, statistics=o.statistics, preview=o.preview,
+        exclude_masks_at_border=o.statistics_exclude_masks_at_border, stats_aggregation=o.stats_aggregation,
+        derived_masks=not o.no_derived_masks, output_types=output_types,
+        probabilities=Path(o.save_probabilities) if o.save_probabilities is not None else None,
     )
-    return request, runner, options
+    return request, runner, output_options
 
 
 def segment(
@@ -914,7 +976,7 @@ def segment(
     quiet: bool = False,
     *,
     roi_subset_robust: Sequence[str] | None = None,
-    output_type: str = "nifti",
+    output_type: str | Sequence[str] = "nifti",
     statistics_exclude_masks_at_border: bool = True,
     stats_aggregation: str = "mean",
     no_derived_masks: bool = False,
@@ -922,26 +984,26 @@ def segment(
     remove_small_blobs: bool | float = False,
     models_dir: str | Path | None = None,
     threads: int | None = None,
+    save_probabilities: str | Path | None = None,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
     """Run a TotalSegmentator task like `totalsegmentator.python_api.totalsegmentator`, torch-free.
 
     `input` is a NIfTI path, a DICOM folder or zip, or a nibabel image; `output` is a folder of
-    per-class masks, or with `ml=True` one label file (None: write nothing). Returns the multilabel
-    nibabel image (with its label table), and the statistics too when `statistics=True` - exactly
-    what TotalSegmentator returns. Models come from tsrt's store (`models_dir`, default
-    $TSRT_HOME/models); a missing one raises ModelError naming the command that installs it.
+    per-class masks, or with `ml=True` one label file (None: write nothing). `output_type` "dicom_seg"
+    / "dicom_rtstruct" (or a list, with "nifti") writes DICOM for a DICOM input instead (the `dicom`
+    extra). `save_probabilities` is a file for nnU-Net's probability export of the task's last model.
+    Returns the multilabel nibabel image (with its label table), and the statistics too when
+    `statistics=True` - exactly what TotalSegmentator returns. Models come from tsrt's store
+    (`models_dir`, default $TSRT_HOME/models); a missing one raises ModelError naming the command
+    that installs it.
     """
-    request, runner, options = prepare_run(
-        task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
-        body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
-        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
-        statistics_exclude_masks_at_border=statistics_exclude_masks_at_border, stats_aggregation=stats_aggregation,
-        no_derived_masks=no_derived_masks, remove_small_blobs=remove_small_blobs, models_dir=models_dir,
-        threads=threads,
-    )
-    source = read_source(input)
+    options = {name: value for name, value in locals().items() if name not in _NOT_RUN_OPTIONS}
     target = None if skip_saving or output is None else Path(output)
-    result, stats = segment_source(source, request, runner, target, options)
+    if target is not None:
+        require_dicom_input(input, normalize_output_types(output_type))  # the input's kind first, as upstream
+    request, runner, output_options = prepare_run(**options)
+    source = read_source(input)
+    result, stats = segment_source(source, request, runner, target, output_options)
     image = label_image(result.labels, source.image, result.label_map)
     return (image, stats or {}) if statistics else image
 
@@ -959,9 +1021,11 @@ __all__ = [
     "read_source",
     "make_runner",
     "prepare_run",
+    "run_options",
     "run_task",
     "segment",
     "segment_source",
     "statistics_for",
+    "write_nnunet_probabilities",
     "write_task_outputs",
 ]
