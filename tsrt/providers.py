@@ -1,8 +1,12 @@
-"""Choosing ONNX Runtime execution providers (CPU, CUDA, TensorRT) and creating sessions.
+"""Choosing execution providers (ONNX Runtime CPU, CUDA, TensorRT; OpenVINO) and creating sessions.
 
 `auto` takes the best provider this onnxruntime build offers and says which in one line; an
 explicitly requested provider that is missing is an error with what to install, never a silent
 CPU fallback. Sessions cache ONNX Runtime's optimised graph on disk so a repeat start is fast.
+
+`openvino` (opt-in, the `openvino` extra) runs the same ONNX graph on Intel's OpenVINO CPU runtime
+in float32; `openvino-bf16` asks it for bfloat16 arithmetic, which is fast only on CPUs with native
+bf16 (AMX / AVX512_BF16) and changes results slightly - never a default.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _PREFERENCE = ("tensorrt", "cuda", "cpu")
+#: OpenVINO providers (not ONNX Runtime's) and the inference precision each asks OpenVINO for.
+OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
+PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES, *OPENVINO_PRECISIONS)
 
 
 def tsrt_home() -> Path:
@@ -52,13 +59,17 @@ def parse_device(device: str | None) -> int:
 class ProviderChoice:
     """The provider chosen for a run and the ordered provider list (with options) for ORT."""
 
-    name: str  # cpu | cuda | tensorrt
+    name: str  # cpu | cuda | tensorrt | openvino | openvino-bf16
     providers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
 
     @property
     def uses_gpu(self) -> bool:
         return self.name in ("cuda", "tensorrt")
+
+    @property
+    def uses_openvino(self) -> bool:
+        return self.name in OPENVINO_PRECISIONS
 
 
 def choose_provider(
@@ -70,10 +81,14 @@ def choose_provider(
     workspace_gb: float = 4.0,
     threads: int | None = None,
 ) -> ProviderChoice:
-    """Build the provider list for `requested` (auto|cpu|cuda|tensorrt), checking availability."""
+    """Build the provider list for `requested` (see PROVIDER_CHOICES), checking availability."""
     requested = requested.lower()
-    if requested not in ("auto", *PROVIDER_NAMES):
-        raise ProviderError(f"Unknown provider {requested!r}: choose auto, cpu, cuda or tensorrt.")
+    if requested not in PROVIDER_CHOICES:
+        choices = f"{', '.join(PROVIDER_CHOICES[:-1])} or {PROVIDER_CHOICES[-1]}"
+        raise ProviderError(f"Unknown provider {requested!r}: choose {choices}.")
+    if requested in OPENVINO_PRECISIONS:
+        _check_openvino(requested)
+        return ProviderChoice(name=requested, threads=threads)
     available = available_providers()
     if requested == "auto":
         name = next(p for p in _PREFERENCE if PROVIDER_NAMES[p] in available or p == "cpu")
@@ -121,6 +136,45 @@ def choose_provider(
     return ProviderChoice(name=name, providers=chain, threads=threads)
 
 
+def _check_openvino(requested: str) -> None:
+    """OpenVINO is an optional extra; bf16 without native CPU support is emulated (slow), so say so."""
+    try:
+        import openvino
+    except ModuleNotFoundError:
+        raise ProviderError(
+            f"--provider {requested} needs OpenVINO, which is not installed: pip install 'tsrt[openvino]'."
+        ) from None
+    if OPENVINO_PRECISIONS[requested] == "bf16":
+        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            log.warning(
+                "This CPU has no native bfloat16 (OpenVINO reports %s): bf16 is emulated and slower than "
+                "--provider openvino.", ", ".join(capabilities)
+            )
+
+
+class OpenVinoSession:
+    """An ONNX graph compiled by OpenVINO for the CPU, answering ONNX Runtime's `run` call.
+
+    The sliding window then needs no second code path. Outputs are copied out of OpenVINO's
+    buffers (its default), because callers may keep one tile's logits while running the next.
+    """
+
+    def __init__(self, graph: Path, precision: str, threads: int | None = None) -> None:
+        import openvino
+
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = openvino.Core().compile_model(str(graph), "CPU", config)
+        self._request = self.compiled.create_infer_request()
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        results = self._request.infer(feeds)
+        outputs = output_names or [output.get_any_name() for output in self.compiled.outputs]
+        return [results[self.compiled.output(name)] for name in outputs]
+
+
 def _cpu_signature() -> str:
     """The CPU model: ORT's fully optimised CPU graphs may use instructions only this CPU has."""
     try:
@@ -148,11 +202,13 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     optimisation switched off, which removes most of the start-up cost. GPU providers fuse
     differently per device, so for them the cache is the TensorRT engine cache instead.
     """
+    threads = threads or choice.threads
+    if choice.uses_openvino:
+        return OpenVinoSession(graph, OPENVINO_PRECISIONS[choice.name], threads)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    threads = threads or choice.threads
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
