@@ -87,3 +87,12 @@ def test_runtime_install_segments_an_image(runtime_venv, tiny_result_folder, tmp
     assert len(np.unique(labels)) > 1, "the tiny model's seeded weights give more than one label"
     probe = _run(runtime_venv, str(runtime_venv / "bin" / "python"), "-c", "import torch")
     assert probe.returncode != 0
+
+
+def test_runtime_ui_without_the_extra_says_what_to_install(runtime_venv):
+    """`tsrt ui` needs Streamlit (the ui extra); without it: one line naming the install command."""
+    result = _run(runtime_venv, str(runtime_venv / "bin" / "tsrt"), "ui")
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        "tsrt: error: `tsrt ui` needs Streamlit, which is missing: install the ui extra: pip install 'tsrt[ui]'."
+    )
