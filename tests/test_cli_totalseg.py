@@ -62,7 +62,7 @@ def test_totalsegmentator_command_line_runs_unchanged_under_tsrt(captured: dict,
     result = _invoke(
         "-i", str(ct), "-o", str(tmp_path / "seg.nii.gz"), "-ta", "total", "-rs", "liver", "brain", "--ml", "-f",
         "-bs", "-fs", "-s", "-sii", "-v1o", "-d", "cpu", "-nr", "2", "-ns", "4", "-q", "-rc", "-ot", "nifti", "-p",
-        "-rmb",
+        "-rmb", "-sp", str(tmp_path / "probs.npz"),
     )
     assert result.exit_code == 0, result.output
     assert captured["input"] == ct and captured["output"] == tmp_path / "seg.nii.gz"
@@ -72,6 +72,7 @@ def test_totalsegmentator_command_line_runs_unchanged_under_tsrt(captured: dict,
     assert captured["v1_order"] and captured["robust_crop"] and captured["preview"] and captured["quiet"]
     assert captured["device"] == "cpu" and captured["output_type"] == "nifti" and captured["task"] == "total"
     assert captured["remove_small_blobs"] == 200.0  # -rmb alone: TotalSegmentator's 200 mm3
+    assert captured["save_probabilities"] == str(tmp_path / "probs.npz")
 
 
 def test_tsrt_spellings_map_to_the_same_arguments(captured: dict, ct: Path, tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_missing_models_name_the_install_command(ct: Path, tmp_path: Path, flags
         (("--roi_subset", "not_an_organ"), "not_an_organ is not a class of task total"),
         (("--task", "body", "--roi_subset", "liver"), "--roi_subset works with the tasks total"),
         (("--task", "nonsense"), "Unknown task 'nonsense'"),
-        (("--save-probabilities",), "--save-probabilities works with --model only"),
+        (("--save-probabilities",), "--save_probabilities needs a file for the probabilities"),
         (("--output_type", "dicom_seg"), "needs a DICOM series as input"),
         (("--output_type", "png"), "Unknown output type 'png'"),
     ],

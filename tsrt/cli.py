@@ -138,8 +138,10 @@ def segment(
         "mean", "--stats-aggregation", "--stats_aggregation", "-sa", help="mean or median intensity."
     ),
     preview: bool = _task_option(False, "--preview", "-p", help="Also write a preview PNG."),
-    output_type: str = _task_option(
-        "nifti", "--output-type", "--output_type", "-ot", help="nifti, dicom_seg or dicom_rtstruct."
+    output_type: Optional[list[str]] = _task_option(
+        None, "--output-type", "--output_type", "-ot",
+        help="nifti (default), dicom_seg or dicom_rtstruct; several (-ot nifti dicom_seg) write one file each. "
+        "DICOM types need a DICOM input and pip install 'tsrt[dicom]'.",
     ),
     v1_order: bool = _task_option(
         False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total)."
@@ -168,9 +170,10 @@ def segment(
     ),
     step_size: float = _model_option(0.5, "--step-size", help="Tile overlap as a fraction of the patch."),
     batch_size: int = _model_option(1, "--batch-size", help="Tiles per network call."),
-    save_probabilities: bool = _model_option(
-        False, "--save-probabilities", "--save_probabilities",
-        help="Also write class probabilities (.npz; --model only)."
+    save_probabilities: Optional[str] = typer.Option(
+        None, "--save-probabilities", "--save_probabilities", "-sp", metavar="[PATH]",
+        help="Tasks: nnU-Net's class probabilities of the task's last model to PATH (.npz + .pkl), as "
+        "TotalSegmentator. --model: no PATH, written as OUTPUT's name with .npz.",
     ),
     overwrite: bool = _cohort_option(
         False, "--overwrite", help="Segment finished cases again instead of skipping them."
@@ -201,12 +204,13 @@ def segment(
     if cases is None and ray is not None:
         raise TsrtError("--ray runs cohorts (a folder of NIfTI files, a .txt/.csv list, a glob); drop it for 1 image.")
     cohort = dict(overwrite=overwrite, quiet=quiet, ray=ray, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+    model_probabilities = _model_probabilities(save_probabilities) if model is not None else False
     if model is not None and cases is not None:
         from tsrt.api import ModelJob
 
         job = ModelJob(
             model, folds=tuple(folds) if folds else None, tta=tta, step_size=step_size, batch_size=batch_size,
-            provider=provider, device=device, save_probabilities=save_probabilities,
+            provider=provider, device=device, save_probabilities=model_probabilities,
         )
         _segment_cohort(cases, job, output, **cohort)
         return
@@ -215,23 +219,26 @@ def segment(
 
         run = run_segment(
             source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
-            provider=provider, device=device, save_probabilities=save_probabilities, progress=not quiet,
+            provider=provider, device=device, save_probabilities=model_probabilities, progress=not quiet,
         )
         if not quiet:
             timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.seconds.items())
             typer.echo(f"wrote {output} ({timings})")
         return
-    if save_probabilities:
-        raise TsrtError("--save-probabilities works with --model only; for tasks drop it.")
+    if save_probabilities == "":
+        raise TsrtError("--save_probabilities needs a file for the probabilities, e.g. --save_probabilities probs.npz.")
+    if cases is not None:
+        _check_single_image_options(output_type, save_probabilities)
     from tsrt import totalseg
 
     options = dict(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
         body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
-        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=output_type,
+        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=_output_type(output_type),
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,
         remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
+        save_probabilities=save_probabilities,
     )
     if cases is None:
         totalseg.segment(source, output, **options)
@@ -239,6 +246,32 @@ def segment(
             typer.echo(f"wrote {output}")
         return
     _segment_cohort(cases, TaskJob(options), output, **cohort)
+
+
+def _output_type(values: list[str] | None) -> str | list[str]:
+    """TotalSegmentator's form: one output type as a string, several as a list."""
+    if not values:
+        return "nifti"
+    return values[0] if len(values) == 1 else values
+
+
+def _model_probabilities(value: str | None) -> bool:
+    """--model writes its probabilities next to OUTPUT, so there the option is a flag."""
+    if value:
+        raise TsrtError(
+            f"With --model, --save-probabilities takes no path (it writes OUTPUT's name with .npz): drop {value}."
+        )
+    return value is not None
+
+
+def _check_single_image_options(output_type: list[str] | None, save_probabilities: str | None) -> None:
+    """DICOM outputs and a probabilities file belong to one image; a cohort would overwrite or mix them."""
+    from tsrt.write_dicom import DICOM_OUTPUT_TYPES, normalize_output_types
+
+    dicom = [t for t in normalize_output_types(_output_type(output_type)) if t in DICOM_OUTPUT_TYPES]
+    if dicom or save_probabilities is not None:
+        given = " ".join(f"--output_type {t}" for t in dicom) or "--save_probabilities"
+        raise TsrtError(f"{given} works on one image, not a cohort: run tsrt segment for each series.")
 
 
 def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, **ray_options) -> None:
@@ -273,7 +306,8 @@ def demo(
 
 #: Options that take several values in TotalSegmentator's argparse CLI (`--roi_subset liver brain`).
 _MULTI_VALUE_OPTIONS = {
-    "--folds", "--roi-subset", "--roi_subset", "-rs", "--roi-subset-robust", "--roi_subset_robust", "-rsr"
+    "--folds", "--roi-subset", "--roi_subset", "-rs", "--roi-subset-robust", "--roi_subset_robust", "-rsr",
+    "--output-type", "--output_type", "-ot",
 }
 #: First arguments that are not TotalSegmentator-style segment options (`tsrt -i ct.nii.gz -o out` runs segment).
 _TOP_LEVEL_OPTIONS = {"--help", "-h", "--version"}
@@ -318,6 +352,10 @@ def _fill_optional_values(argv: list[str]) -> list[str]:
     return filled
 
 
+def _is_value(text: str) -> bool:
+    return not text.startswith("-")
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -332,6 +370,10 @@ _OPTIONAL_VALUE_OPTIONS = {
     "--remove_small_blobs": ("200", _is_number),
     "--remove-small-blobs": ("200", _is_number),
     "--ray": ("local", _is_ray_address),
+    # --model: a flag; tasks (TotalSegmentator): a path, so the empty value is refused there.
+    "--save-probabilities": ("", _is_value),
+    "--save_probabilities": ("", _is_value),
+    "-sp": ("", _is_value),
 }
 
 
