@@ -46,6 +46,7 @@ class LoadedModel:
     provider: ProviderChoice
     sessions: list = field(default_factory=list)
     seconds_in_network: float = 0.0  # time spent inside session.run, for the overhead report
+    tiles_run: int = 0  # tiles through the network (a mirrored copy counts, folds do not), for tiles/s
 
     @property
     def plan(self) -> RecordedPlan:
@@ -59,6 +60,7 @@ class LoadedModel:
             for session, plan in zip(self.sessions, self.plans)
         ]
         self.seconds_in_network += time.perf_counter() - started
+        self.tiles_run += int(tiles.shape[0])
         # One fold (TotalSegmentator's case) needs no copy: a 118-class 128^3 tile is ~1 GB.
         return outputs[0][None] if len(outputs) == 1 else np.stack(outputs)
 
