@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from tsrt.cli_models import _human_size as human_size  # sizes read the same in `tsrt models` and the UI
 from tsrt.errors import InputError
 
 #: What the UI opens: NIfTI files and zips of one DICOM series (what tsrt.read.read_image reads).
@@ -64,15 +65,6 @@ def input_kind(name: str) -> str | None:
     if lowered.endswith(".zip"):
         return "DICOM zip"
     return None
-
-
-def human_size(n_bytes: int) -> str:
-    size = float(n_bytes)
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def check_upload(name: str, size: int, max_bytes: int) -> str:
