@@ -141,8 +141,12 @@ def test_image_folder_lists_nifti_zips_and_dicom_folders(tmp_path: Path):
     (tmp_path / "patient" / "series").mkdir(parents=True)
     (tmp_path / "patient" / "series" / "1.dcm").write_bytes(b"x")
     (tmp_path / "patient" / "study.zip").write_bytes(b"x")
+    (tmp_path / "scanner" / "0001").mkdir(parents=True)
+    (tmp_path / "scanner" / "0001" / "IM00001").write_bytes(bytes(128) + b"DICM" + b"rest")  # no file ending
+    (tmp_path / "scanner" / "other").mkdir()
+    (tmp_path / "scanner" / "other" / "IM00001").write_bytes(bytes(200))
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["a.nii.gz", "b.nii", "patient/series", "patient/study.zip"]
+    assert found == ["a.nii.gz", "b.nii", "patient/series", "patient/study.zip", "scanner/0001"]
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -299,6 +303,20 @@ def test_bad_uploads_get_one_clear_message(page_env: Path, monkeypatch: pytest.M
     at.run()
     assert not at.exception
     assert "more than this workstation accepts for uploads (1.0 MB)" in at.error[0].value
+
+
+def test_a_zipped_dicom_series_opens_with_its_modality(page_env: Path, shared_data: Path):
+    series = shared_data / "example_ct_dicom"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for file in sorted(series.iterdir()):
+            zipped.write(file, f"series/{file.name}")
+    at = _page()
+    at.file_uploader(key="upload").upload("study.zip", archive.getvalue(), "application/zip")
+    at.run()
+    assert not at.exception and not at.error, (at.exception, at.error)
+    assert "**study.zip**: 512 x 512 x 20 voxels of 0.98 x 0.98 x 2.00 mm, CT" in at.markdown[0].value
+    assert not at.button(key="run").disabled
 
 
 def test_scans_can_be_opened_from_the_configured_folder(page_env: Path, monkeypatch: pytest.MonkeyPatch):

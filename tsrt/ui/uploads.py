@@ -138,7 +138,7 @@ def save_upload(name: str, size: int, stream: BinaryIO, folder: Path, max_bytes:
 
 
 def find_images(folder: Path, *, limit: int = 2000, max_depth: int = 4) -> list[Path]:
-    """NIfTI files, DICOM zips and folders of .dcm files under `folder`, sorted, at most `limit`."""
+    """NIfTI files, DICOM zips and folders of DICOM files under `folder`, sorted, at most `limit`."""
     found: list[Path] = []
     for path in _walk(Path(folder), max_depth):
         found.append(path)
@@ -152,8 +152,22 @@ def _walk(root: Path, max_depth: int) -> Iterator[Path]:
     for current, dirs, files in os.walk(root):
         here = Path(current)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if len(here.parts) - base_depth < max_depth else []
-        if any(f.lower().endswith(".dcm") for f in files):
+        if _holds_dicom(here, files):
             yield here
         for file in sorted(files):
             if input_kind(file) is not None and not file.startswith("."):
                 yield here / file
+
+
+def _holds_dicom(folder: Path, files: list[str]) -> bool:
+    """A .dcm file, or one of the first few files carrying DICOM's "DICM" marker (scanners often omit the ending)."""
+    if any(f.lower().endswith(".dcm") for f in files):
+        return True
+    for name in sorted(f for f in files if input_kind(f) is None and not f.startswith("."))[:3]:
+        try:
+            with open(folder / name, "rb") as handle:
+                if handle.read(132)[128:] == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False
