@@ -297,7 +297,9 @@ class ModelRunner:
             step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress, on_tiles=self.on_tiles
         )
         started = time.perf_counter()
-        prediction = predict_array(data, properties["spacing"], model, settings, save_probabilities=probabilities is not None)
+        prediction = predict_array(
+            data, properties["spacing"], model, settings, save_probabilities=probabilities is not None
+        )
         self._add_seconds("predict", started)
         if probabilities is not None and prediction.probabilities is not None:
             nnunet_properties = {k: v for k, v in properties.items() if k != "tsrt"} | prediction.cropping

@@ -118,10 +118,14 @@ def dicom_output_paths(output: Path, output_types: Sequence[str], task_name: str
         (output_type,) = output_types
         if output_type == "dicom_rtstruct":
             if output.is_dir():
-                raise OutputError(f"Output {output} is a folder; give the RTSTRUCT a file name such as {output / 'segmentations.dcm'}.")
+                example = output / "segmentations.dcm"
+                raise OutputError(f"Output {output} is a folder; give the RTSTRUCT a file name such as {example}.")
             return {output_type: output if output.name.endswith(".dcm") else output.with_name(output.name + ".dcm")}
         return {output_type: output}
-    folder, name = (output, f"{task_name}_segmentation") if output.is_dir() else (output.parent, output.name.split(".")[0])
+    if output.is_dir():
+        folder, name = output, f"{task_name}_segmentation"
+    else:
+        folder, name = output.parent, output.name.split(".")[0]
     suffixes = {"nifti": ".nii.gz", "dicom_seg": "_seg.dcm", "dicom_rtstruct": "_rtstruct.dcm"}
     return {output_type: folder / f"{name}{suffixes[output_type]}" for output_type in output_types}
 
@@ -144,7 +148,9 @@ class SourceSlice:
         rows = np.arange(int(self.dataset.Rows))[:, None]
         columns = np.arange(int(self.dataset.Columns))[None, :]
         index = tuple(
-            np.broadcast_to(self.origin[a] + self.row_step[a] * rows + self.column_step[a] * columns, (rows.size, columns.size))
+            np.broadcast_to(
+                self.origin[a] + self.row_step[a] * rows + self.column_step[a] * columns, (rows.size, columns.size)
+            )
             for a in range(3)
         )
         return labels[index]
@@ -161,7 +167,7 @@ def load_source_series(source: Path, image: Image) -> list[SourceSlice]:
     inverse = np.linalg.inv(np.asarray(image.affine, dtype=np.float64))
     shape = np.array(image.spatial_shape)
     slices: list[SourceSlice] = []
-    for name, handle in _dicom_files(Path(source)):
+    for handle in _dicom_files(Path(source)):
         try:
             dataset = pydicom.dcmread(handle, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
@@ -171,31 +177,36 @@ def load_source_series(source: Path, image: Image) -> list[SourceSlice]:
             _complete_references(dataset)
             slices.append(placed)
     if not slices:
-        raise InputError(f"No DICOM image in {source} lies on the segmented volume's grid; pass the series that was segmented.")
-    slice_axis = int(np.flatnonzero((slices[0].row_step == 0) & (slices[0].column_step == 0))[0])
+        raise InputError(
+            f"No DICOM image in {source} lies on the segmented volume's grid; pass the series that was segmented."
+        )
+    axes = [int(np.flatnonzero((s.row_step == 0) & (s.column_step == 0))[0]) for s in slices]
+    slice_axis = max(set(axes), key=axes.count)  # a stray image in another plane does not belong
+    slices = [s for s, axis in zip(slices, axes) if axis == slice_axis]
     planes = sorted(int(s.origin[slice_axis]) for s in slices)
     if planes != list(range(int(shape[slice_axis]))):
         raise InputError(
             f"The DICOM images in {source} do not cover the segmented volume slice by slice "
-            f"({len(slices)} images for {shape[slice_axis]} slices); pass the folder of the one series that was segmented."
+            f"({len(slices)} images for {shape[slice_axis]} slices); pass the folder of the one series that was "
+            "segmented."
         )
     return sorted(slices, key=lambda s: s.position_along_normal)
 
 
-def _dicom_files(source: Path) -> Iterator[tuple[str, Any]]:
-    """(name, readable file) for every file of a DICOM folder (recursively, like tsrt.read) or zip."""
+def _dicom_files(source: Path) -> Iterator[Any]:
+    """A readable file (path or open handle) for every file of a DICOM folder (recursively, like tsrt.read) or zip."""
     if source.is_dir():
         for root, dirs, names in os.walk(source):
             dirs.sort()
             for name in sorted(names):
-                yield name, os.path.join(root, name)
+                yield os.path.join(root, name)
         return
     try:
         with zipfile.ZipFile(source) as archive:
             for member in sorted(archive.namelist()):
                 if not member.endswith("/"):
                     with archive.open(member) as handle:
-                        yield member, handle
+                        yield handle
     except (zipfile.BadZipFile, OSError) as error:
         raise InputError(f"{source} cannot be read as a .zip of DICOM files ({short_reason(error)}).") from None
 
@@ -221,7 +232,8 @@ def _complete_references(dataset: Any) -> None:
     meta = getattr(dataset, "file_meta", None)
     if not dataset.get("SOPClassUID"):
         from_meta = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-        dataset.SOPClassUID = from_meta or _SOP_CLASS_BY_MODALITY.get(str(dataset.get("Modality", "CT")), _SECONDARY_CAPTURE)
+        by_modality = _SOP_CLASS_BY_MODALITY.get(str(dataset.get("Modality", "CT")), _SECONDARY_CAPTURE)
+        dataset.SOPClassUID = from_meta or by_modality
     if not dataset.get("SOPInstanceUID") and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
         dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     for keyword, default in _PATIENT_STUDY_DEFAULTS.items():
@@ -280,7 +292,8 @@ def class_colour(label: int, name: str) -> tuple[int, int, int]:
 def _present_classes(frames: np.ndarray, label_map: Mapping[int, str]) -> list[tuple[int, str]]:
     """(label, name) of the classes with at least one voxel, in label order."""
     present = set(np.unique(frames).tolist())
-    return [(int(label), name) for label, name in sorted(label_map.items()) if int(label) in present and int(label) != 0]
+    present.discard(0)
+    return [(int(label), name) for label, name in sorted(label_map.items()) if int(label) in present]
 
 
 def _frames(labels: np.ndarray, series: Sequence[SourceSlice]) -> np.ndarray:
