@@ -12,15 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "segment"]
+__all__ = ["__version__", "contrast_phase", "segment"]
+
+#: Lazily imported public functions: name -> module.
+_LAZY = {"segment": "tsrt.totalseg", "contrast_phase": "tsrt.phase"}
 
 if TYPE_CHECKING:
+    from tsrt.phase import contrast_phase
     from tsrt.totalseg import segment
 
 
 def __getattr__(name: str) -> Any:
-    if name == "segment":
-        from tsrt.totalseg import segment
+    if name in _LAZY:
+        import importlib
 
-        return segment
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tsrt' has no attribute {name!r}")

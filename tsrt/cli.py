@@ -21,6 +21,7 @@ app = typer.Typer(
 
 
 def _register_subcommands() -> None:
+    from tsrt.cli_companion import register as register_companion
     from tsrt.cli_engine import engine_app
     from tsrt.cli_models import models_app
     from tsrt.cli_totalseg import register
@@ -31,6 +32,7 @@ def _register_subcommands() -> None:
     app.add_typer(models_app, name="models")
     register(app)
     app.add_typer(engine_app, name="engine")
+    register_companion(app)
 
 
 @app.command()

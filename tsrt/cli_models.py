@@ -132,16 +132,33 @@ def _task(name: str, fast: bool, fastest: bool) -> "Task":
 
 @models_app.command("import")
 def import_models(
-    task: str = typer.Argument(..., help="TotalSegmentator task, e.g. total."),
+    task: str = typer.Argument(..., help="TotalSegmentator task, e.g. total; or phase, modality, evans-index."),
     fast: bool = _FAST,
     fastest: bool = _FASTEST,
     totalseg_home: Optional[Path] = typer.Option(
         None, "--totalseg-home", help="TotalSegmentator's home (default $TOTALSEG_HOME_DIR or ~/.totalsegmentator)."
     ),
     with_optional: bool = _OPTIONAL,
+    resources: Optional[Path] = typer.Option(
+        None, "--resources", help="phase/modality/evans-index: TotalSegmentator's resources folder "
+        "(default: the installed totalsegmentator package's)."
+    ),
     quiet: bool = _QUIET,
 ) -> None:
-    """Export the models a task needs from an existing TotalSegmentator install into the store."""
+    """Export the models a task needs from an existing TotalSegmentator install into the store.
+
+    `phase`, `modality` and `evans-index` import the classifiers / atlas of TotalSegmentator's
+    companion tools instead (converted to xgboost JSON; no torch needed).
+    """
+    from tsrt.resources import RESOURCES
+
+    if task in RESOURCES:
+        from tsrt_export.import_classifiers import import_resource
+
+        folder = import_resource(task, resources)
+        if not quiet:
+            typer.echo(f"{task}: imported into {folder}")
+        return
     resolved = _task(task, fast, fastest)
     importer = _import_toolchain()
     outcomes = importer.import_task(resolved, totalseg_home, with_optional=with_optional, progress=not quiet)

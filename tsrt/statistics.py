@@ -7,13 +7,12 @@ so TotalSegmentator reports it as 0 volume and 0 intensity by default; so do we.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from tsrt.write import atomic_output
+from tsrt.write import write_json
 
 
 def touches_border(mask: np.ndarray, margin: int = 3) -> bool:
@@ -56,6 +55,4 @@ def structure_statistics(
 
 def write_statistics(stats: Mapping[str, Mapping[str, float]], path: Path) -> Path:
     """Write statistics.json atomically (never a half-written file)."""
-    with atomic_output(Path(path)) as temp:
-        temp.write_text(json.dumps(stats, indent=4))
-    return Path(path)
+    return write_json(stats, Path(path))

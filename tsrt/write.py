@@ -118,6 +118,15 @@ def _output_header(like: Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.
     return header
 
 
+def write_json(document: object, path: Path) -> Path:
+    """Write a JSON report atomically, indented by 4 like TotalSegmentator's own JSON files."""
+    import json
+
+    with atomic_output(Path(path)) as temp:
+        temp.write_text(json.dumps(document, indent=4))
+    return Path(path)
+
+
 def _save(data: np.ndarray, like: Image, header: nib.Nifti1Header, path: Path) -> Path:
     if not path.name.lower().endswith(_NIFTI_SUFFIXES):
         raise OutputError(f"Output {path} is not a NIfTI file name; give it the ending .nii.gz (or .nii).")

@@ -1,0 +1,111 @@
+"""Run official TotalSegmentator functions as test oracles, in a child process.
+
+Why a child process: importing totalsegmentator.nnunet (python_api does on first use) patches
+nnU-Net's predictor for the whole process, and the companion tools (totalseg_get_phase, ...)
+import python_api at module level. The child refuses every network lookup, and its nnU-Net
+predicts in-process (predict_from_files_sequential: the same preprocessing, network and export
+as predict_from_files, without spawning worker processes that each import torch).
+
+A script is PREAMBLE + a body defining `main() -> object`; the child prints that object as JSON on
+its last stdout line. `start_official` returns at once, so tsrt can run while the oracle does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PREAMBLE = textwrap.dedent(
+    """
+    import importlib, json, socket, sys, traceback
+    from pathlib import Path
+
+    _connect = socket.socket.connect
+
+    def no_lookup(host, *args, **kwargs):
+        raise socket.gaierror("network disabled in this test")
+
+    def no_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError("network disabled in this test")
+        return _connect(self, address)
+
+    socket.getaddrinfo, socket.socket.connect = no_lookup, no_connect
+
+    def sequential_nnunet():
+        importlib.import_module("totalsegmentator.nnunet")  # TotalSegmentator's own predictor patch first
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        def in_process(self, source, target, save_probabilities=False, overwrite=True,
+                       num_processes_preprocessing=1, num_processes_segmentation_export=1,
+                       folder_with_segs_from_prev_stage=None, num_parts=1, part_id=0, **kwargs):
+            return self.predict_from_files_sequential(source, target, save_probabilities, overwrite,
+                                                      folder_with_segs_from_prev_stage, **kwargs)
+
+        nnUNetPredictor.predict_from_files = in_process
+
+    def _finish():
+        result = main()
+        print()
+        print(json.dumps(result), flush=True)
+    """
+)
+
+EPILOGUE = '\nif __name__ == "__main__":\n    _finish()\n'
+
+
+class OfficialProcess:
+    """A running oracle script; `result()` waits for it and returns what its main() returned."""
+
+    def __init__(self, process: subprocess.Popen, stdout: Path, stderr: Path) -> None:
+        self.process, self.stdout, self.stderr = process, stdout, stderr
+        self._result: object = None
+        self._done = False
+
+    def result(self, timeout: float = 1800) -> object:
+        if not self._done:
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                raise
+            lines = [line for line in self.stdout.read_text().splitlines() if line.strip()]
+            if self.process.returncode != 0 or not lines:
+                raise AssertionError(f"official TotalSegmentator script failed:\n{self.stderr.read_text()[-4000:]}")
+            self._result, self._done = json.loads(lines[-1]), True
+        return self._result
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+
+def start_official(body: str, work: Path, *args: str, home: Path | None = None) -> OfficialProcess:
+    """Start PREAMBLE + `body` as a script in `work` (TOTALSEG_HOME_DIR = a copy of `home`)."""
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / "official.py"  # a file: nnU-Net may re-import __main__
+    script.write_text(PREAMBLE + textwrap.dedent(body) + EPILOGUE)
+    env = {k: v for k, v in os.environ.items() if k != "TOTALSEG_WEIGHTS_PATH" and not k.startswith("nnUNet_")}
+    if home is not None:
+        copy = work / "home"
+        shutil.copytree(home, copy)  # TotalSegmentator writes its prediction counter into config.json
+        env["TOTALSEG_HOME_DIR"] = str(copy)
+    else:  # no models needed: an empty home that sends no usage statistics
+        empty = work / "empty_home"
+        empty.mkdir(exist_ok=True)
+        (empty / "config.json").write_text(json.dumps({"send_usage_stats": False, "statistics_disclaimer_shown": True}))
+        env["TOTALSEG_HOME_DIR"] = str(empty)
+    stdout, stderr = work / "official.out", work / "official.err"
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        process = subprocess.Popen([sys.executable, str(script), *args], stdout=out, stderr=err, env=env, cwd=work)
+    return OfficialProcess(process, stdout, stderr)
+
+
+def run_official(body: str, work: Path, *args: str, home: Path | None = None) -> object:
+    """Run an oracle script to the end and return its result."""
+    return start_official(body, work, *args, home=home).result()
