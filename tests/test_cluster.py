@@ -87,9 +87,11 @@ def _wait_for_nodes(address: str, count: int, logs: list[Path]) -> None:
         raise RuntimeError(f"the Ray cluster at {address} did not get {count} nodes ({err}):\n{tails}") from None
 
 
-def _python(script: str, *args: str, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
+def _python(
+    script: str, *args: str, timeout: float = 900, check: bool = False, **env: str
+) -> subprocess.CompletedProcess:
     """Run Python code as a separate driver process with the cluster's token settings."""
-    env = {**os.environ, **RAY_AUTH, "PYTHONUTF8": "1", "COLUMNS": "200"}
+    env = {**os.environ, **RAY_AUTH, "PYTHONUTF8": "1", "COLUMNS": "200", **env}
     return subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
         env=env, timeout=timeout, check=check,
@@ -153,8 +155,8 @@ def _leftovers(out: Path) -> list[Path]:
     return [path for path in out.rglob("*") if "tsrt-partial" in path.name]
 
 
-def _tsrt(*args: str) -> subprocess.CompletedProcess:
-    return _python("from tsrt.cli import main; main()", *args)
+def _tsrt(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return _python("from tsrt.cli import main; main()", *args, **env)
 
 
 def test_two_node_cluster_matches_one_process_reports_the_corrupt_case_and_resumes(
@@ -236,7 +238,13 @@ def test_ray_alone_starts_ray_in_process(cohort: tuple[Path, dict[str, np.ndarra
     listed = tmp_path / "cases.csv"
     listed.write_text(f"case,path\nfirst,{cases / 'case1.nii.gz'}\nsecond,{cases / 'case2.nii.gz'}\n")
     out = tmp_path / "out"
-    run = _tsrt("segment", str(listed), "-o", str(out), "--model", str(DEMO_MODEL), "--ray", "-q")
+    ray_temp = tempfile.mkdtemp(prefix="tsrt-ray-", dir="/tmp")  # Ray's session files, not /tmp/ray; short paths
+    try:
+        run = _tsrt(
+            "segment", str(listed), "-o", str(out), "--model", str(DEMO_MODEL), "--ray", "-q", RAY_TMPDIR=ray_temp
+        )
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 segmented, 0 already done, 0 failed" in run.stdout
     renamed = {"first": references["case1"], "second": references["case2"]}

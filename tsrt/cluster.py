@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tsrt.cohort import (
-    Case, CaseProgress, CaseRecord, CaseWorker, CohortJob, CohortSummary, discard_staging, failure_reason, run_case,
+    Case, CaseProgress, CaseRecord, CaseWorker, CohortJob, CohortSummary, discard_staging, failure_reason,
 )
 from tsrt.errors import TsrtError
 
@@ -74,7 +74,7 @@ class CohortActor:
     def segment(self, case: Case) -> CaseRecord:
         if self.worker is None:
             return CaseRecord(case.name, "failed", attempts=1, node=self.node, reason=self.error or "worker not ready")
-        record = run_case(case, self.worker.segment)
+        record = self.worker.run(case)
         record.node = self.node
         return record
 
@@ -161,9 +161,10 @@ def run_on_ray(
         if todo:
             started_here = connect(ray, address)
             try:
-                summary.workers = _run_cases(
+                summary.workers, ready = _run_cases(
                     ray, todo, job, workers, cpus_per_worker, max_attempts, records, advance, on_case
                 )
+                summary.startup_seconds = ready - started
             finally:
                 for case in todo:
                     discard_staging(case)
@@ -184,8 +185,9 @@ def _run_cases(
     records: dict[str, CaseRecord],
     advance: Callable[[CaseRecord], None],
     on_case: Callable[[CaseRecord], None] | None,
-) -> int:
-    """Start the workers, keep each one busy, retry cases whose worker died; returns the worker count."""
+) -> tuple[int, float]:
+    """Start the workers, keep each one busy, retry cases whose worker died; returns the worker count
+    and when they were all ready (perf_counter)."""
     from ray.exceptions import RayActorError, RayError
 
     resources = ray.cluster_resources()
@@ -204,6 +206,7 @@ def _run_cases(
             raise TsrtError(f"The Ray workers did not start: {str(err).strip().splitlines()[0]}") from None
         if problems:
             raise TsrtError(f"A Ray worker cannot open the models: {problems[0]}")
+        ready = time.perf_counter()
         log.info("segmenting %d cases on %d Ray workers", len(todo), count)
         queue: deque[Case] = deque(todo)
         attempts: dict[str, int] = {}
@@ -243,7 +246,7 @@ def _run_cases(
     finally:
         for actor in actors:
             ray.kill(actor)
-    return count
+    return count, ready
 
 
 def _next_case(queue: deque[Case], worker: int, died_on: dict[str, int], workers: int) -> Case | None:

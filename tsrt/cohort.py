@@ -78,6 +78,7 @@ class CohortSummary:
     seconds: float = 0.0
     verb: str = "segmented"  # what was done to each finished case
     workers: int = 1
+    startup_seconds: float = 0.0  # Ray runs: joining/starting Ray and opening the models in every worker
 
     def _names(self, status: str) -> list[str]:
         return [record.name for record in self.records if record.status == status]
@@ -107,7 +108,8 @@ class CohortSummary:
         minutes = self.seconds / 60
         return {
             "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
-            "seconds": round(self.seconds, 3), "workers": self.workers,
+            "seconds": round(self.seconds, 3), "startup_seconds": round(self.startup_seconds, 3),
+            "workers": self.workers,
             "cases_per_minute": round(len(self.done) / minutes, 3) if minutes > 0 and self.done else None,
             "cases": [asdict(record) for record in self.records],
         }
@@ -315,10 +317,28 @@ class CaseWorker:
     def finished(self, case: Case) -> bool:
         return all(path.exists() for path in self.segmenter.expected_outputs(case))
 
-    def segment(self, case: Case) -> None:
+    def segment(self, case: Case, measured: dict[str, Any] | None = None) -> None:
+        """Read, then segment under the lock; `measured` gets the lock wait and the peak memory under it."""
         loaded = self.segmenter.read(case)
-        with self._compute, staged_case(case) as output:
-            self.segmenter.segment(loaded, output)
+        queued = time.perf_counter()
+        with self._compute:
+            if measured is not None:
+                measured["waited"] = time.perf_counter() - queued
+                _reset_peak_memory()
+            try:
+                with staged_case(case) as output:
+                    self.segmenter.segment(loaded, output)
+            finally:
+                if measured is not None:
+                    measured["peak"] = _peak_memory_mb()
+
+    def run(self, case: Case) -> CaseRecord:
+        """run_case for a worker two threads share: the seconds and peak memory of this case, not of the other."""
+        measured: dict[str, Any] = {}
+        record = run_case(case, lambda each: self.segment(each, measured), measure_memory=False)
+        record.seconds -= measured.get("waited", 0.0)
+        record.peak_memory_mb = measured.get("peak")
+        return record
 
 
 def staging_folder(case: Case) -> Path:
@@ -375,18 +395,20 @@ def failure_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, TsrtError) else f"{type(err).__name__}: {err}"
 
 
-def run_case(case: Case, work: Callable[[Case], object]) -> CaseRecord:
+def run_case(case: Case, work: Callable[[Case], object], *, measure_memory: bool = True) -> CaseRecord:
     """Run `work` on one case, timed and with its peak memory; any exception becomes a failed record."""
     record = CaseRecord(case.name, "done", worker=f"{socket.gethostname()}:{os.getpid()}", attempts=1)
     started = time.perf_counter()
-    _reset_peak_memory()
+    if measure_memory:
+        _reset_peak_memory()
     try:
         work(case)
     except Exception as err:  # noqa: BLE001 - one broken case must not stop a cohort
         record.status, record.reason = "failed", failure_reason(err)
         log.error("%s failed: %s", case.name, record.reason, exc_info=log.isEnabledFor(logging.DEBUG))
     record.seconds = time.perf_counter() - started
-    record.peak_memory_mb = _peak_memory_mb()
+    if measure_memory:
+        record.peak_memory_mb = _peak_memory_mb()
     return record
 
 
