@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import shutil
 import tempfile
 import warnings
 from importlib import metadata
@@ -103,8 +104,11 @@ def _convert_modality(folder: Path, work: Path) -> dict[str, Path]:
     files = {}
     for kind, stem in MODALITY_FILES.items():
         for fold in range(5):
+            # Upstream's files are UBJSON named *.json.N; xgboost picks the format by extension.
+            binary = work / f"{kind}_fold_{fold}.ubj"
+            shutil.copyfile(_source_file(folder, f"{stem}.{fold}"), binary)
             original = xgboost.XGBClassifier()
-            original.load_model(str(_source_file(folder, f"{stem}.{fold}")))
+            original.load_model(str(binary))
             path = work / f"{kind}_fold_{fold}.json"
             original.save_model(str(path))
             converted = xgboost.XGBClassifier()

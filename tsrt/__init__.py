@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "contrast_phase", "segment"]
+__all__ = ["__version__", "contrast_phase", "modality", "segment"]
 
 #: Lazily imported public functions: name -> module.
-_LAZY = {"segment": "tsrt.totalseg", "contrast_phase": "tsrt.phase"}
+_LAZY = {"segment": "tsrt.totalseg", "contrast_phase": "tsrt.phase", "modality": "tsrt.modality"}
 
 if TYPE_CHECKING:
+    from tsrt.modality import modality
     from tsrt.phase import contrast_phase
     from tsrt.totalseg import segment
 

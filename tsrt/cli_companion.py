@@ -105,6 +105,38 @@ def phase(
     )
 
 
+def modality(
+    input_path: Path = _INPUT,
+    output: Path = typer.Option(
+        Path("modality.json"), "-o", "--output", help="Result JSON (a cohort: the folder for OUTPUT/<case>/)."
+    ),
+    normalized: bool = typer.Option(
+        False, "-n", "--normalized", "--normalized-intensities",
+        help="Read the modality from regions of task total_mr --fast (works on rescaled images; slower).",
+    ),
+    provider: str = _PROVIDER,
+    device: Optional[str] = _DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = _QUIET,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """CT or MR, with probability, as totalseg_get_modality (from intensities, or with -n from regions)."""
+    from tsrt.modality import ModalityClassifier
+    from tsrt.write import write_json
+
+    _configure(quiet, verbose)
+    classifier = ModalityClassifier(normalized=normalized, provider=provider, device=device, quiet=quiet)
+
+    def process(image: Path, target: Path) -> None:
+        result = classifier.predict(image)
+        write_json(result, target)
+        if not quiet:
+            typer.echo(f"{image.name}: {result['modality']} (probability {result['probability']:.2f})")
+
+    run_single_or_cohort(input_path, output, "modality.json", process, overwrite=overwrite, quiet=quiet, verb="classified")
+
+
 def register(app: typer.Typer) -> None:
     """Add the companion commands to the main `tsrt` app."""
     app.command("phase")(phase)
+    app.command("modality")(modality)

@@ -36,10 +36,17 @@ def structure_statistics(
     *,
     exclude_masks_at_border: bool = True,
     metric: str = "mean",
+    normalized_intensities: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Volume (mm³) and intensity per named label; `labels` and `image` share one voxel grid."""
+    """Volume (mm³) and intensity per named label; `labels` and `image` share one voxel grid.
+
+    `normalized_intensities` scales the int16 image to 0..1 by its min and max first (TotalSegmentator's
+    option for images whose values are not HU, e.g. its MR modality check).
+    """
     voxel_volume = float(spacing[0] * spacing[1] * spacing[2])
     intensities = image.astype(np.int16)
+    if normalized_intensities:
+        intensities = min_max_scaled(intensities)
     stats: dict[str, dict[str, float]] = {}
     for label, name in label_names.items():
         mask = labels == label
@@ -48,9 +55,16 @@ def structure_statistics(
             stats[name] = {"volume": 0.0, "intensity": 0.0}
             continue
         values = intensities[mask]
-        value = float(np.median(values)) if metric == "median" else float(values.mean(dtype=np.float64))
-        stats[name] = {"volume": count * voxel_volume, "intensity": round(value, 5)}
+        value = np.median(values) if metric == "median" else values.mean(dtype=np.float64)
+        stats[name] = {"volume": count * voxel_volume, "intensity": float(np.round(value, 5))}  # numpy's rounding, as upstream
     return stats
+
+
+def min_max_scaled(intensities: np.ndarray) -> np.ndarray:
+    """(x - min) / (max - min) in upstream's arithmetic: differences in int16 (wrapping as numpy does), then float64."""
+    low, high = intensities.min(), intensities.max()
+    span = np.subtract(np.array(high), np.array(low), dtype=intensities.dtype, casting="unsafe")
+    return np.subtract(intensities, low, dtype=intensities.dtype, casting="unsafe") / span
 
 
 def write_statistics(stats: Mapping[str, Mapping[str, float]], path: Path) -> Path:

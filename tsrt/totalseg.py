@@ -753,11 +753,17 @@ def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> n
 
 
 def statistics_for(
-    result: TaskResult, request: TaskRequest, *, exclude_masks_at_border: bool = True, metric: str = "mean"
+    result: TaskResult,
+    request: TaskRequest,
+    *,
+    exclude_masks_at_border: bool = True,
+    metric: str = "mean",
+    normalized_intensities: bool = False,
 ) -> dict[str, dict[str, float]]:
     """statistics.json as TotalSegmentator computes it: on the resampled image for --fast, else on the input.
 
     Class names are the task's (v2 numbering even with --v1_order, as upstream), limited to roi_subset.
+    `normalized_intensities`: intensities of the image min-max scaled to 0..1 (upstream's option).
     """
     from tsrt.statistics import structure_statistics
 
@@ -772,7 +778,8 @@ def statistics_for(
         labels, values = result.labels, result.source.values
         zooms = header_zooms(result.source.image)
     return structure_statistics(
-        labels, values, zooms, names, exclude_masks_at_border=exclude_masks_at_border, metric=metric
+        labels, values, zooms, names, exclude_masks_at_border=exclude_masks_at_border, metric=metric,
+        normalized_intensities=normalized_intensities,
     )
 
 
@@ -876,6 +883,7 @@ class OutputOptions:
     preview: bool = False
     exclude_masks_at_border: bool = True
     stats_aggregation: str = "mean"
+    normalized_intensities: bool = False
     derived_masks: bool = True
     output_types: tuple[str, ...] = ("nifti",)
     probabilities: Path | None = None  # --save_probabilities: nnU-Net's .npz (+ .pkl) of the task's last model
@@ -901,7 +909,8 @@ def segment_source(
     stats = None
     if options.statistics:
         stats = statistics_for(
-            result, request, exclude_masks_at_border=options.exclude_masks_at_border, metric=options.stats_aggregation
+            result, request, exclude_masks_at_border=options.exclude_masks_at_border, metric=options.stats_aggregation,
+            normalized_intensities=options.normalized_intensities,
         )
     if output is not None:
         started = time.perf_counter()
@@ -953,7 +962,8 @@ def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, Model
     output_options = OutputOptions(
         multilabel=o.ml, statistics=o.statistics, preview=o.preview,
         exclude_masks_at_border=o.statistics_exclude_masks_at_border, stats_aggregation=o.stats_aggregation,
-        derived_masks=not o.no_derived_masks, output_types=output_types,
+        normalized_intensities=o.statistics_normalized_intensities, derived_masks=not o.no_derived_masks,
+        output_types=output_types,
         probabilities=Path(o.save_probabilities) if o.save_probabilities is not None else None,
     )
     return request, runner, output_options
@@ -981,6 +991,7 @@ def segment(
     output_type: str | Sequence[str] = "nifti",
     statistics_exclude_masks_at_border: bool = True,
     stats_aggregation: str = "mean",
+    statistics_normalized_intensities: bool = False,
     no_derived_masks: bool = False,
     skip_saving: bool = False,
     remove_small_blobs: bool | float = False,
