@@ -49,13 +49,14 @@ def _node_ports() -> list[str]:
 RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-def _start_node(args: list[str], log: Path) -> subprocess.Popen:
+def _start_node(args: list[str], log: Path, tsrt_home: Path) -> subprocess.Popen:
     ray = Path(sys.executable).with_name("ray")
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
               "--disable-usage-stats", "--block", *_node_ports()]
     with open(log, "wb") as handle:
         return subprocess.Popen(
-            [str(ray), "start", *args, *common], stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **RAY_AUTH}
+            [str(ray), "start", *args, *common], stdout=handle, stderr=subprocess.STDOUT,
+            env={**os.environ, **RAY_AUTH, "TSRT_HOME": str(tsrt_home)},  # the workers' model store
         )
 
 
@@ -99,7 +100,13 @@ def _python(
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def cluster_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TSRT_HOME of the cluster's nodes (empty until a test imports models into it)."""
+    return tmp_path_factory.mktemp("cluster_tsrt_home")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cluster_home: Path):
     """HOST:PORT of a running two-node Ray cluster on 127.0.0.1 (1 CPU per node)."""
     pytest.importorskip("ray", reason="the cluster extra is not installed: pip install 'tsrt[cluster]'")
     temp = Path(tempfile.mkdtemp(prefix="tsrt-ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
@@ -110,10 +117,10 @@ def ray_cluster():
         processes.append(_start_node(
             ["--head", f"--port={address.split(':')[1]}", f"--temp-dir={temp}", "--include-dashboard=false",
              f"--ray-client-server-port={_free_port()}"],
-            logs[0],
+            logs[0], cluster_home,
         ))
         _wait_for_nodes(address, 1, logs[:1])
-        processes.append(_start_node([f"--address={address}"], logs[1]))
+        processes.append(_start_node([f"--address={address}"], logs[1], cluster_home))
         _wait_for_nodes(address, 2, logs)
         yield address
     finally:
@@ -159,6 +166,7 @@ def _tsrt(*args: str, **env: str) -> subprocess.CompletedProcess:
     return _python("from tsrt.cli import main; main()", *args, **env)
 
 
+@pytest.mark.slow
 def test_two_node_cluster_matches_one_process_reports_the_corrupt_case_and_resumes(
     ray_cluster: str, cohort: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
@@ -216,6 +224,7 @@ print(json.dumps({"killed": killed, **summary.to_json()}))
 """
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_case_is_retried_and_leaves_no_partial_output(
     ray_cluster: str, cohort: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
@@ -232,6 +241,49 @@ def test_a_worker_killed_mid_case_is_retried_and_leaves_no_partial_output(
     _assert_same_as_single_process(out, references, cases.parent / "single")
 
 
+#: The single-process path: tsrt.totalseg.segment on each image, one process.
+_SEGMENT_EACH = """
+import sys
+from tsrt.totalseg import segment
+for image, output in zip(sys.argv[1::2], sys.argv[2::2]):
+    segment(image, output, task="total", fastest=True, ml=True, statistics=True, quiet=True, device="cpu")
+"""
+
+
+@pytest.mark.slow
+def test_a_totalsegmentator_task_on_the_cluster_equals_the_single_process_path(
+    ray_cluster: str, cluster_home: Path, cohort: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    pytest.importorskip("nnunetv2", reason="making fixture TotalSegmentator weights needs the export extra")
+    from tsrt_export.fixtures import write_totalseg_home
+
+    cases, _ = cohort
+    ts_home = write_totalseg_home(tmp_path / "ts_home", ("total_fastest",))
+    home = {"TSRT_HOME": str(cluster_home)}
+    imported = _tsrt("models", "import", "total", "--fastest", "--totalseg-home", str(ts_home), "-q", **home)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    listed = tmp_path / "cases.txt"
+    listed.write_text("\n".join(str(cases / f"{name}.nii.gz") for name in GOOD_CASES[:3]))
+
+    out = tmp_path / "out"
+    run = _tsrt("segment", str(listed), "-o", str(out), "-ta", "total", "--fastest", "--ml", "--statistics",
+                "--device", "cpu", "--ray", ray_cluster, "-q", **home)
+    assert run.returncode == 0, run.stdout + run.stderr
+    single = tmp_path / "single"
+    pairs = [
+        str(path) for name in GOOD_CASES[:3] for path in (cases / f"{name}.nii.gz", single / name / f"{name}.nii.gz")
+    ]
+    alone = _python(_SEGMENT_EACH, *pairs, **home)
+    assert alone.returncode == 0, alone.stderr
+    for name in GOOD_CASES[:3]:
+        expected = np.asanyarray(nib.load(single / name / f"{name}.nii.gz").dataobj)
+        np.testing.assert_array_equal(np.asanyarray(nib.load(out / name / f"{name}.nii.gz").dataobj), expected)
+        assert len(np.unique(expected)) > 1
+        statistics = (out / name / "statistics.json").read_text()
+        assert json.loads(statistics) == json.loads((single / name / "statistics.json").read_text())
+
+
+@pytest.mark.slow
 def test_ray_alone_starts_ray_in_process(cohort: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="the cluster extra is not installed: pip install 'tsrt[cluster]'")
     cases, references = cohort
