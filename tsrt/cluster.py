@@ -154,7 +154,7 @@ def run_on_ray(
             records[case.name] = CaseRecord(case.name, "skipped")
         else:
             todo.append(case)
-    summary = CohortSummary()
+    summary = CohortSummary(workers=0)  # no worker starts when every case is finished
     with CaseProgress(len(cases), progress) as advance:
         for record in records.values():
             advance(record)
