@@ -24,7 +24,9 @@ import shutil
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -489,10 +491,43 @@ def run_job(
             cases, job, address=ray, workers=workers, cpus_per_worker=cpus_per_worker, overwrite=overwrite,
             progress=progress, on_case=on_case,
         )
-    worker = CaseWorker(job.open())
-    return for_each_case(
-        cases, worker.segment, worker.finished, overwrite=overwrite, progress=progress, on_case=on_case
-    )
+    return run_here(cases, CaseWorker(job.open()), overwrite=overwrite, progress=progress, on_case=on_case)
+
+
+def run_here(
+    cases: list[Case],
+    worker: CaseWorker,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_case: Callable[[CaseRecord], None] | None = None,
+) -> CohortSummary:
+    """Every unfinished case on this machine, two in flight: the next case is read (decompressed, decoded)
+    while the current one is segmented; CaseWorker's lock keeps one inference at a time."""
+    summary = CohortSummary()
+    started = time.perf_counter()
+
+    def report(record: CaseRecord) -> None:
+        summary.records.append(record)
+        advance(record)
+        if on_case is not None:
+            on_case(record)
+
+    with CaseProgress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
+        in_flight: deque[Future[CaseRecord]] = deque()
+        for case in cases:
+            if not overwrite and worker.finished(case):
+                report(CaseRecord(case.name, "skipped"))
+                continue
+            in_flight.append(pool.submit(worker.run, case))
+            if len(in_flight) == 2:
+                report(in_flight.popleft().result())
+        while in_flight:
+            report(in_flight.popleft().result())
+    order = {case.name: index for index, case in enumerate(cases)}
+    summary.records.sort(key=lambda record: order[record.name])
+    summary.seconds = time.perf_counter() - started
+    return summary
 
 
 def run_cohort(
@@ -506,8 +541,7 @@ def run_cohort(
 ) -> CohortSummary:
     """Segment every case not finished yet with an open runner; a case that fails is logged and the next one runs."""
     runner.progress = False  # one bar over cases, not one per model call
-    worker = CaseWorker(TaskSegmenter(request, runner, options))
-    return for_each_case(cases, worker.segment, worker.finished, overwrite=overwrite, progress=progress)
+    return run_here(cases, CaseWorker(TaskSegmenter(request, runner, options)), overwrite=overwrite, progress=progress)
 
 
 def segment_cohort(
