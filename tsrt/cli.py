@@ -190,7 +190,9 @@ def segment(
     ray_cpus_per_worker: float = _cohort_option(
         1.0, "--ray-cpus-per-worker", help="CPUs (ONNX Runtime threads) each Ray worker takes."
     ),
-    provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
+    provider: str = typer.Option(
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+    ),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
@@ -296,7 +298,9 @@ def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, *
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Folder for the phantom and its results."),
-    provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
+    provider: str = typer.Option(
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Segment a generated CT phantom with the bundled demo model (no internet, no torch)."""
