@@ -31,6 +31,8 @@ SlabConsumer = Callable[[int, np.ndarray], None]
 #: Runs the network(s) on a batch of tiles (N, C_in, *patch); returns logits per fold (F, N, C_out, *patch).
 TilePredictor = Callable[[np.ndarray], np.ndarray]
 ACCUMULATIONS = ("float16", "float32")
+#: About how many bytes of normalised float32 logits are handed to the consumer at once.
+EMIT_CHUNK_BYTES = 64 << 20
 
 
 def compute_steps(image_size: Sequence[int], tile_size: Sequence[int], step_size: float) -> list[list[int]]:
@@ -214,19 +216,22 @@ class _SlabAccumulator:
         x0 = start[0] - self.first_row
         _accumulate(self.logits, self.weights, np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, x0, start[1], start[2], self.half)
 
-    def release(self, upto_row: int) -> np.ndarray:
-        """Return the normalised rows [first_row, upto_row) and shift the buffer so they are forgotten."""
+    def normalized(self, begin: int, end: int) -> np.ndarray:
+        """The weight-normalised logits of rows [begin, end) (padded-volume rows, all inside the buffer)."""
+        lo, hi = begin - self.first_row, end - self.first_row
+        return _normalize_rows(self.logits[:, :, lo:hi], self.weights[lo:hi], hi - lo, self.half)
+
+    def forget(self, upto_row: int) -> None:
+        """Shift the buffer so rows before `upto_row` are dropped and new rows start at zero."""
         rows = upto_row - self.first_row
         if rows <= 0:
-            return np.zeros((self.logits.shape[1], 0, *self.logits.shape[3:]), dtype=np.float32)
-        done = _normalize_rows(self.logits, self.weights, rows, self.half)
+            return
         keep = self.logits.shape[2] - rows
         self.logits[:, :, :keep] = self.logits[:, :, rows:]
         self.logits[:, :, keep:] = 0
         self.weights[:keep] = self.weights[rows:]
         self.weights[keep:] = 0
         self.first_row = upto_row
-        return done
 
 
 def _batches(items: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
@@ -277,19 +282,21 @@ def sliding_window_inference(
     row_starts = sorted({t.start[0] for t in tiles})
     accumulator = None  # created at the first batch, when the number of folds is known
     row_offset, valid_rows = pads[1][0], data.shape[1]
+    crop = tuple(slice(before, before + size) for (before, _), size in zip(pads[2:], data.shape[2:]))
+    # Finished rows are normalised and handed on a few at a time: the float32 copy that normalising
+    # makes stays near EMIT_CHUNK_BYTES instead of a whole tile's rows (1 GB for 118 classes at 128^3).
+    chunk_rows = max(1, EMIT_CHUNK_BYTES // (4 * n_outputs * int(np.prod(spatial[1:]))))
     emitted = 0
 
     def emit(upto_row: int) -> None:
         nonlocal emitted
         assert accumulator is not None
-        slab_start = accumulator.first_row
-        slab = accumulator.release(upto_row)
-        lo = max(slab_start, row_offset)
-        hi = min(upto_row, row_offset + valid_rows)
-        if hi > lo:
-            crop = tuple(slice(before, before + size) for (before, _), size in zip(pads[2:], data.shape[2:]))
-            consume_slab(lo - row_offset, slab[(slice(None), slice(lo - slab_start, hi - slab_start), *crop)])
-            emitted = hi - row_offset
+        first, last = max(accumulator.first_row, row_offset), min(upto_row, row_offset + valid_rows)
+        for begin in range(first, last, chunk_rows):
+            end = min(last, begin + chunk_rows)
+            consume_slab(begin - row_offset, accumulator.normalized(begin, end)[(slice(None), slice(None), *crop)])
+            emitted = end - row_offset
+        accumulator.forget(upto_row)
 
     # Tiles come in row order; group them by first-axis start so each group's rows can be released.
     for group_index, row in enumerate(row_starts):
@@ -307,6 +314,7 @@ def sliding_window_inference(
                 accumulator.add(tile_logits[:, :, None] if is_2d else tile_logits, gaussian3d, tile.start)
             if progress is not None:
                 progress(len(batch))
+            del logits, tile_logits  # a tile's logits (1 GB for 118 classes at 128^3) are not needed while emitting
         next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
         emit(next_row)
     if emitted != valid_rows:
