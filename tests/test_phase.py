@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from totalseg_official import run_official, start_official
+from totalseg_official import run_official, start_official, write_dicom_series
 
 pytest.importorskip("xgboost", reason="the contrast phase needs the phase extra (xgboost)")
 
@@ -221,33 +221,6 @@ def test_statistics_without_the_phase_structures_are_refused(
 
 
 # --------------------------------------------------------------------------------------------- end to end
-
-
-def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
-    """The NIfTI volume as an axial CT DICOM series (one file per slice), as a scanner would store it."""
-    import SimpleITK as sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    volume = sitk.Cast(sitk.ReadImage(str(nifti_path)), sitk.sitkInt16)
-    direction = volume.GetDirection()
-    orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
-                                                   direction[1], direction[4], direction[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series = "1.2.826.0.1.3680043.2.1125.4242"
-    for k in range(volume.GetSize()[2]):
-        image = volume[:, :, k]
-        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series,
-            "0020|000d": series + ".1", "0020|0037": orientation, "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0008|0018": f"{series}.{k + 2}",
-            "0028|1052": "0", "0028|1053": "1", "0018|0050": f"{volume.GetSpacing()[2]:.6f}",
-        }.items():
-            image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
-        writer.Execute(image)
-    return folder
 
 
 _END_TO_END_ORACLE = """

@@ -8,6 +8,7 @@ as predict_from_files, without spawning worker processes that each import torch)
 
 A script is PREAMBLE + a body defining `main() -> object`; the child prints that object as JSON on
 its last stdout line. `start_official` returns at once, so tsrt can run while the oracle does.
+`write_dicom_series` turns a NIfTI test input into the DICOM series both sides then read.
 """
 
 from __future__ import annotations
@@ -109,3 +110,30 @@ def start_official(body: str, work: Path, *args: str, home: Path | None = None) 
 def run_official(body: str, work: Path, *args: str, home: Path | None = None) -> object:
     """Run an oracle script to the end and return its result."""
     return start_official(body, work, *args, home=home).result()
+
+
+def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
+    """The NIfTI volume as an axial CT DICOM series (one file per slice), as a scanner would store it."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = sitk.Cast(sitk.ReadImage(str(nifti_path)), sitk.sitkInt16)
+    direction = volume.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                   direction[1], direction[4], direction[7]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.4242"
+    for k in range(volume.GetSize()[2]):
+        image = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series,
+            "0020|000d": series + ".1", "0020|0037": orientation, "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0008|0018": f"{series}.{k + 2}",
+            "0028|1052": "0", "0028|1053": "1", "0018|0050": f"{volume.GetSpacing()[2]:.6f}",
+        }.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(image)
+    return folder

@@ -132,6 +132,9 @@ def segment(
     ),
     ml: bool = _task_option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class."),
     statistics: bool = _task_option(False, "--statistics", "-s", help="Also write statistics.json."),
+    radiomics: bool = _task_option(
+        False, "--radiomics", "-r", help="Also write statistics_radiomics.json (pip install 'tsrt[radiomics]')."
+    ),
     stats_include_incomplete: bool = _task_option(
         False, "--stats-include-incomplete", "--stats_include_incomplete", "-sii",
         help="Statistics also for masks touching the image border."
@@ -237,7 +240,8 @@ def segment(
 
     options = dict(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
-        body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order, provider=provider,
+        radiomics=radiomics, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
+        provider=provider,
         device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=_output_type(output_type),
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,

@@ -234,6 +234,8 @@ def expected_outputs(case: Case, request: TaskRequest, options: OutputOptions) -
         files.append(folder / "statistics.json")
     if options.preview:
         files.append(folder / f"preview_{task.name}.png")
+    if options.radiomics:
+        files.append(folder / "statistics_radiomics.json")
     return files
 
 

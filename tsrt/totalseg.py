@@ -884,6 +884,7 @@ class OutputOptions:
     exclude_masks_at_border: bool = True
     stats_aggregation: str = "mean"
     normalized_intensities: bool = False
+    radiomics: bool = False  # statistics_radiomics.json from the written masks (the radiomics extra)
     derived_masks: bool = True
     output_types: tuple[str, ...] = ("nifti",)
     probabilities: Path | None = None  # --save_probabilities: nnU-Net's .npz (+ .pkl) of the task's last model
@@ -921,6 +922,12 @@ def segment_source(
             preview=options.preview, derived_masks=options.derived_masks, output_types=options.output_types,
         )
         result.seconds["write"] = time.perf_counter() - started
+        if options.radiomics:
+            started = time.perf_counter()
+            from tsrt.radiomics import write_source_radiomics
+
+            write_source_radiomics(source, Path(output), progress=runner.progress)
+            result.seconds["radiomics"] = time.perf_counter() - started
     return result, stats
 
 
@@ -949,6 +956,10 @@ def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, Model
     o = SimpleNamespace(**run_options({**options, "task": task}))
     output_types = normalize_output_types(o.output_type)
     require_dicom_extra(output_types)
+    if o.radiomics:
+        from tsrt.radiomics import check_radiomics
+
+        check_radiomics(multilabel=o.ml)
     if o.stats_aggregation not in ("mean", "median"):
         raise TsrtError(f"Statistics aggregate with mean or median, not {o.stats_aggregation!r}.")
     request = build_request(
@@ -962,7 +973,8 @@ def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, Model
     output_options = OutputOptions(
         multilabel=o.ml, statistics=o.statistics, preview=o.preview,
         exclude_masks_at_border=o.statistics_exclude_masks_at_border, stats_aggregation=o.stats_aggregation,
-        normalized_intensities=o.statistics_normalized_intensities, derived_masks=not o.no_derived_masks,
+        normalized_intensities=o.statistics_normalized_intensities, radiomics=o.radiomics,
+        derived_masks=not o.no_derived_masks,
         output_types=output_types,
         probabilities=Path(o.save_probabilities) if o.save_probabilities is not None else None,
     )
@@ -992,6 +1004,7 @@ def segment(
     statistics_exclude_masks_at_border: bool = True,
     stats_aggregation: str = "mean",
     statistics_normalized_intensities: bool = False,
+    radiomics: bool = False,
     no_derived_masks: bool = False,
     skip_saving: bool = False,
     remove_small_blobs: bool | float = False,
@@ -1012,6 +1025,8 @@ def segment(
     """
     options = {name: value for name, value in locals().items() if name not in _NOT_RUN_OPTIONS}
     target = None if skip_saving or output is None else Path(output)
+    if radiomics and target is None:
+        raise TsrtError("radiomics=True reads the written masks: give an output folder (as TotalSegmentator needs).")
     if target is not None:
         require_dicom_input(input, normalize_output_types(output_type))  # the input's kind first, as upstream
     request, runner, output_options = prepare_run(**options)
