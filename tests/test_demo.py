@@ -33,9 +33,10 @@ def test_demo_writes_every_output_and_segments_the_phantom(tmp_path: Path):
     stats = json.loads((out / "statistics.json").read_text())
     assert set(stats) == set(summary)
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A trained model, not seeded weights: the organs its short schedule learned are found (Dice vs the
-    # phantom's truth; models/demo/TRAINING.md has the per-class table, spleen and kidneys not yet learned).
-    for organ, floor in (("liver", 0.85), ("spine", 0.85), ("lung_left", 0.5), ("lung_right", 0.4)):
+    # A trained model, not seeded weights: Dice vs the phantom's truth (models/demo/TRAINING.md has the table;
+    # on this default phantom the model mixes up the lungs' apices and the kidneys most).
+    floors = {"liver": 0.9, "spleen": 0.9, "aorta": 0.9, "spine": 0.9, "lung_left": 0.6, "lung_right": 0.5}
+    for organ, floor in floors.items():
         assert summary[organ]["dice"] >= floor, f"{organ}: Dice {summary[organ]['dice']:.3f}"
 
 

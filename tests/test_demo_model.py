@@ -22,8 +22,12 @@ MODEL = (REPO / "models" / "demo" / "nnUNet_results" / "Dataset900_TsrtDemo"
 
 # Training used seeds 0..29 (vary=True); this one is unseen.
 TEST_PHANTOM = dict(shape=(96, 80, 64), spacing=(3.0, 3.0, 3.0), seed=4242, vary=True)
-# The organs the 1000-iteration schedule learned (TRAINING.md: spleen and kidneys are not learned yet).
-MIN_DICE = {"liver": 0.85, "spine": 0.85, "lung_left": 0.7, "lung_right": 0.5}
+# Floors a little under what the committed model reaches on this phantom (TRAINING.md: 0.93-0.99 for the large
+# structures, 0.75 for the kidneys, which the 2000-iteration schedule learned least).
+MIN_DICE = {
+    "liver": 0.9, "spleen": 0.9, "aorta": 0.85, "spine": 0.9, "lung_left": 0.9, "lung_right": 0.9,
+    "kidney_left": 0.6, "kidney_right": 0.6,
+}
 
 
 def dice(pred: np.ndarray, gt: np.ndarray, label: int) -> float:

@@ -27,11 +27,15 @@ PHANTOM_LABELS: dict[int, str] = {
 
 @dataclass(frozen=True)
 class Phantom:
-    """An image in HU and its ground-truth labels, both indexed (x, y, z) in RAS+ voxel order."""
+    """An image in HU and its ground-truth labels, both indexed (x, y, z) in LAS voxel order.
+
+    The first axis runs from the patient's right to their left (LAS, as the voxel order of many
+    scanner exports): the affine maps it to RAS+ world coordinates with a negative x step.
+    """
 
     image: np.ndarray  # int16 HU
     labels: np.ndarray  # uint8, numbers from PHANTOM_LABELS
-    affine: np.ndarray  # 4x4 voxel -> RAS mm
+    affine: np.ndarray  # 4x4 voxel -> RAS+ mm
     spacing: tuple[float, float, float]
 
 
@@ -48,7 +52,7 @@ def make_phantom(
     vary: bool = False,
     noise_hu: float = 12.0,
 ) -> Phantom:
-    """Build a phantom of `shape` voxels at `spacing` mm (x, y, z in RAS+ order).
+    """Build a phantom of `shape` voxels at `spacing` mm (x, y, z in LAS order: x towards the patient's left).
 
     `seed` fixes the noise; `vary=True` also jitters body size, organ positions, sizes and
     intensities (used to make a training set with variety). The same arguments always give
@@ -84,19 +88,31 @@ def make_phantom(
         image[mask] = hu + jitter(12)
         labels[mask] = label
 
-    # Thorax (superior, +z): lungs are air-filled, patient right is -x in RAS.
+    # Portal-venous-phase contrast: every labelled soft-tissue organ has its own intensity band
+    # (liver 100, spleen 140, kidney cortex 190, aorta 285 HU) wider apart than the per-case
+    # jitter plus noise, so a small network can tell them apart; left/right pairs differ only
+    # by position, with the heart (unlabelled, left-anterior) and the liver (right) as cues.
+    # Thorax (superior, +z): lungs are air-filled. x points to the patient's left (the affine's x step is negative).
     organ(7, (-75.0, 5.0, 105.0), (62.0, 78.0, 110.0), -840.0)
     organ(6, (75.0, 5.0, 110.0), (58.0, 75.0, 105.0), -850.0)
+    heart = _ellipsoid(x, y, z, (25.0 + jitter(6), 40.0 + jitter(6), 45.0 + jitter(8)), (55.0, 42.0, 45.0)) & body
+    image[heart] = 150.0 + jitter(10)
+    labels[heart] = 0
     # Abdomen.
-    organ(4, (-60.0, 10.0, -5.0), (85.0, 75.0, 70.0), 62.0)
-    organ(1, (85.0, -30.0, 20.0), (35.0, 45.0, 50.0), 48.0)
-    organ(2, (-55.0, -55.0, -75.0), (28.0, 24.0, 50.0), 155.0)
-    organ(3, (55.0, -55.0, -70.0), (28.0, 24.0, 50.0), 150.0)
+    organ(4, (-60.0, 10.0, -5.0), (85.0, 75.0, 70.0), 100.0)
+    organ(1, (85.0, -30.0, 20.0), (35.0, 45.0, 50.0), 140.0)
+    for label, side in ((2, -1.0), (3, 1.0)):
+        kidney_x = side * 55.0 + jitter(6)
+        kidney_z = -72.0 + jitter(8)
+        organ(label, (kidney_x, -55.0, kidney_z), (28.0, 24.0, 50.0), 190.0)
+        # The renal sinus: a darker core, so kidneys have the texture aorta and spleen lack.
+        sinus = _ellipsoid(x, y, z, (kidney_x - side * 8.0, -55.0, kidney_z), (10.0, 9.0, 22.0)) & (labels == label)
+        image[sinus] = 60.0
 
     # Aorta: a contrast-filled tube running the full length, anterior-left of the spine.
     ax, ay, ar = 18.0 + jitter(4), -30.0 + jitter(4), 12.0 * (1.0 + jitter(0.15))
     aorta = np.broadcast_to(((x - ax) ** 2 + (y - ay) ** 2) <= ar**2, shape) & body
-    image[aorta] = 210.0 + jitter(30)
+    image[aorta] = 285.0 + jitter(20)
     labels[aorta] = 5
 
     # Spine: vertebral bodies (cortical rim, cancellous core) separated by discs every ~30 mm.
@@ -114,6 +130,7 @@ def make_phantom(
     image += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
     image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
 
-    affine = np.diag([sx, sy, sz, 1.0])
-    affine[:3, 3] = [-(nx - 1) / 2.0 * sx, -(ny - 1) / 2.0 * sy, -(nz - 1) / 2.0 * sz]
+    # LAS voxels: world x (RAS+, towards the patient's right) = -x, so the liver lies on the patient's right.
+    affine = np.diag([-sx, sy, sz, 1.0])
+    affine[:3, 3] = [(nx - 1) / 2.0 * sx, -(ny - 1) / 2.0 * sy, -(nz - 1) / 2.0 * sz]
     return Phantom(image=image, labels=labels, affine=affine, spacing=(sx, sy, sz))
