@@ -18,6 +18,9 @@ Groups: `totalseg` rows compare tsrt's task path (every provider present) with o
 TotalSegmentator (ratio = official wall / backend wall); `nnunet` rows compare `tsrt segment
 --model` with nnU-Net's nnUNetPredictor on the same single model (its --fast model).
 
+On a CPU without native bf16, OpenVINO emulates it (several times slower than fp32), so
+openvino-bf16 then runs only on ct_fast and the demo model.
+
 Outputs (--out, default benchmarks/results): NAME.json (everything), NAME.md (tables), NAME.png.
 Set-up (fixture weights, exports, phantom) is cached in --work and reused by later runs.
 """
@@ -253,7 +256,18 @@ class Backend:
         return self.backend in ("official", "nnunet")
 
 
+def native_bf16() -> bool:
+    """Whether OpenVINO computes bf16 natively here (else it emulates it, several times slower than fp32)."""
+    try:
+        import openvino
+    except ModuleNotFoundError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def backends_for(workload: Workload, providers: list[str], with_nnunet: bool) -> list[Backend]:
+    if workload.name != "ct_fast" and not native_bf16():  # emulated bf16: one workload shows it, the rest skip it
+        providers = [p for p in providers if p != "openvino-bf16"]
     rows = [Backend("totalseg", "official")] + [Backend("totalseg", "tsrt", p) for p in providers]
     nifti = workload.input.endswith((".nii", ".nii.gz")) or workload.input == "phantom"
     if with_nnunet and workload.fast and nifti:  # nnUNetPredictor reads files, one model: --fast's
@@ -291,22 +305,32 @@ def output_path(work: Path, workload: Workload, backend: Backend, tag: str) -> P
 
 
 def measure_workload(workload: Workload, rows: list[Backend], image: Path, homes: tuple[Path, Path], work: Path,
-                     runs: int, warmup: int) -> dict:
-    """Alternate the backends round by round; the first `warmup` rounds are not counted."""
+                     runs: int, warmup: int, failures: dict[str, str]) -> dict:
+    """Alternate the backends round by round; the first `warmup` rounds are not counted.
+
+    A backend whose run fails is reported in `failures` and left out of later rounds; the others go on.
+    """
     env = child_env(homes)
     measured: dict[str, list[dict]] = {row.label: [] for row in rows}
     for round_index in range(warmup + runs):
         for row in rows:
-            tag = f"r{round_index}"
+            key = f"{workload.name}: {row.label}"
+            if key in failures:
+                continue
             job = job_for(row, workload, image, homes, output_path(work, workload, row, "last"))
-            job["label"] = f"{workload.name}-{row.backend}-{row.provider}-{tag}"
-            result = run_child(job, work, env)
+            job["label"] = f"{workload.name}-{row.backend}-{row.provider}-r{round_index}"
+            try:
+                result = run_child(job, work, env)
+            except RuntimeError as err:
+                failures[key] = str(err).splitlines()[0]
+                print(f"  {workload.name:13s} {row.label:28s} FAILED: {failures[key]}", flush=True)
+                continue
             kind = "warm-up" if round_index < warmup else "run"
             print(f"  {workload.name:13s} {row.label:28s} {kind:7s} {result['wall_s']:7.1f}s "
                   f"peak {result['peak_rss_mb']:6.0f} MB", flush=True)
             if round_index >= warmup:
                 measured[row.label].append(result)
-    return {row.label: summarise(row, measured[row.label]) for row in rows}
+    return {row.label: summarise(row, measured[row.label]) for row in rows if measured[row.label]}
 
 
 def summarise(row: Backend, results: list[dict]) -> dict:
@@ -373,13 +397,20 @@ def confident_accuracy(workloads: list[Workload], providers: list[str], work: Pa
     for workload in workloads:
         image = prepare_input(work, workload)
         rows = [Backend("totalseg", "official")] + [Backend("totalseg", "tsrt", p) for p in providers]
+        done = []
         for row in rows:
             job = job_for(row, workload, image, homes, output_path(work, workload, row, "confident"))
             job["label"] = f"confident-{workload.name}-{row.backend}-{row.provider}"
-            run_child(job, work, env)
+            try:
+                run_child(job, work, env)
+                done.append(row)
+            except RuntimeError as err:
+                print(f"  confident {workload.name} {row.label} FAILED: {str(err).splitlines()[0]}", flush=True)
+        if not done or done[0].backend != "official":
+            continue
         reference = output_path(work, workload, rows[0], "confident")
         found[workload.name] = {
-            row.label: agreement_and_dice(reference, output_path(work, workload, row, "confident")) for row in rows[1:]
+            row.label: agreement_and_dice(reference, output_path(work, workload, row, "confident")) for row in done[1:]
         }
         print(f"  confident {workload.name}: " + ", ".join(
             f"{k} Dice {v['dice']:.4f}" for k, v in found[workload.name].items()), flush=True)
@@ -587,12 +618,13 @@ def markdown(report: dict) -> str:
         accuracy = report["accuracy_random_weights"].get(name, {})
         references = {row["group"]: row["wall_s"] for row in rows.values() if row["backend"] in ("official", "nnunet")}
         for label, row in rows.items():
-            ratio = references.get(row["group"], 0) / row["wall_s"] if row["wall_s"] else 0
+            reference = references.get(row["group"])
+            ratio = f"{reference / row['wall_s']:.2f}×" if reference and row["wall_s"] else "–"
             stages = row["stages_s"]
             acc = accuracy.get(label, {})
             gpu = f" (GPU {row['gpu_peak_mb']:.0f})" if row.get("gpu_peak_mb") else ""
             cells = [name, label, f"{row['wall_s']:.1f}", "ref" if label in
-                     ("TotalSegmentator (PyTorch)", "nnUNetPredictor (PyTorch)") else f"{ratio:.2f}×"]
+                     ("TotalSegmentator (PyTorch)", "nnUNetPredictor (PyTorch)") else ratio]
             cells += [f"{stages[s]:.1f}" if stages.get(s) else "–" for s in
                       ("load models", "read", "preprocess", "inference", "postprocess", "write", "startup")]
             cells += [f"{row['tiles_per_s']:.2f}" if row.get("tiles_per_s") else "–",
@@ -606,6 +638,8 @@ def markdown(report: dict) -> str:
               "Official TotalSegmentator's `preprocess` includes nnU-Net's own pipeline around the network "
               "(worker start-up, preprocessing, export in worker processes); `startup` is process start and imports.",
               ""]
+    if report.get("failures"):
+        lines += ["Failed runs (left out above):", ""] + [f"- {k}: {v}" for k, v in report["failures"].items()] + [""]
     if report.get("targets"):
         lines += ["| target (tsrt cpu, fp32) | measured | reached |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in report["targets"]]
@@ -641,7 +675,9 @@ def plot(report: dict, target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = report["workloads"]
+    workloads = {name: rows for name, rows in report["workloads"].items() if rows}
+    if not workloads:
+        return
     fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.0 + 0.55 * sum(len(r) for r in workloads.values())
                                                          + 0.6 * len(workloads)), squeeze=False)
     colours = dict(zip(STAGES, ("#bbbbbb", "#8c564b", "#9467bd", "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e")))
@@ -705,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                     "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "runs": runs, "warmup": warmup,
                     "providers": providers, "network": ("4 stages, 4..32 features, 48^3 patch" if args.small else
                                 "6 stages, 32..320 features, 128^3 patch") + ", seeded random weights",
-                    "random_weights_floor": RANDOM_WEIGHTS_FLOOR, "workloads": {}, "accuracy_random_weights": {}}
+                    "random_weights_floor": RANDOM_WEIGHTS_FLOOR, "workloads": {}, "accuracy_random_weights": {},
+                    "failures": {}}
     homes = store_models(work, "random", {t for w in workloads for t in w.ts_tasks}
                          | ({"total_fast"} if not args.no_nnunet else set()), small=args.small)
     if not (quick or args.no_extras):
@@ -713,8 +750,10 @@ def main(argv: list[str] | None = None) -> int:
     for workload in workloads:
         image = prepare_input(work, workload)
         rows = backends_for(workload, providers, with_nnunet=not (args.no_nnunet or quick))
-        report["workloads"][workload.name] = measure_workload(workload, rows, image, homes, work, runs, warmup)
-        report["accuracy_random_weights"][workload.name] = compare_outputs(workload, rows, work)
+        measured = measure_workload(workload, rows, image, homes, work, runs, warmup, report["failures"])
+        report["workloads"][workload.name] = measured
+        ran = [row for row in rows if row.label in measured]
+        report["accuracy_random_weights"][workload.name] = compare_outputs(workload, ran, work)
     if not (quick or args.no_extras):
         accuracy_workloads = [w for w in workloads if w.input == "example_ct.nii.gz"]
         report["accuracy_confident"] = confident_accuracy(accuracy_workloads, providers, work, args.small)
