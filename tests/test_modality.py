@@ -197,7 +197,8 @@ def test_tampered_classifier_and_missing_store_are_one_line(
     shutil.copytree(modality_home, home)
     classifier = home / "models" / "resources" / "modality" / "intensity_fold_0.json"
     classifier.write_text(classifier.read_text().replace('"base_score":"', '"base_score":"1', 1))
-    for what, tsrt_home, needle in (("tampered", home, "checksum"), ("missing", tmp_path / "empty", "tsrt models import modality")):
+    cases = (("tampered", home, "checksum"), ("missing", tmp_path / "empty", "tsrt models import modality"))
+    for what, tsrt_home, needle in cases:
         output = tmp_path / f"{what}.json"
         done = _tsrt_process("modality", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), home=tsrt_home)
         assert done.returncode != 0, what

@@ -86,8 +86,13 @@ class OfficialProcess:
             self.process.kill()
 
 
-def start_official(body: str, work: Path, *args: str, home: Path | None = None) -> OfficialProcess:
-    """Start PREAMBLE + `body` as a script in `work` (TOTALSEG_HOME_DIR = a copy of `home`)."""
+def start_official(
+    body: str, work: Path, *args: str, home: Path | None = None, extra_path: Path | None = None
+) -> OfficialProcess:
+    """Start PREAMBLE + `body` as a script in `work` (TOTALSEG_HOME_DIR = a copy of `home`).
+
+    `extra_path` goes first on the child's PYTHONPATH (packages only the oracle needs, e.g. antspyx).
+    """
     work.mkdir(parents=True, exist_ok=True)
     script = work / "official.py"  # a file: nnU-Net may re-import __main__
     script.write_text(PREAMBLE + textwrap.dedent(body) + EPILOGUE)
@@ -101,6 +106,8 @@ def start_official(body: str, work: Path, *args: str, home: Path | None = None) 
         empty.mkdir(exist_ok=True)
         (empty / "config.json").write_text(json.dumps({"send_usage_stats": False, "statistics_disclaimer_shown": True}))
         env["TOTALSEG_HOME_DIR"] = str(empty)
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), *filter(None, [env.get("PYTHONPATH")])])
     stdout, stderr = work / "official.out", work / "official.err"
     with open(stdout, "w") as out, open(stderr, "w") as err:
         process = subprocess.Popen([sys.executable, str(script), *args], stdout=out, stderr=err, env=env, cwd=work)

@@ -12,13 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "contrast_phase", "modality", "segment"]
+__all__ = ["__version__", "contrast_phase", "image_modality", "measure_evans_index", "segment"]
 
 #: Lazily imported public functions: name -> module.
-_LAZY = {"segment": "tsrt.totalseg", "contrast_phase": "tsrt.phase", "modality": "tsrt.modality"}
+#: (Not named like their modules: importing tsrt.modality would shadow a function `tsrt.modality`.)
+_LAZY = {
+    "segment": "tsrt.totalseg",
+    "contrast_phase": "tsrt.phase",
+    "image_modality": "tsrt.modality",
+    "measure_evans_index": "tsrt.evans_index",
+}
 
 if TYPE_CHECKING:
-    from tsrt.modality import modality
+    from tsrt.evans_index import measure_evans_index
+    from tsrt.modality import image_modality
     from tsrt.phase import contrast_phase
     from tsrt.totalseg import segment
 

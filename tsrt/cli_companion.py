@@ -92,7 +92,10 @@ def phase(
         result = estimator.predict(image, stats)
         write_json(result, target)
         if not quiet:
-            typer.echo(f"{image.name}: {result['phase']} (pi time {result['pi_time']} s, probability {result['probability']})")
+            typer.echo(
+                f"{image.name}: {result['phase']} (pi time {result['pi_time']} s, "
+                f"probability {result['probability']})"
+            )
 
     if stats is not None:
         from tsrt.cohort import find_cases
@@ -133,10 +136,44 @@ def modality(
         if not quiet:
             typer.echo(f"{image.name}: {result['modality']} (probability {result['probability']:.2f})")
 
-    run_single_or_cohort(input_path, output, "modality.json", process, overwrite=overwrite, quiet=quiet, verb="classified")
+    run_single_or_cohort(
+        input_path, output, "modality.json", process, overwrite=overwrite, quiet=quiet, verb="classified"
+    )
+
+
+def evans_index(
+    input_path: Path = _INPUT,
+    output: Path = typer.Option(
+        Path("evans_index.json"), "-o", "--output", help="Result JSON (a cohort: the folder for OUTPUT/<case>/)."
+    ),
+    preview: Optional[Path] = typer.Option(
+        None, "-p", "--preview", help="PNG of the measured slice with both widths (default: next to the JSON)."
+    ),
+    provider: str = _PROVIDER,
+    device: Optional[str] = _DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = _QUIET,
+    verbose: bool = _VERBOSE,
+) -> None:
+    """Evans index of a head CT (frontal horn width / inner skull width), as totalseg_evans_index."""
+    from tsrt.evans_index import EvansIndexer
+
+    _configure(quiet, verbose)
+    indexer = EvansIndexer(provider=provider, device=device, quiet=quiet)
+
+    def process(image: Path, target: Path) -> None:
+        picture = preview if preview is not None and target == output else target.with_suffix(".png")
+        report = indexer.write(image, target, picture)
+        if not quiet:
+            typer.echo(f"{image.name}: Evans index {report['evans_index']} (picture: {picture})")
+
+    run_single_or_cohort(
+        input_path, output, "evans_index.json", process, overwrite=overwrite, quiet=quiet, verb="measured"
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add the companion commands to the main `tsrt` app."""
     app.command("phase")(phase)
     app.command("modality")(modality)
+    app.command("evans-index")(evans_index)

@@ -12,8 +12,8 @@ Each way has five xgboost classifiers (cross-validation folds); their 0 (CT) / 1
 averaged. They are TotalSegmentator's, converted to xgboost JSON by `tsrt models import modality`
 (tsrt.resources); the `phase` extra installs xgboost.
 
-    from tsrt.modality import modality
-    modality("scan.nii.gz")  # {"modality": "ct", "probability": 1.0}
+    from tsrt.modality import image_modality
+    image_modality("scan.nii.gz")  # {"modality": "ct", "probability": 1.0}
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class ModalityClassifier:
         return predict_modality(self.features(input), self.classifiers)
 
 
-def modality(
+def image_modality(
     input: Any,
     output: str | Path | None = None,
     *,

@@ -127,7 +127,8 @@ def brain_present(stats: Mapping[str, Any]) -> bool:
 
 def _check_structures_found(stats: Mapping[str, Any], name: str) -> None:
     """Refuse to guess a phase from an image in which none of the phase structures was found."""
-    if all(float(stats[organ].get("volume", stats[organ]["intensity"]) or 0.0) == 0.0 for organ in TOTAL_FEATURE_ORGANS):
+    found = [float(stats[organ].get("volume", stats[organ]["intensity"]) or 0.0) for organ in TOTAL_FEATURE_ORGANS]
+    if not any(found):
         raise InputError(
             f"None of the structures the contrast phase is read from (liver, aorta, heart, ...) was found in {name}: "
             "give a contrast CT of the trunk."

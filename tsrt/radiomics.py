@@ -107,11 +107,11 @@ def mask_features(image_path: Path, mask_path: Path, extractor: Any) -> dict[str
     try:
         mask = np.asanyarray(nib.load(mask_path).dataobj)
         if mask.size == 0 or mask.min() == mask.max():
-            log.warning("%s is empty (or full): its radiomics features are all 0, as in TotalSegmentator.", mask_path.name)
+            log.warning("%s is empty (or full): its radiomics features are all 0, as upstream.", mask_path.name)
             return zeros
         computed = extractor.execute(str(image_path), str(mask_path))
     except Exception as err:  # noqa: BLE001 - upstream turns any PyRadiomics failure into zeros, so do we
-        log.warning("PyRadiomics failed on %s (%s): its features are all 0, as in TotalSegmentator.", mask_path.name, err)
+        log.warning("PyRadiomics failed on %s (%s): its features are all 0, as upstream.", mask_path.name, err)
         return zeros
     prefix = "original_"
     return {
@@ -124,7 +124,9 @@ def mask_name(path: Path) -> str:
     return path.name.split(".")[0]
 
 
-def radiomics_for_masks(image_path: Path, masks: Sequence[Path], *, progress: bool = False) -> dict[str, dict[str, float]]:
+def radiomics_for_masks(
+    image_path: Path, masks: Sequence[Path], *, progress: bool = False
+) -> dict[str, dict[str, float]]:
     """Features of each mask file against the image file (both NIfTI)."""
     extractor = _extractor(require_pyradiomics())
     results: dict[str, dict[str, float]] = {}

@@ -77,7 +77,9 @@ def verified_files(name: str, root: Path | None = None) -> dict[str, Path]:
     folder = resource_dir(name, root)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        raise ModelError(f"{spec.what.capitalize()} are not in the model store {models_root(root)}: {_import_hint(spec)}.")
+        raise ModelError(
+            f"{spec.what.capitalize()} are not in the model store {models_root(root)}: {_import_hint(spec)}."
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
         recorded: Mapping[str, str] = manifest["files"]
@@ -90,13 +92,16 @@ def verified_files(name: str, root: Path | None = None) -> dict[str, Path]:
             raise ModelError(f"{spec.what.capitalize()} in {folder} lack {file_name}: {_import_hint(spec)} again.")
         if sha256_file(path) != recorded[file_name]:
             raise ModelError(
-                f"{path} does not match the checksum recorded at import (damaged or edited): {_import_hint(spec)} again."
+                f"{path} does not match the checksum recorded at import (damaged or edited): "
+                f"{_import_hint(spec)} again."
             )
         files[file_name] = path
     return files
 
 
-def install_resource(name: str, staged_files: Mapping[str, Path], source: Mapping[str, str], root: Path | None = None) -> Path:
+def install_resource(
+    name: str, staged_files: Mapping[str, Path], source: Mapping[str, str], root: Path | None = None
+) -> Path:
     """Copy the converted files into the store with their manifest, replacing an older copy in one rename."""
     spec = resource_spec(name)
     missing = [f for f in spec.files if f not in staged_files]
