@@ -8,8 +8,9 @@ patches nnU-Net). Two levels:
   synthetic intensity sets spread over the phase bands.
 - End to end on confident fixture weights laid out like TotalSegmentator's home: both run task
   total --fast (and, because the fixture's brain row fires, headneck_bones_vessels) on a crop of
-  example_ct_sm, as NIfTI and as a DICOM series. The statistics both compute (captured inside the
-  official run) agree within 0.1 % and the phase result is the same.
+  example_ct_sm. The statistics both compute (captured inside the official run) agree within 0.1 %
+  and the phase result is the same - for tsrt reading the NIfTI and reading the same crop as a DICOM
+  series (TotalSegmentator's DICOM conversion equals tsrt's reader: tests/test_read_write.py).
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def e2e_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def e2e_official(e2e_home: Path, e2e_inputs: dict[str, Path], tmp_path_factory) -> object:
     work = tmp_path_factory.mktemp("official_phase_e2e")
-    jobs = {"nifti": [str(e2e_inputs["nifti"]), "niigz"], "dicom": [str(e2e_inputs["dicom"]), "dicom"]}
+    jobs = {"nifti": [str(e2e_inputs["nifti"]), "niigz"]}
     (work / "jobs.json").write_text(json.dumps(jobs))
     process = start_official(_END_TO_END_ORACLE, work, str(work / "jobs.json"), home=e2e_home)
     yield process
@@ -311,7 +312,7 @@ def test_end_to_end_statistics_and_phase_match_official(
     headneck = estimator.task_statistics(source, "headneck_bones_vessels")
     ours = predict_phase(phase_features(total, headneck), estimator.regressors)
 
-    theirs = e2e_official.result()[kind]
+    theirs = e2e_official.result()["nifti"]
     assert set(theirs["statistics"]) == {"total", "headneck_bones_vessels"}, "the head-neck path must run"
     _assert_statistics_close(total, theirs["statistics"]["total"])
     _assert_statistics_close(headneck, theirs["statistics"]["headneck_bones_vessels"])
