@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         ran = [row for row in rows if row.label in measured]
         report["accuracy_random_weights"][workload.name] = compare_outputs(workload, ran, work)
     if not (quick or args.no_extras):
-        accuracy_workloads = [w for w in workloads if w.input == "example_ct.nii.gz"]
+        accuracy_workloads = [w for w in workloads if w.input.endswith(".nii.gz")]  # the shared CTs, not the phantom
         report["accuracy_confident"] = confident_accuracy(accuracy_workloads, providers, work, args.small)
         report["demo_precision"] = demo_precision(providers, work, runs, warmup)
         report["installed_mb"] = installed_sizes()
