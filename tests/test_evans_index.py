@@ -29,9 +29,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from totalseg_official import start_official, write_dicom_series
+from totalseg_official import start_official, tsrt_cli, tsrt_process, write_dicom_series
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.01
@@ -85,17 +84,12 @@ def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float) -> d
     }
 
 
-def _cli(*args: str, home: Path):
-    from tsrt.cli import app, totalsegmentator_argv
-
-    return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
-
 
 @pytest.fixture(scope="module")
 def evans_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("totalsegmentator", reason="importing the atlas needs the totalsegmentator package")
     home = tmp_path_factory.mktemp("evans_home")
-    result = _cli("models", "import", "evans-index", "-q", home=home)
+    result = tsrt_cli("models", "import", "evans-index", "-q", home=home)
     assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -265,10 +259,7 @@ def test_missing_or_tampered_atlas_is_one_line(evans_home: Path, tmp_path: Path,
     atlas.write_bytes(atlas.read_bytes()[:-10] + b"0123456789")
     for home, needle in ((tmp_path / "empty", "tsrt models import evans-index"), (tampered, "checksum")):
         output = tmp_path / "evans.json"
-        done = subprocess.run(
-            [sys.executable, "-c", "from tsrt.cli import main; main()", "evans-index", ct, "-o", str(output)],
-            capture_output=True, text=True, env={**os.environ, "TSRT_HOME": str(home)}, cwd=REPO_ROOT,
-        )
+        done = tsrt_process("evans-index", ct, "-o", str(output), home=home)
         lines = done.stderr.strip().splitlines()
         assert done.returncode != 0 and len(lines) == 1 and needle in lines[0], lines
         assert not output.exists() and not output.with_suffix(".png").exists()
@@ -307,13 +298,13 @@ def test_command_on_images_without_a_brain(model_store: Path, tmp_path: Path) ->
     dicom = write_dicom_series(nifti, tmp_path / "head_dicom")
     for source in (nifti, dicom):
         output = tmp_path / f"{source.name}.json"
-        result = _cli("evans-index", str(source), "-o", str(output), "-q", "--device", "cpu", home=model_store)
+        result = tsrt_cli("evans-index", str(source), "-o", str(output), "-q", "--device", "cpu", home=model_store)
         assert result.exit_code != 0 and "No brain" in str(result.exception), (result.output, result.exception)
         assert not output.exists() and not output.with_suffix(".png").exists()
     cohort = tmp_path / "cohort"
     cohort.mkdir()
     shutil.copy(nifti, cohort / "a.nii.gz")
     shutil.copy(nifti, cohort / "b.nii.gz")
-    result = _cli("evans-index", str(cohort), "-o", str(tmp_path / "out"), "-q", "--device", "cpu", home=model_store)
+    result = tsrt_cli("evans-index", str(cohort), "-o", str(tmp_path / "out"), "-q", "--device", "cpu", home=model_store)
     assert result.exit_code != 0 and "0 measured" in result.output and "2 failed" in result.output
     assert not list((tmp_path / "out").rglob("*.json"))

@@ -13,17 +13,13 @@ python_api). Inputs: the CT and MR examples of ../shared/data and the example CT
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from totalseg_official import run_official, start_official
+from totalseg_official import start_official, tsrt_cli, tsrt_process
 
 pytest.importorskip("xgboost", reason="the modality check needs the phase extra (xgboost)")
 
@@ -38,18 +34,6 @@ CLASS_ROWS = {
 }
 
 
-def _cli(*args: str, home: Path):
-    from tsrt.cli import app, totalsegmentator_argv
-
-    return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
-
-
-def _tsrt_process(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TSRT_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-c", "from tsrt.cli import main; main()", *args], capture_output=True, text=True, env=env,
-        cwd=REPO_ROOT,
-    )
 
 
 _ORACLE = """
@@ -93,7 +77,7 @@ def main():
 def modality_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("totalsegmentator", reason="importing the classifiers needs the totalsegmentator package")
     home = tmp_path_factory.mktemp("modality_home")
-    result = _cli("models", "import", "modality", "-q", home=home)
+    result = tsrt_cli("models", "import", "modality", "-q", home=home)
     assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -129,7 +113,7 @@ def store(ts_home: Path, official, modality_home: Path, tmp_path_factory: pytest
     """The classifiers plus total_mr --fast, imported while the official run goes on."""
     home = tmp_path_factory.mktemp("modality_store")
     shutil.copytree(modality_home / "models", home / "models")
-    result = _cli("models", "import", "total_mr", "--fast", "--totalseg-home", str(ts_home), "-q", home=home)
+    result = tsrt_cli("models", "import", "total_mr", "--fast", "--totalseg-home", str(ts_home), "-q", home=home)
     assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -153,7 +137,7 @@ def test_region_way_matches_official(name: str, store: Path, official, shared_da
     from tsrt.modality import REGION_FEATURE_STRUCTURES
 
     output = tmp_path / "modality.json"
-    result = _cli("modality", str(shared_data / name), "-n", "-o", str(output), "-q", "--device", "cpu", home=store)
+    result = tsrt_cli("modality", str(shared_data / name), "-n", "-o", str(output), "-q", "--device", "cpu", home=store)
     assert result.exit_code == 0, (result.output, result.exception)
     theirs = official.result()["regions"][name]
 
@@ -180,13 +164,13 @@ def test_cli_cohort_from_a_list(modality_home: Path, shared_data: Path, tmp_path
     listing = tmp_path / "cases.txt"
     listing.write_text(f"{shared_data / 'example_ct_sm.nii.gz'}\n# a comment\n{shared_data / 'example_mr_sm.nii.gz'}\n")
     output = tmp_path / "out"
-    result = _cli("modality", str(listing), "-o", str(output), "-q", home=modality_home)
+    result = tsrt_cli("modality", str(listing), "-o", str(output), "-q", home=modality_home)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "2 classified" in result.output
     for case in ("example_ct_sm", "example_mr_sm"):
         written = json.loads((output / case / "modality.json").read_text())
         assert set(written) == {"modality", "probability"} and written["modality"] in {"ct", "mr"}
-    again = _cli("modality", str(listing), "-o", str(output), "-q", home=modality_home)
+    again = tsrt_cli("modality", str(listing), "-o", str(output), "-q", home=modality_home)
     assert "2 already done" in again.output
 
 
@@ -200,7 +184,7 @@ def test_tampered_classifier_and_missing_store_are_one_line(
     cases = (("tampered", home, "checksum"), ("missing", tmp_path / "empty", "tsrt models import modality"))
     for what, tsrt_home, needle in cases:
         output = tmp_path / f"{what}.json"
-        done = _tsrt_process("modality", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), home=tsrt_home)
+        done = tsrt_process("modality", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), home=tsrt_home)
         assert done.returncode != 0, what
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tsrt: error:") and needle in lines[0], (what, lines)

@@ -16,17 +16,13 @@ patches nnU-Net). Two levels:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from totalseg_official import run_official, start_official, write_dicom_series
+from totalseg_official import run_official, start_official, tsrt_cli, tsrt_process, write_dicom_series
 
 pytest.importorskip("xgboost", reason="the contrast phase needs the phase extra (xgboost)")
 
@@ -48,19 +44,6 @@ CLASS_ROWS = {
 }
 
 
-def _cli(*args: str, home: Path):
-    from tsrt.cli import app, totalsegmentator_argv
-
-    return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
-
-
-def _tsrt_process(*args: str, home: Path) -> subprocess.CompletedProcess:
-    """The real console entry point, for the one-line error contract."""
-    env = {**os.environ, "TSRT_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-c", "from tsrt.cli import main; main()", *args], capture_output=True, text=True, env=env,
-        cwd=REPO_ROOT,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +51,7 @@ def phase_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A TSRT_HOME with TotalSegmentator's phase regressors imported by `tsrt models import phase`."""
     pytest.importorskip("totalsegmentator", reason="importing the regressors needs the totalsegmentator package")
     home = tmp_path_factory.mktemp("phase_home")
-    result = _cli("models", "import", "phase", "-q", home=home)
+    result = tsrt_cli("models", "import", "phase", "-q", home=home)
     assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -162,7 +145,7 @@ def test_cli_with_existing_statistics_writes_the_api_result(
     stats_file = tmp_path / "statistics.json"
     stats_file.write_text(json.dumps(statistics_cases[3]))
     output = tmp_path / "out" / "contrast_phase.json"
-    result = _cli("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s", str(stats_file), "-q",
+    result = tsrt_cli("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s", str(stats_file), "-q",
                   home=phase_home)
     assert result.exit_code == 0, (result.output, result.exception)
     written = json.loads(output.read_text())
@@ -177,7 +160,7 @@ def test_cli_with_existing_statistics_writes_the_api_result(
 
 def test_missing_regressors_are_one_line_naming_the_import(tmp_path: Path, shared_data: Path) -> None:
     output = tmp_path / "phase.json"
-    done = _tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), home=tmp_path / "home")
+    done = tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), home=tmp_path / "home")
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tsrt: error:") and "tsrt models import phase" in lines[0], lines
@@ -196,7 +179,7 @@ def test_tampered_regressor_is_refused(phase_home: Path, tmp_path: Path, shared_
     stats_file = tmp_path / "statistics.json"
     stats_file.write_text(json.dumps(statistics_cases[1]))
     output = tmp_path / "phase.json"
-    done = _tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s", str(stats_file),
+    done = tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s", str(stats_file),
                          home=home)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
@@ -213,7 +196,7 @@ def test_statistics_without_the_phase_structures_are_refused(
         stats_file = tmp_path / f"{name}.json"
         stats_file.write_text(json.dumps(stats))
         output = tmp_path / f"{name}_phase.json"
-        done = _tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s",
+        done = tsrt_process("phase", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-s",
                              str(stats_file), home=phase_home)
         assert done.returncode != 0, name
         lines = done.stderr.strip().splitlines()
@@ -286,7 +269,7 @@ def e2e_store(e2e_home: Path, e2e_official, phase_home: Path, tmp_path_factory) 
     home = tmp_path_factory.mktemp("phase_store")
     shutil.copytree(phase_home / "models", home / "models")
     for task, *flags in (("total", "--fast"), ("headneck_bones_vessels",)):
-        result = _cli("models", "import", task, *flags, "--totalseg-home", str(e2e_home), "-q", home=home)
+        result = tsrt_cli("models", "import", task, *flags, "--totalseg-home", str(e2e_home), "-q", home=home)
         assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -336,7 +319,7 @@ def test_cli_cohort_writes_one_result_per_case(
     shutil.copy(e2e_inputs["nifti"], cohort / "case_a.nii.gz")
     (cohort / "case_b.nii.gz").write_bytes(b"not a nifti")
     output = tmp_path / "phases"
-    result = _cli("phase", str(cohort), "-o", str(output), "-q", "--device", "cpu", home=e2e_store)
+    result = tsrt_cli("phase", str(cohort), "-o", str(output), "-q", "--device", "cpu", home=e2e_store)
     assert result.exit_code != 0  # case_b failed, and says so
     assert "1 phased" in result.output and "case_b" in result.output
     written = json.loads((output / "case_a" / "contrast_phase.json").read_text())

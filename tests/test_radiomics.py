@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from totalseg_official import tsrt_cli
 
 pytest.importorskip("radiomics", reason="--radiomics needs the radiomics extra (PyRadiomics)")
 
@@ -79,15 +79,10 @@ def test_same_features_as_official_on_the_same_masks(reference_masks: Path, shar
     assert len(ours["liver"]) == 32 and ours["liver"]["shape_VoxelVolume"] > 1e5  # shape + first order, real values
 
 
-def _cli(*args: str, home: Path):
-    from tsrt.cli import app, totalsegmentator_argv
-
-    return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
-
 
 def test_radiomics_with_multilabel_output_is_refused(tmp_path: Path, shared_data: Path) -> None:
     output = tmp_path / "seg.nii.gz"
-    result = _cli("segment", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "--ml", "--radiomics",
+    result = tsrt_cli("segment", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "--ml", "--radiomics",
                   home=tmp_path / "home")
     assert result.exit_code != 0 and "--ml" in str(result.exception)
     assert not output.exists() and not (tmp_path / "statistics_radiomics.json").exists()
@@ -123,7 +118,7 @@ def fast_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ts_home = write_totalseg_home(tmp_path_factory.mktemp("radiomics_ts_home"), ("total_fast",),
                                   source_checkpoint=checkpoint)
     home = tmp_path_factory.mktemp("radiomics_store")
-    result = _cli("models", "import", "total", "--fast", "--totalseg-home", str(ts_home), "-q", home=home)
+    result = tsrt_cli("models", "import", "total", "--fast", "--totalseg-home", str(ts_home), "-q", home=home)
     assert result.exit_code == 0, (result.output, result.exception)
     return home
 
@@ -145,7 +140,7 @@ def test_segment_radiomics_end_to_end(
 ) -> None:
     source = shared_data / "example_ct_sm.nii.gz" if kind == "nifti" else dicom_series
     output = tmp_path / "masks"
-    result = _cli("segment", str(source), "-o", str(output), "--fast", "--radiomics", "-q", "--device", "cpu",
+    result = tsrt_cli("segment", str(source), "-o", str(output), "--fast", "--radiomics", "-q", "--device", "cpu",
                   home=fast_store)
     assert result.exit_code == 0, (result.output, result.exception)
     ours = json.loads((output / "statistics_radiomics.json").read_text())

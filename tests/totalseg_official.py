@@ -8,7 +8,8 @@ as predict_from_files, without spawning worker processes that each import torch)
 
 A script is PREAMBLE + a body defining `main() -> object`; the child prints that object as JSON on
 its last stdout line. `start_official` returns at once, so tsrt can run while the oracle does.
-`write_dicom_series` turns a NIfTI test input into the DICOM series both sides then read.
+`write_dicom_series` turns a NIfTI test input into the DICOM series both sides then read;
+`tsrt_cli` / `tsrt_process` run tsrt's command line in or out of process.
 """
 
 from __future__ import annotations
@@ -144,3 +145,21 @@ def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
         writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
         writer.Execute(image)
     return folder
+
+
+def tsrt_cli(*args: str, home: Path):
+    """`tsrt ARGS` in this process (Typer's runner) with TSRT_HOME=home; the result holds output and exception."""
+    from typer.testing import CliRunner
+
+    from tsrt.cli import app, totalsegmentator_argv
+
+    return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
+
+
+def tsrt_process(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """`tsrt ARGS` through the real console entry point (one-line errors, exit codes) with TSRT_HOME=home."""
+    env = {**os.environ, "TSRT_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-c", "from tsrt.cli import main; main()", *args], capture_output=True, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
