@@ -83,7 +83,8 @@ def test_slice_viewer_centres_on_the_anatomy_and_windows():
     phantom = make_phantom(**PHANTOM)
     labels = np.zeros_like(phantom.labels)
     labels[60:70, 10:20, 40:50] = 3
-    viewer = SliceViewer.from_volume(phantom.image, labels, phantom.affine, n_labels=8)
+    ras = np.diag([*phantom.spacing, 1.0])  # RAS voxels: the viewer's slice indices are the array's own
+    viewer = SliceViewer.from_volume(phantom.image, labels, ras, n_labels=8)
     centre = viewer.centre()
     assert 60 <= centre["sagittal"] < 70 and 10 <= centre["coronal"] < 20 and 40 <= centre["axial"] < 50
     bone = viewer.render("axial", centre["axial"], WINDOW_PRESETS["Bone"], visible=())
