@@ -4,15 +4,16 @@ TotalSegmentator ships them in its package's `resources/` folder:
 
 - contrast phase: `contrast_phase_classifiers_2024_07_19.pkl`, a pickled dict fold -> XGBRegressor.
   Unpickling runs code, so only this toolchain does it, once, on the file of an installed
-  totalsegmentator; each regressor is re-saved in xgboost's JSON format and checked to predict
-  bit-identically to the pickled one before it is installed. The runtime only loads the JSON.
+  totalsegmentator; each regressor's Booster is re-saved in xgboost's JSON format and checked to
+  predict bit-identically to the pickled one before it is installed. The runtime only loads the JSON.
 - modality: `modality_classifiers[_normalized]_2025_02_24.json.N`, xgboost classifiers in
   xgboost's binary (UBJSON) format, re-saved as JSON and checked the same way.
 - Evans index: `ct_brain_atlas_1mm.nii.gz`, copied as it is.
 
 Files land in the store through `tsrt.resources.install_resource` (staged, sha256 manifest, rename).
-Nothing here imports torch: a runtime install with the `phase` extra can import these too, from a
-totalsegmentator package that is installed (even with --no-deps) or unpacked anywhere (`source`).
+Nothing here imports torch or needs scikit-learn (only Boosters are touched): a runtime install with
+the `phase` extra can import these too, from a totalsegmentator package that is installed (even with
+--no-deps) or unpacked anywhere (`source`).
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ def _check_same_predictions(original: Any, converted: Any, n_features: int, scal
     """Refuse a conversion that changes any prediction (xgboost JSON is meant to be lossless)."""
     rng = np.random.default_rng(0)
     probes = rng.uniform(-scale, scale, size=(_PROBES, n_features))
-    predict = "predict_proba" if hasattr(original, "predict_proba") else "predict"
-    if not np.array_equal(getattr(original, predict)(probes), getattr(converted, predict)(probes)):
+    if not np.array_equal(original.inplace_predict(probes), converted.inplace_predict(probes)):
         raise ModelError(f"{what} predicts differently after conversion to JSON; nothing was installed.")
 
 
@@ -90,11 +90,11 @@ def _convert_phase(folder: Path, work: Path) -> dict[str, Path]:
         raise ModelError(f"{PHASE_PICKLE} holds folds {sorted(regressors)}, expected 0-4: a different release.")
     files = {}
     for fold, regressor in sorted(regressors.items()):
+        booster = regressor.get_booster()  # what the scikit-learn wrapper predicts with
         path = work / f"fold_{fold}.json"
-        regressor.save_model(str(path))
-        converted = xgboost.XGBRegressor()
-        converted.load_model(str(path))
-        _check_same_predictions(regressor, converted, 20, 500.0, f"Phase regressor fold {fold}")
+        booster.save_model(str(path))
+        converted = xgboost.Booster(model_file=str(path))
+        _check_same_predictions(booster, converted, 20, 500.0, f"Phase regressor fold {fold}")
         files[path.name] = path
     return files
 
@@ -107,12 +107,10 @@ def _convert_modality(folder: Path, work: Path) -> dict[str, Path]:
             # Upstream's files are UBJSON named *.json.N; xgboost picks the format by extension.
             binary = work / f"{kind}_fold_{fold}.ubj"
             shutil.copyfile(_source_file(folder, f"{stem}.{fold}"), binary)
-            original = xgboost.XGBClassifier()
-            original.load_model(str(binary))
+            original = xgboost.Booster(model_file=str(binary))
             path = work / f"{kind}_fold_{fold}.json"
             original.save_model(str(path))
-            converted = xgboost.XGBClassifier()
-            converted.load_model(str(path))
+            converted = xgboost.Booster(model_file=str(path))
             scale = 1.0 if kind == "normalized" else 3000.0
             _check_same_predictions(original, converted, MODALITY_FEATURES[kind], scale, f"Modality {kind} fold {fold}")
             files[path.name] = path

@@ -155,6 +155,26 @@ def test_cli_with_existing_statistics_writes_the_api_result(
     )
 
 
+def test_runtime_needs_no_scikit_learn(
+    phase_home: Path, statistics_cases: list[dict], official_on_statistics: dict, shared_data: Path, tmp_path: Path
+) -> None:
+    """The phase extra is xgboost alone: xgboost's scikit-learn wrappers must not be needed at run time."""
+    import subprocess
+    import sys
+
+    stats_file = tmp_path / "statistics.json"
+    stats_file.write_text(json.dumps(statistics_cases[5]))
+    code = (
+        "import json, sys; sys.modules['sklearn'] = None\n"
+        "from tsrt.phase import contrast_phase\n"
+        f"print(json.dumps(contrast_phase({str(shared_data / 'example_ct_sm.nii.gz')!r}, "
+        f"existing_stats={str(stats_file)!r}, models_dir={str(phase_home / 'models')!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == official_on_statistics["results"][5]
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

@@ -10,7 +10,7 @@
 
 Each way has five xgboost classifiers (cross-validation folds); their 0 (CT) / 1 (MR) votes are
 averaged. They are TotalSegmentator's, converted to xgboost JSON by `tsrt models import modality`
-(tsrt.resources); the `phase` extra installs xgboost.
+(tsrt.resources); the `phase` extra installs xgboost (tsrt.classifiers runs them without scikit-learn).
 
     from tsrt.modality import image_modality
     image_modality("scan.nii.gz")  # {"modality": "ct", "probability": 1.0}
@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from tsrt.errors import InputError
-from tsrt.resources import require_module, verified_files
+from tsrt.classifiers import load_boosters, predict_class
+from tsrt.resources import verified_files
 
 log = logging.getLogger("tsrt")
 
@@ -46,15 +47,9 @@ def load_modality_classifiers(way: str, models_dir: str | Path | None = None) ->
     """The five fold classifiers of one way, each checked against its import-time checksum."""
     if way not in WAYS:
         raise ValueError(f"way is one of {WAYS}, not {way!r}")
-    xgboost = require_module("xgboost", "The modality check", "phase")
     files = verified_files("modality", Path(models_dir) if models_dir is not None else None)
-    classifiers = []
-    for name, path in files.items():
-        if name.startswith(f"{way}_fold_"):
-            classifier = xgboost.XGBClassifier()
-            classifier.load_model(str(path))
-            classifiers.append(classifier)
-    return classifiers
+    paths = [path for name, path in files.items() if name.startswith(f"{way}_fold_")]
+    return load_boosters(paths, "The modality check")
 
 
 def intensity_features(values: np.ndarray) -> list[float]:
@@ -70,7 +65,7 @@ def region_features(stats: Mapping[str, Mapping[str, float]]) -> list[float]:
 
 def predict_modality(features: Sequence[float], classifiers: Sequence[Any]) -> dict[str, Any]:
     """Average the folds' votes (0 = CT, 1 = MR); the probability is the majority's share."""
-    votes = float(np.mean(np.array([classifier.predict([list(features)])[0] for classifier in classifiers])))
+    votes = float(np.mean(np.array([predict_class(classifier, features) for classifier in classifiers])))
     if votes < 0.5:
         return {"modality": "ct", "probability": float(1 - votes)}
     return {"modality": "mr", "probability": float(votes)}

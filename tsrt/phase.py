@@ -12,7 +12,8 @@ injection, so the median HU of a few vessels and organs tells how many seconds a
     ─► phase band and its probability
 
 The regressors are TotalSegmentator's, converted once to xgboost's JSON format by
-`tsrt models import phase` (tsrt.resources); the `phase` extra installs xgboost.
+`tsrt models import phase` (tsrt.resources); the `phase` extra installs xgboost
+(tsrt.classifiers runs them without scikit-learn).
 
     from tsrt.phase import contrast_phase
     contrast_phase("ct.nii.gz")  # {"pi_time": 71.2, "phase": "portal_venous", "probability": 1.0, ...}
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from tsrt.errors import InputError
-from tsrt.resources import require_module, verified_files
+from tsrt.classifiers import load_boosters, predict_value
+from tsrt.resources import verified_files
 
 log = logging.getLogger("tsrt")
 
@@ -75,14 +77,8 @@ def pi_time_to_phase(pi_time: float) -> tuple[str, float]:
 
 def load_phase_regressors(models_dir: str | Path | None = None) -> list[Any]:
     """The five fold regressors from the store, each checked against its import-time checksum."""
-    xgboost = require_module("xgboost", "The contrast phase", "phase")
     files = verified_files("phase", Path(models_dir) if models_dir is not None else None)
-    regressors = []
-    for path in files.values():
-        regressor = xgboost.XGBRegressor()
-        regressor.load_model(str(path))
-        regressors.append(regressor)
-    return regressors
+    return load_boosters(files.values(), "The contrast phase")
 
 
 def phase_features(stats: Mapping[str, Any], headneck_stats: Mapping[str, Any] | None) -> list[float]:
@@ -104,7 +100,7 @@ def predict_phase(features: Sequence[float], regressors: Sequence[Any]) -> dict[
 
     The fold predictions stay float32 (xgboost's output) through mean and std, as upstream computes them.
     """
-    predictions = np.array([regressor.predict([list(features)])[0] for regressor in regressors])
+    predictions = np.array([predict_value(regressor, features) for regressor in regressors])
     pi_time = round(float(np.mean(predictions)), 2)
     phase, probability = pi_time_to_phase(pi_time)
     return {
