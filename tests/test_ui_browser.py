@@ -119,12 +119,17 @@ def test_demo_in_chromium_upload_segment_overlay_table_downloads(chromium: str, 
             axial = images.first.get_attribute("src")
             liver.uncheck(force=True)  # the visible box is Streamlit's styled label, the input is hidden
             expect(images.first).not_to_have_attribute("src", axial, timeout=60_000)
+            # The rerun may still show the previous run's stale widgets beside the new ones: wait for one of each.
+            report_button = page.get_by_role("button", name="Report (CSV)")
+            masks_button = page.get_by_role("button", name="Masks (zip, one NIfTI per structure)")
+            expect(report_button).to_have_count(1, timeout=60_000)
+            expect(masks_button).to_have_count(1, timeout=60_000)
 
             with page.expect_download() as csv_download:
-                page.get_by_role("button", name="Report (CSV)").click()
+                report_button.click()
             report = Path(csv_download.value.path()).read_text()
             with page.expect_download(timeout=120_000) as masks_download:
-                page.get_by_role("button", name="Masks (zip, one NIfTI per structure)").click()
+                masks_button.click()
             with zipfile.ZipFile(masks_download.value.path()) as archive:
                 masks = archive.namelist()
             page.screenshot(path=str(ARTIFACTS / "ui_demo_chromium.png"), full_page=True)
