@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -73,3 +74,58 @@ def test_engine_build_cli_says_one_line_and_exits_nonzero(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("tsrt: error: TensorRT is not available here"), result.stderr
+
+
+_ARENA_PROBE = r'''
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from tsrt.providers import choose_provider, create_session
+
+# y = sum(expand(x)^2): two 256 MB intermediates that live only inside a run.
+graph = helper.make_graph(
+    [
+        helper.make_node("Expand", ["x", "shape"], ["big"]),
+        helper.make_node("Mul", ["big", "big"], ["squared"]),
+        helper.make_node("ReduceSum", ["squared"], ["y"], keepdims=0),
+    ],
+    "arena_probe",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    [helper.make_tensor("shape", TensorProto.INT64, [3], [64, 1024, 1024])],
+)
+path = Path(sys.argv[1]) / "probe.onnx"
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+if sys.argv[2] == "tsrt":
+    session = create_session(path, choose_provider("cpu"), threads=1)
+else:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+before = resident_mb()
+for _ in range(2):
+    y = session.run(None, {"x": np.ones(1, np.float32)})[0]
+assert float(y) == 64 * 1024 * 1024, y
+print(resident_mb() - before)
+'''
+
+
+def test_cpu_sessions_give_activation_memory_back_after_each_run(tmp_path):
+    """A tile's activations (about 1 GB on TotalSegmentator's networks) must not stay reserved while
+    tsrt accumulates that tile's logits. ONNX Runtime's defaults keep them (and round the arena up)."""
+    env = {**os.environ, "TSRT_HOME": str(tmp_path / "home")}
+    kept_mb = {}
+    for mode in ("tsrt", "plain"):
+        done = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(tmp_path), mode], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        kept_mb[mode] = float(done.stdout.strip().splitlines()[-1])
+    assert kept_mb["plain"] > 500, f"the probe did not allocate its 512 MB of intermediates: {kept_mb}"
+    assert kept_mb["tsrt"] < kept_mb["plain"] / 3, f"tsrt's session kept its activations reserved: {kept_mb}"
