@@ -122,8 +122,9 @@ def prepare_input(work: Path, workload: Workload) -> Path:
         print("[set-up] large phantom 512x512x800 at 0.8 mm", flush=True)
         phantom = make_phantom(**PHANTOM)
         path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(phantom.image, phantom.affine), path.with_suffix(".tmp.gz"))
-        os.replace(path.with_suffix(".tmp.gz"), path)
+        partial = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))  # nibabel needs .nii.gz last
+        nib.save(nib.Nifti1Image(phantom.image, phantom.affine), partial)
+        os.replace(partial, path)
     return path
 
 
