@@ -60,6 +60,15 @@ ARCHITECTURES = (PLAIN_CONV_UNET, RESIDUAL_ENCODER_UNET)
 #: Bias of a segmentation row that must never win: exp(-30) is far below any softmax/sigmoid cut-off.
 DEAD_CLASS_BIAS = -30.0
 
+#: Intensity-band networks: width of each band edge in normalised units, and the logit of a class inside its band.
+BAND_EDGE = 0.01
+BAND_LOGIT = 10.0
+#: CT statistics for intensity-band fixtures: normalised intensity is HU / 1000, unclipped from -1024 to 3071.
+BAND_CT_INTENSITY_PROPERTIES: dict[str, float] = {
+    "max": 3071.0, "mean": 0.0, "median": 0.0, "min": -1024.0,
+    "percentile_00_5": -1024.0, "percentile_99_5": 3071.0, "std": 1000.0,
+}
+
 DEFAULT_LABELS: dict[str, int] = {"background": 0, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
 DEFAULT_CHANNEL_NAMES: dict[str, str] = {"0": "CT"}
 
@@ -283,8 +292,68 @@ def _confident_state_dict(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def _set_band_weights(
+    network: torch.nn.Module, heads: Sequence[str], bands: Mapping[str, tuple[float, float]], normalise
+) -> None:
+    """Weights that label each voxel by its own intensity: class k wherever lo_k <= value < hi_k (HU).
+
+    Why: a test can then know what the "model" must find (e.g. brain, skull and ventricles of a
+    phantom) while every pipeline still runs a genuine nnU-Net network of any size. The network has
+    no normalisation layers (InstanceNorm would make the bands depend on each tile's statistics):
+    the first encoder conv computes ramps relu(x - t) and relu(x - t - BAND_EDGE) for every band
+    edge t, the second turns each pair into a 0/1 step, the last decoder stage passes the steps from
+    the skip connection through, and the head scores class k with BAND_LOGIT * (step(lo) - step(hi))
+    against a background of BAND_LOGIT / 2. All deeper paths are zero.
+    """
+    if not hasattr(network.encoder.stages[0][0], "convs"):
+        raise ModelError("Intensity bands need a PlainConvUNet (its first stage is a plain conv stack).")
+    unknown = sorted(set(bands) - set(heads))
+    if unknown:
+        raise ModelError(f"intensity_bands names {unknown[0]!r}, which this model has no class for.")
+    edges = sorted({float(v) for lo, hi in bands.values() for v in (lo, hi) if abs(v) != float("inf")})
+    for parameter in network.parameters():
+        parameter.zero_()
+    first, second = (block.conv for block in network.encoder.stages[0][0].convs[:2])
+    last_stage = network.decoder.stages[-1].convs
+    if first.out_channels < 2 * len(edges):
+        raise ModelError(f"{len(edges)} band edges need at least {2 * len(edges)} features in the first stage.")
+    centre = tuple(k // 2 for k in first.weight.shape[2:])
+    skip_offset = last_stage[0].conv.in_channels - first.out_channels  # decoder input: [upsampled, skip]
+    for j, edge in enumerate(edges):
+        t = float(normalise(edge))
+        for channel, shift in ((2 * j, t), (2 * j + 1, t + BAND_EDGE)):
+            first.weight[(channel, 0, *centre)] = 1.0
+            first.bias[channel] = -shift
+        second.weight[(j, 2 * j, *centre)] = 1.0 / BAND_EDGE
+        second.weight[(j, 2 * j + 1, *centre)] = -1.0 / BAND_EDGE
+        last_stage[0].conv.weight[(j, skip_offset + j, *centre)] = 1.0
+        for block in last_stage[1:]:
+            block.conv.weight[(j, j, *centre)] = 1.0
+    head = network.decoder.seg_layers[-1]
+    head.bias[0] = BAND_LOGIT / 2
+    for row, name in enumerate(heads[1:], start=1):
+        if name not in bands:
+            head.bias[row] = DEAD_CLASS_BIAS
+            continue
+        lo, hi = (float(v) for v in bands[name])
+        if lo == float("-inf"):
+            head.bias[row] = BAND_LOGIT
+        else:
+            head.weight[(row, edges.index(lo), *([0] * (head.weight.ndim - 2)))] += BAND_LOGIT
+        if hi != float("inf"):
+            head.weight[(row, edges.index(hi), *([0] * (head.weight.ndim - 2)))] -= BAND_LOGIT
+
+
+def _ct_normaliser(properties: Mapping[str, float]):
+    """nnU-Net's CTNormalization of one HU value with these foreground statistics."""
+    lower, upper = properties["percentile_00_5"], properties["percentile_99_5"]
+    return lambda hu: (min(max(hu, lower), upper) - properties["mean"]) / max(properties["std"], 1e-8)
+
+
 def _plan_architecture(
-    architecture: str, spacing: Sequence[float], patch_size: Sequence[int], n_stages: int, features: Sequence[int]
+    architecture: str, spacing: Sequence[float], patch_size: Sequence[int], n_stages: int, features: Sequence[int],
+    instance_norm: bool = True,
 ) -> dict[str, Any]:
     """The plans' `architecture` entry as nnU-Net's planners write it, for a fixed number of stages.
 
@@ -319,8 +388,8 @@ def _plan_architecture(
             recipe["blocks_key"]: list(recipe["encoder_blocks"][:n_stages]),
             "n_conv_per_stage_decoder": list(recipe["decoder_blocks"][: n_stages - 1]),
             "conv_bias": True,
-            "norm_op": f"{norm_op.__module__}.{norm_op.__name__}",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "norm_op": f"{norm_op.__module__}.{norm_op.__name__}" if instance_norm else None,
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True} if instance_norm else None,
             "dropout_op": None,
             "dropout_op_kwargs": None,
             "nonlin": "torch.nn.LeakyReLU",
@@ -531,6 +600,7 @@ def write_result_folder(
     source_checkpoint: Path | None = None,
     intensity_properties: dict | None = None,
     class_rows: Mapping[str, str] | None = None,
+    intensity_bands: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Write a complete nnU-Net v2 result folder and return its path.
 
@@ -544,8 +614,13 @@ def write_result_folder(
     class to the trained row it takes, e.g. {"brain": "spine"}).
     For "2d", `patch_size` and `spacing` may be given in 3d; their last two entries are used.
     `mirror_axes` beyond the configuration's dimensionality are dropped, as nnU-Net's trainer does.
+    `intensity_bands` ({class: (lo_hu, hi_hu)}, a new PlainConvUNet without normalisation layers)
+    makes the network label each voxel by its intensity (see `_set_band_weights`); other classes
+    are never predicted. It needs a CT channel and implies BAND_CT_INTENSITY_PROPERTIES by default.
     """
     ndim = 2 if configuration == "2d" else 3
+    if intensity_bands is not None and source_checkpoint is not None:
+        raise ModelError("intensity_bands builds its own weights: do not pass a source_checkpoint as well.")
     source = architecture_from_checkpoint(source_checkpoint) if source_checkpoint is not None else None
     channel_names = dict(channel_names or DEFAULT_CHANNEL_NAMES)
     labels = copy.deepcopy(labels or DEFAULT_LABELS)
@@ -562,7 +637,8 @@ def write_result_folder(
         features = list(features) if features is not None else [min(4 * 2**i, 32) for i in range(n_stages)]
         if len(features) != n_stages:
             raise ModelError(f"features has {len(features)} entries but n_stages is {n_stages}: give one per stage.")
-        arch = _plan_architecture(architecture, config_spacing, config_patch, n_stages, features)
+        arch = _plan_architecture(architecture, config_spacing, config_patch, n_stages, features,
+                                  instance_norm=intensity_bands is None)
     else:
         _check_matches_source(source, architecture, n_stages, features, ndim, len(channel_names))
         arch = {
@@ -584,8 +660,9 @@ def write_result_folder(
         output_dir, channel_names, labels, regions_class_order, description=f"tsrt fixture (seed {seed})"
     )
     transpose_forward = [int(a) for a in transpose_forward]
+    ct_defaults = BAND_CT_INTENSITY_PROPERTIES if intensity_bands is not None else DEFAULT_CT_INTENSITY_PROPERTIES
     properties = intensity_properties or {
-        str(channel): dict(DEFAULT_CT_INTENSITY_PROPERTIES if name.upper() == "CT" else DEFAULT_MR_INTENSITY_PROPERTIES)
+        str(channel): dict(ct_defaults if name.upper() == "CT" else DEFAULT_MR_INTENSITY_PROPERTIES)
         for channel, name in channel_names.items()
     }
     median_spacing = [float(s) for s in spacing] if len(spacing) == 3 else [max(config_spacing)] + config_spacing
@@ -638,6 +715,10 @@ def write_result_folder(
             network.load_state_dict(
                 _confident_state_dict(network.state_dict(), source, heads, has_regions, class_rows)
             )
+        if intensity_bands is not None:
+            if has_regions or channel_names.get("0", "").upper() != "CT":
+                raise ModelError("intensity_bands needs a CT model with regular (non-region) labels.")
+            _set_band_weights(network, heads, intensity_bands, _ct_normaliser(properties["0"]))
         _save_checkpoint(
             output_dir / f"fold_{fold_value}" / "checkpoint_final.pth",
             network,
@@ -799,6 +880,7 @@ def write_totalseg_home(
     seed: int = 0,
     small: bool = True,
     class_rows: Mapping[str, str] | None = None,
+    intensity_bands: Mapping[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Lay out a TOTALSEG_HOME_DIR that official TotalSegmentator runs offline; return `home`.
 
@@ -808,6 +890,8 @@ def write_totalseg_home(
     builds full-size 6-stage, 32..320-feature nets on 128^3 patches for benchmarks.
     With `source_checkpoint`, every model gets that checkpoint's backbone and "confident" rows
     (`class_rows`: which trained row a class takes in every model that has it).
+    With `intensity_bands` ({class: (lo_hu, hi_hu)}), every model labels voxels by intensity instead:
+    each class named there in the models that have it, nothing else (see `write_result_folder`).
     """
     home = Path(home)
     results_root = home / "nnunet" / "results"
@@ -819,6 +903,8 @@ def write_totalseg_home(
             dataset_id, dataset_name = model.folder_name.removeprefix("Dataset").split("_", 1)
             if source is not None:
                 shape_kwargs: dict[str, Any] = {"patch_size": _patch_for_source(source, small)}
+            elif intensity_bands is not None:  # cheap per voxel; large tiles keep 0.44 mm models to few tiles
+                shape_kwargs = {"patch_size": (96, 96, 96), "n_stages": 4, "features": (4, 8, 16, 32)}
             elif small:
                 shape_kwargs = {"patch_size": (48, 48, 48), "n_stages": 4, "features": (4, 8, 16, 32)}
             else:
@@ -842,6 +928,8 @@ def write_totalseg_home(
                 mirror_axes=None if "NoMirroring" in model.trainer else (0, 1, 2),
                 source_checkpoint=source_checkpoint,
                 class_rows=class_rows,
+                intensity_bands=None if intensity_bands is None else
+                {name: band for name, band in intensity_bands.items() if name in model.labels},
                 **shape_kwargs,
             )
     return home

@@ -257,6 +257,43 @@ def test_bad_arguments_raise_model_error(kwargs: dict, message: str, tmp_path: P
 
 
 # --------------------------------------------------------------------------------------------
+# Intensity-band weights: a real network that labels voxels by intensity
+# --------------------------------------------------------------------------------------------
+
+BAND_LABELS = {"background": 0, "brain": 1, "skull": 2, "unused": 3}
+BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf"))}
+
+
+def test_band_weights_label_voxels_by_intensity_through_nnunets_predictor(tmp_path: Path) -> None:
+    """Slabs of known HU, several tiles wide, come out as their band's class; `unused` is never predicted."""
+    folder = write_result_folder(tmp_path, labels=BAND_LABELS, n_stages=3, features=(4, 8, 16), patch_size=(32, 32, 32),
+                                 intensity_bands=BANDS)
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm_op"] is None
+    hu = np.array([-1000, -400, -250, 34, 550, 650, 1100, 2500], np.float32)
+    expected = [0, 0, 1, 1, 1, 2, 2, 2]
+    image = np.repeat(hu, 10)[:, None, None] * np.ones((1, 70, 50), np.float32)  # (z, y, x): 80 x 70 x 50
+    seg = _predict(_predictor(folder), image[None], (1.5, 1.5, 1.5))
+    for index, label in enumerate(expected):
+        slab = seg[index * 10 + 2 : index * 10 + 8]  # away from the slab edges (band edges are sharp, not voxels)
+        assert np.all(slab == label), (hu[index], np.unique(slab))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"intensity_bands": {"liver": (0.0, 100.0)}}, "no class for"),
+        ({"intensity_bands": {"brain": (-300.0, 0.0), "skull": (100.0, 200.0)}, "features": (2, 4, 8)}, "4 band edges need at least 8"),
+        ({"intensity_bands": BANDS, "channel_names": {"0": "T1"}}, "CT model"),
+    ],
+)
+def test_band_weights_refuse_what_they_cannot_build(kwargs: dict, message: str, tmp_path: Path) -> None:
+    arguments = {"labels": BAND_LABELS, "n_stages": 3, "patch_size": (32, 32, 32), **kwargs}
+    with pytest.raises(ModelError, match=message):
+        write_result_folder(tmp_path, **arguments)
+
+
+# --------------------------------------------------------------------------------------------
 # "Confident" weights from a trained checkpoint
 # --------------------------------------------------------------------------------------------
 
