@@ -181,9 +181,8 @@ def run_tsrt(job: dict) -> dict:
     source = totalseg.read_source(job["input"])
     CLOCK.switch("preprocess")
     totalseg.segment_source(source, request, runner, Path(job["output"]), options)
-    models = list(runner._models.values())
-    CLOCK.tiles = sum(model.tiles_run for model in models)
-    return {"network_s": network["seconds"], "provider": models[0].provider.name if models else None}
+    CLOCK.tiles = runner.tiles_run
+    return {"network_s": network["seconds"], "provider": runner.provider_used}
 
 
 def run_tsrt_model(job: dict) -> dict:

@@ -66,7 +66,7 @@ WORKLOADS = {
     "ct_fast": Workload("ct_fast", "example_ct.nii.gz", fast=True),
     "ct_total": Workload("ct_total", "example_ct.nii.gz", max_runs=1),
     "dicom_fast": Workload("dicom_fast", "example_ct_dicom", fast=True),
-    "dicom_total": Workload("dicom_total", "example_ct_dicom"),
+    "dicom_total": Workload("dicom_total", "example_ct_dicom", max_runs=1),
     "phantom_fast": Workload("phantom_fast", "phantom", fast=True, max_runs=1),  # the memory workload
     # A 30-slice crop: smoke tests and trying the script out, not part of the default set.
     "ct_sm_fast": Workload("ct_sm_fast", "example_ct_sm.nii.gz", fast=True),
@@ -398,8 +398,10 @@ def confident_accuracy(workloads: list[Workload], providers: list[str], work: Pa
     env = child_env(homes)
     found = {}
     for workload in workloads:
+        if workload.name in report["workloads"]:
+            continue
         image = prepare_input(work, workload)
-        rows = [Backend("totalseg", "official")] + [Backend("totalseg", "tsrt", p) for p in providers]
+        rows = [row for row in backends_for(workload, providers, with_nnunet=False)]
         done = []
         for row in rows:
             job = job_for(row, workload, image, homes, output_path(work, workload, row, "confident"))
@@ -615,7 +617,8 @@ def markdown(report: dict) -> str:
              f"{report['runs']} timed run(s) after {report['warmup']} warm-up round(s), medians"
              + "".join(f"; {name}: {n} run, no warm-up" for name, n in report.get("runs_capped", {}).items())
              + ".", "",
-             f"Command: `{report['command']}`", ""]
+             f"Command: `{report['command']}`"
+             + (f" (resuming the run of {report['resumed_from']})" if report.get("resumed_from") else ""), ""]
     header = ("| workload | backend | wall s | × vs reference | load models | read | preprocess | inference | postprocess "
               "| write | startup | tiles/s | peak RSS MB | outside network | agreement | Dice |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -729,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="cache for weights, exports and outputs (default ~/.cache/tsrt-bench)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--name", help="output file stem (default: quick or full)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the workloads (and cold start) already in OUT/NAME.json and measure only the rest")
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -749,11 +754,21 @@ def main(argv: list[str] | None = None) -> int:
                                 "6 stages, 32..320 features, 128^3 patch") + ", seeded random weights",
                     "random_weights_floor": RANDOM_WEIGHTS_FLOOR, "workloads": {}, "accuracy_random_weights": {},
                     "failures": {}}
+    previous = args.out / f"{stem}.json"
+    if args.resume and previous.exists():  # an interrupted run: keep what it measured
+        kept = json.loads(previous.read_text())
+        for key in ("workloads", "accuracy_random_weights", "failures", "runs_capped", "cold_start"):
+            if key in kept:
+                report[key] = kept[key]
+        report["resumed_from"] = kept.get("date")
+        print(f"resuming {previous}: {', '.join(kept['workloads'])} kept", flush=True)
     homes = store_models(work, "random", {t for w in workloads for t in w.ts_tasks}
                          | ({"total_fast"} if not args.no_nnunet else set()), small=args.small)
-    if not (quick or args.no_extras):
+    if not (quick or args.no_extras or "cold_start" in report):
         report["cold_start"] = cold_start(homes, work, prepare_input(work, WORKLOADS["ct_fast"]))
     for workload in workloads:
+        if workload.name in report["workloads"]:
+            continue
         image = prepare_input(work, workload)
         rows = backends_for(workload, providers, with_nnunet=not (args.no_nnunet or quick))
         capped = workload.max_runs is not None and runs > workload.max_runs

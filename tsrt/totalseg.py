@@ -236,10 +236,13 @@ def _float64_if_not_integer(values: np.ndarray) -> np.ndarray:
 
 
 class ModelRunner:
-    """Opens each stored model once and runs it like TotalSegmentator's nnUNetv2_predict call.
+    """Opens stored models and runs them like TotalSegmentator's nnUNetv2_predict call.
 
     Folds come from the registry (fold 0 for TotalSegmentator's models), the tile step from the
     model's task (0.8 for total/total_mr, else 0.5), and mirroring is off (TotalSegmentator: tta=False).
+    One model is open at a time: a TotalSegmentator-sized session holds several hundred MB (weights
+    and ONNX Runtime's pre-packed copies) and task total runs five, while reopening one from the
+    cached optimised graph takes a fraction of a second. A single-model task stays open across a cohort.
     """
 
     def __init__(
@@ -257,21 +260,26 @@ class ModelRunner:
         self.threads = threads
         self.progress = progress
         self.on_tiles: Callable[[int, int], None] | None = None  # per-model tile counts, for a UI's progress bar
-        self._models: dict[str, LoadedModel] = {}
+        self._open: tuple[str, LoadedModel] | None = None
         self._providers: dict[bool, ProviderChoice] = {}
         self.seconds: dict[str, float] = {}
+        self.tiles_run = 0  # tiles through every model so far (for tiles/s)
+        self.provider_used: str | None = None
 
     def model(self, part: ModelPart) -> LoadedModel:
-        if part.name not in self._models:
+        if self._open is None or self._open[0] != part.name:
             from tsrt.store import model_dir
 
+            self._open = None  # close the previous model before the next one allocates
             started = time.perf_counter()
             folder = model_dir(part, self.store_root)
-            self._models[part.name] = load_model(
+            loaded = load_model(
                 folder, folds=part.fold_names, provider=self._provider(folder, part), threads=self.threads
             )
+            self._open = (part.name, loaded)
+            self.provider_used = loaded.provider.name
             self._add_seconds("load models", started)
-        return self._models[part.name]
+        return self._open[1]
 
     def _provider(self, folder: Path, part: ModelPart) -> ProviderChoice:
         """One provider choice per graph precision for all models (and one log line, not one per model)."""
@@ -296,10 +304,11 @@ class ModelRunner:
         settings = InferenceSettings(
             step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress, on_tiles=self.on_tiles
         )
-        started = time.perf_counter()
+        started, tiles_before = time.perf_counter(), model.tiles_run
         prediction = predict_array(
             data, properties["spacing"], model, settings, save_probabilities=probabilities is not None
         )
+        self.tiles_run += model.tiles_run - tiles_before
         self._add_seconds("predict", started)
         if probabilities is not None and prediction.probabilities is not None:
             nnunet_properties = {k: v for k, v in properties.items() if k != "tsrt"} | prediction.cropping
@@ -948,6 +957,22 @@ def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where the models are and how they run: the part of `segment`'s options the companion tools share."""
+
+    models_dir: str | Path | None = None
+    provider: str = "auto"
+    device: str | None = None
+    quiet: bool = False
+    threads: int | None = None
+
+    def as_options(self) -> dict[str, Any]:
+        """As keyword options of `prepare_run`."""
+        return {"models_dir": self.models_dir, "provider": self.provider, "device": self.device,
+                "quiet": self.quiet, "threads": self.threads}
+
+
 def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
     """Validate `segment`'s keyword options (same names and defaults) and check the store once.
 
@@ -1050,6 +1075,7 @@ __all__ = [
     "make_runner",
     "prepare_run",
     "run_options",
+    "RuntimeOptions",
     "run_task",
     "segment",
     "segment_source",
