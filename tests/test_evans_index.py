@@ -46,8 +46,12 @@ ANALYTIC_INDEX = 2 * (HORN_GAP_CENTRE_MM + HORN_HALF_WIDTH_MM) / (2 * BRAIN_AXES
 PHANTOMS = (("turned_8deg_thick_slices", (1.0, 1.1, 2.0), 8.0),)
 
 
-def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float) -> dict:
-    """CT (HU), brain/skull masks and ventricle_parts labels of a head phantom, stored in LPS."""
+def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float, horn_hu: int = 6) -> dict:
+    """CT (HU), brain/skull masks and ventricle_parts labels of a head phantom, stored in LPS.
+
+    `horn_hu`: the frontal horns' intensity (CSF by default; the model test makes them the brightest
+    structure, so intensity-band fixture models can tell them from everything else).
+    """
     a, b, c = BRAIN_AXES_MM
     reach = np.array([a, b, c]) + SKULL_MM + 12
     shape = tuple(int(np.ceil(2 * r / s)) for r, s in zip(reach, spacing))
@@ -70,7 +74,8 @@ def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float) -> d
     ct[outer] = 1100
     ct[inner] = 34
     ct[ellipsoid((0.75 * a, 0.75 * b, 0.75 * c))] = 28  # white matter a little darker than the cortex
-    ct[left | right | third] = 6
+    ct[third] = 6
+    ct[left | right] = horn_hu
     ventricles = np.zeros(shape, np.uint8)
     ventricles[left], ventricles[right], ventricles[third] = 1, 6, 11
     affine = np.diag([*spacing, 1.0])
@@ -270,18 +275,26 @@ def model_store(evans_home: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """The atlas plus the three models the command runs (total part 4 and its 6 mm crop model, ventricle_parts)."""
     pytest.importorskip("nnunetv2", reason="the fixture models need the export extra")
     from tsrt_export.fixtures import find_demo_checkpoint, write_totalseg_home
-    from tsrt_export.import_totalseg import import_models, results_root
-
-    from tsrt.totalseg import build_request, models_to_run
 
     checkpoint = find_demo_checkpoint(REPO_ROOT)
     if checkpoint is None:
         pytest.skip("needs confident weights (the trained demo checkpoint): random ones could find a brain anywhere")
     ts_home = write_totalseg_home(
-        tmp_path_factory.mktemp("evans_ts_home"), ("total", "total_fastest", "ventricle_parts"),
-        source_checkpoint=checkpoint,
+        tmp_path_factory.mktemp("evans_ts_home"), EVANS_TS_TASKS, source_checkpoint=checkpoint,
     )
-    home = tmp_path_factory.mktemp("evans_store")
+    return _evans_store(ts_home, evans_home, tmp_path_factory.mktemp("evans_store"))
+
+
+#: What `totalseg_evans_index` runs: total with --roi_subset brain skull (and its crop model), ventricle_parts.
+EVANS_TS_TASKS = ("total", "total_fastest", "ventricle_parts")
+
+
+def _evans_store(ts_home: Path, evans_home: Path, home: Path) -> Path:
+    """A tsrt home with the imported atlas and the models the Evans index runs, exported from `ts_home`."""
+    from tsrt_export.import_totalseg import import_models, results_root
+
+    from tsrt.totalseg import build_request, models_to_run
+
     shutil.copytree(evans_home / "models", home / "models")
     needed = {m.name: m for request in (build_request("total", roi_subset=["brain", "skull"]),
                                         build_request("ventricle_parts")) for m in models_to_run(request)[0]}
@@ -308,3 +321,71 @@ def test_command_on_images_without_a_brain(model_store: Path, tmp_path: Path) ->
     result = tsrt_cli("evans-index", str(cohort), "-o", str(tmp_path / "out"), "-q", "--device", "cpu", home=model_store)
     assert result.exit_code != 0 and "0 measured" in result.output and "2 failed" in result.output
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+# --------------------------------------------------------------------------------------------- with models
+
+#: Intensity-band fixture models (see tsrt_export.fixtures._set_band_weights): each labels voxels by HU.
+#: Brain tissue (28-34 HU) is brain, bone is skull, and the frontal horns, made the brightest
+#: structure of this phantom (HORN_HU), are ventricle_parts label 1. Resampling ramps at the outer
+#: skull surface give a thin "brain" shell outside the skull; the Evans pipeline drops it (largest blob).
+HORN_HU = 2500
+BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf")), "ventricle_frontal_horn_left": (1800.0, float("inf"))}
+
+_ORACLE_WITH_MODELS = """
+def main():
+    import os
+    import totalsegmentator.bin.totalseg_evans_index as official
+
+    # upstream runs its models through the TotalSegmentator command (run_models_shell)
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    for update in official.evans_index(Path(sys.argv[1]), "niigz"):
+        pass
+    Path(sys.argv[2]).write_bytes(update["report_png"])
+    return {key: float(value) for key, value in update["report_json"].items()}
+"""
+
+
+@pytest.mark.slow
+def test_command_with_models_matches_official_on_nifti_and_dicom(
+    evans_home: Path, ants_overlay: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`tsrt evans-index` end to end (brain/skull roi_subset, the 0.44 mm ventricle model, registration,
+    measurement, JSON and PNG) on fixture models in TotalSegmentator's layout, against official
+    `totalseg_evans_index` running the same models; both give the phantom's analytic index."""
+    pytest.importorskip("nnunetv2", reason="the fixture models need the export extra")
+    from tsrt_export.fixtures import write_totalseg_home
+
+    ts_home = write_totalseg_home(tmp_path_factory.mktemp("banded_ts_home"), EVANS_TS_TASKS, intensity_bands=BANDS)
+    store = _evans_store(ts_home, evans_home, tmp_path_factory.mktemp("banded_store"))
+    name, spacing, turn = PHANTOMS[0]
+    phantom = make_head_phantom(spacing, turn, horn_hu=HORN_HU)
+    nifti = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(phantom["ct"], phantom["affine"]), nifti)
+    official = start_official(_ORACLE_WITH_MODELS, tmp_path / "official", str(nifti), str(tmp_path / "official.png"),
+                              home=ts_home, extra_path=ants_overlay)
+    try:
+        reports = {}
+        for source in (nifti, write_dicom_series(nifti, tmp_path / "head_dicom")):
+            output = tmp_path / f"{source.name}.evans.json"
+            picture = tmp_path / f"{source.name}.evans.png"
+            result = tsrt_cli("evans-index", str(source), "-o", str(output), "-p", str(picture), "-q",
+                              "--device", "cpu", home=store)
+            assert result.exit_code == 0, (result.output, result.exception)
+            reports[source.name] = json.loads(output.read_text())
+            image = _decode_png(picture.read_bytes())
+            for colour in ((40, 220, 40), (255, 140, 0)):  # both widths drawn
+                assert np.all(image == colour, axis=-1).any(), colour
+        theirs = official.result()
+    finally:
+        official.kill()
+    ours, from_dicom = reports[nifti.name], reports["head_dicom"]
+    print(f"analytic {ANALYTIC_INDEX:.4f} | tsrt {ours} | tsrt DICOM {from_dicom} | official {theirs}")
+    assert list(ours) == list(theirs)
+    assert abs(ours["evans_index"] - theirs["evans_index"]) <= TOLERANCE
+    assert abs(ours["evans_index"] - ANALYTIC_INDEX) <= TOLERANCE
+    assert abs(theirs["evans_index"] - ANALYTIC_INDEX) <= TOLERANCE
+    assert ours["brain_volume_ml"] == pytest.approx(theirs["brain_volume_ml"], rel=0.02)
+    assert ours["ventricle_volume_ml"] == pytest.approx(theirs["ventricle_volume_ml"], rel=0.05)
+    assert from_dicom["evans_index"] == pytest.approx(ours["evans_index"], abs=0.005)
+    assert (tmp_path / "official.png").read_bytes().startswith(b"\x89PNG")

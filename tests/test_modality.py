@@ -121,9 +121,10 @@ def store(ts_home: Path, official, modality_home: Path, tmp_path_factory: pytest
 @pytest.mark.parametrize("name", INTENSITY_INPUTS)
 def test_intensity_way_matches_official(name: str, modality_home: Path, official, shared_data: Path) -> None:
     from tsrt.modality import ModalityClassifier, intensity_features
+    from tsrt.totalseg import RuntimeOptions
     from tsrt.totalseg import read_source
 
-    classifier = ModalityClassifier(models_dir=modality_home / "models")
+    classifier = ModalityClassifier(runtime=RuntimeOptions(models_dir=modality_home / "models"))
     features = intensity_features(read_source(shared_data / name).values)
     result = classifier.predict(shared_data / name)
     theirs = official.result()["intensity"][name]
@@ -143,8 +144,11 @@ def test_region_way_matches_official(name: str, store: Path, official, shared_da
 
     from tsrt.totalseg import read_source, segment_source
     from tsrt.modality import ModalityClassifier
+    from tsrt.totalseg import RuntimeOptions
 
-    classifier = ModalityClassifier(normalized=True, models_dir=store / "models", device="cpu", quiet=True)
+    classifier = ModalityClassifier(
+        normalized=True, runtime=RuntimeOptions(models_dir=store / "models", device="cpu", quiet=True)
+    )
     request, runner, options = classifier._prepared
     _, stats = segment_source(read_source(shared_data / name), request, runner, None, options)
     assert list(stats) == list(theirs["statistics"])

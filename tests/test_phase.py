@@ -307,9 +307,10 @@ def test_end_to_end_statistics_and_phase_match_official(
     kind: str, e2e_store: Path, e2e_official, e2e_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     from tsrt.phase import PhaseEstimator, phase_features, predict_phase
+    from tsrt.totalseg import RuntimeOptions
     from tsrt.totalseg import read_source
 
-    estimator = PhaseEstimator(models_dir=e2e_store / "models", device="cpu", quiet=True)
+    estimator = PhaseEstimator(RuntimeOptions(models_dir=e2e_store / "models", device="cpu", quiet=True))
     source = read_source(e2e_inputs[kind])
     total = estimator.total_statistics(source)
     headneck = estimator.task_statistics(source, "headneck_bones_vessels")

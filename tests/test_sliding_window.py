@@ -147,7 +147,16 @@ def test_round_to_half_equals_numpy_float16():
     rng = np.random.default_rng(1)
     values = (rng.normal(size=200_000) * np.exp(rng.uniform(-25, 12, size=200_000))).astype(np.float32)
     values[:4] = [65519.0, 65520.0, -65520.0, 2.0**-25]
-    rounded = values.copy()
-    round_to_half(rounded)
+    # Rows as the accumulator passes them: wholly normal-range rows take the vectorised path, the rest
+    # the per-value one. The whole array at once is one mixed row.
+    normal_rows = (rng.normal(size=(500, 128)) * 40).astype(np.float32)
+    values = np.concatenate([values, normal_rows.ravel(), [6.1035156e-05, 65504.0, 65519.0]]).astype(np.float32)
+    whole = values.copy()
+    round_to_half(whole)
+    by_row = values.copy()
+    for begin in range(0, values.size, 128):
+        round_to_half(by_row[begin : begin + 128])
     with np.errstate(over="ignore"):
-        np.testing.assert_array_equal(rounded, values.astype(np.float16).astype(np.float32))
+        expected = values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(by_row, expected)

@@ -83,6 +83,7 @@ def phase(
 ) -> None:
     """Contrast phase of a CT (pi time in seconds, phase, probability), as totalseg_get_phase."""
     from tsrt.phase import PhaseEstimator, read_statistics
+    from tsrt.totalseg import RuntimeOptions
     from tsrt.write import write_json
 
     _configure(quiet, verbose)
@@ -102,7 +103,7 @@ def phase(
 
         if find_cases(Path(input_path), Path(output), False) is not None:
             raise TsrtError("--existing-stats belongs to one image; drop it for a cohort.")
-    estimator = PhaseEstimator(provider=provider, device=device, quiet=quiet)
+    estimator = PhaseEstimator(RuntimeOptions(provider=provider, device=device, quiet=quiet))
     run_single_or_cohort(
         input_path, output, "contrast_phase.json", process, overwrite=overwrite, quiet=quiet, verb="phased"
     )
@@ -125,10 +126,13 @@ def modality(
 ) -> None:
     """CT or MR, with probability, as totalseg_get_modality (from intensities, or with -n from regions)."""
     from tsrt.modality import ModalityClassifier
+    from tsrt.totalseg import RuntimeOptions
     from tsrt.write import write_json
 
     _configure(quiet, verbose)
-    classifier = ModalityClassifier(normalized=normalized, provider=provider, device=device, quiet=quiet)
+    classifier = ModalityClassifier(
+        normalized=normalized, runtime=RuntimeOptions(provider=provider, device=device, quiet=quiet)
+    )
 
     def process(image: Path, target: Path) -> None:
         result = classifier.predict(image)
@@ -157,9 +161,10 @@ def evans_index(
 ) -> None:
     """Evans index of a head CT (frontal horn width / inner skull width), as totalseg_evans_index."""
     from tsrt.evans_index import EvansIndexer
+    from tsrt.totalseg import RuntimeOptions
 
     _configure(quiet, verbose)
-    indexer = EvansIndexer(provider=provider, device=device, quiet=quiet)
+    indexer = EvansIndexer(RuntimeOptions(provider=provider, device=device, quiet=quiet))
 
     def process(image: Path, target: Path) -> None:
         picture = preview if preview is not None and target == output else target.with_suffix(".png")

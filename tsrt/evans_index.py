@@ -28,13 +28,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tsrt import totalseg_ops as ops
 from tsrt.errors import InputError
 from tsrt.resources import verified_files
+
+if TYPE_CHECKING:
+    from tsrt.totalseg import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -269,19 +272,14 @@ def load_atlas(models_dir: str | Path | None = None) -> np.ndarray:
 class EvansIndexer:
     """Measures one image or a cohort: atlas checked and models prepared once."""
 
-    def __init__(
-        self,
-        *,
-        models_dir: str | Path | None = None,
-        provider: str = "auto",
-        device: str | None = None,
-        quiet: bool = False,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, runtime: RuntimeOptions | None = None) -> None:
         from tsrt.totalseg import prepare_run
 
-        self.atlas = load_atlas(models_dir)
-        options = dict(provider=provider, device=device, quiet=quiet, models_dir=models_dir, threads=threads, ml=True)
+        from tsrt.totalseg import RuntimeOptions
+
+        runtime = runtime or RuntimeOptions()
+        self.atlas = load_atlas(runtime.models_dir)
+        options = dict(**runtime.as_options(), ml=True)
         self._brain_skull = prepare_run("total", roi_subset=["brain", "skull"], **options)
         self._ventricles = prepare_run("ventricle_parts", **options)
 
@@ -330,7 +328,9 @@ def measure_evans_index(
     threads: int | None = None,
 ) -> dict[str, float]:
     """The Evans index report like `totalseg_evans_index` (JSON to `output`, the slice PNG to `preview`)."""
-    indexer = EvansIndexer(models_dir=models_dir, provider=provider, device=device, quiet=quiet, threads=threads)
+    from tsrt.totalseg import RuntimeOptions
+
+    indexer = EvansIndexer(RuntimeOptions(models_dir, provider, device, quiet, threads))
     if output is None:
         measurement = indexer.measure(input)
         if preview is not None:

@@ -21,13 +21,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tsrt.errors import InputError
 from tsrt.classifiers import load_boosters, predict_class
 from tsrt.resources import verified_files
+
+if TYPE_CHECKING:
+    from tsrt.totalseg import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -74,26 +77,19 @@ def predict_modality(features: Sequence[float], classifiers: Sequence[Any]) -> d
 class ModalityClassifier:
     """Classifies one image or a cohort: classifiers checked (and total_mr prepared) once."""
 
-    def __init__(
-        self,
-        *,
-        normalized: bool = False,
-        models_dir: str | Path | None = None,
-        provider: str = "auto",
-        device: str | None = None,
-        quiet: bool = False,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, *, normalized: bool = False, runtime: RuntimeOptions | None = None) -> None:
+        from tsrt.totalseg import RuntimeOptions
+
+        runtime = runtime or RuntimeOptions()
         self.normalized = normalized
-        self.classifiers = load_modality_classifiers("normalized" if normalized else "intensity", models_dir)
+        self.classifiers = load_modality_classifiers("normalized" if normalized else "intensity", runtime.models_dir)
         self._prepared = None
         if normalized:
             from tsrt.totalseg import prepare_run
 
             self._prepared = prepare_run(
                 "total_mr", fast=True, statistics=True, statistics_exclude_masks_at_border=False,
-                stats_aggregation="median", statistics_normalized_intensities=True, provider=provider,
-                device=device, quiet=quiet, models_dir=models_dir, threads=threads,
+                stats_aggregation="median", statistics_normalized_intensities=True, **runtime.as_options(),
             )
 
     def features(self, input: Any) -> list[float]:
@@ -129,9 +125,10 @@ def image_modality(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Predict CT or MR like `totalseg_get_modality` (`normalized=True`: its `-n` region way); JSON to `output`."""
-    classifier = ModalityClassifier(
-        normalized=normalized, models_dir=models_dir, provider=provider, device=device, quiet=quiet, threads=threads
-    )
+    from tsrt.totalseg import RuntimeOptions
+
+    runtime = RuntimeOptions(models_dir, provider, device, quiet, threads)
+    classifier = ModalityClassifier(normalized=normalized, runtime=runtime)
     result = classifier.predict(input)
     if output is not None:
         from tsrt.write import write_json

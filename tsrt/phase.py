@@ -24,13 +24,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tsrt.errors import InputError
 from tsrt.classifiers import load_boosters, predict_value
 from tsrt.resources import verified_files
+
+if TYPE_CHECKING:
+    from tsrt.totalseg import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -134,19 +137,14 @@ def _check_structures_found(stats: Mapping[str, Any], name: str) -> None:
 class PhaseEstimator:
     """Predicts phases for one image or a cohort: classifiers checked and models loaded once."""
 
-    def __init__(
-        self,
-        *,
-        models_dir: str | Path | None = None,
-        provider: str = "auto",
-        device: str | None = None,
-        quiet: bool = False,
-        threads: int | None = None,
-    ) -> None:
-        self.regressors = load_phase_regressors(models_dir)  # before any segmentation: a missing extra fails fast
+    def __init__(self, runtime: RuntimeOptions | None = None) -> None:
+        from tsrt.totalseg import RuntimeOptions
+
+        runtime = runtime or RuntimeOptions()
+        self.regressors = load_phase_regressors(runtime.models_dir)  # before any segmentation: a missing extra fails fast
         self._run_options = dict(
             statistics=True, statistics_exclude_masks_at_border=False, stats_aggregation="median",
-            provider=provider, device=device, quiet=quiet, models_dir=models_dir, threads=threads,
+            **runtime.as_options(),
         )
         self._total: tuple | None = None
         self._headneck: tuple | None = None
@@ -213,7 +211,9 @@ def contrast_phase(
     `tsrt segment --fast --statistics -sa median -sii` run (task total) - that model is then not run.
     """
     stats = read_statistics(existing_stats) if isinstance(existing_stats, (str, Path)) else existing_stats
-    estimator = PhaseEstimator(models_dir=models_dir, provider=provider, device=device, quiet=quiet, threads=threads)
+    from tsrt.totalseg import RuntimeOptions
+
+    estimator = PhaseEstimator(RuntimeOptions(models_dir, provider, device, quiet, threads))
     result = estimator.predict(input, stats)
     if output is not None:
         from tsrt.write import write_json
