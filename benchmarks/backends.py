@@ -148,9 +148,14 @@ def tsrt_providers(requested: list[str] | None) -> list[str]:
 
 
 class TreeMemory:
-    """Peak memory of a process and its descendants (PSS, sampled every 50 ms) and of the GPU (nvidia-smi)."""
+    """Peak memory of a process and its descendants (PSS, sampled every 250 ms) and of the GPU (nvidia-smi).
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    Reading smaps_rollup of a multi-GB process and walking every thread's children is not free: at
+    50 ms the sampler took ~40 % of one core (measured on the 2-core machine), time the backends lost.
+    Each child's own VmHWM is exact anyway; the sampling adds its worker processes.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
         self.pid, self.interval = pid, interval
         self.peak_mb = 0.0
         self.gpu_peak_mb: float | None = None
@@ -466,12 +471,13 @@ def demo_precision(providers: list[str], work: Path, runs: int, warmup: int) -> 
 def cold_start(homes: tuple[Path, Path], work: Path, image: Path) -> dict:
     """`tsrt --help` and `TotalSegmentator --help` wall times, and tsrt's first --fast run with an empty cache."""
     found: dict = {}
-    venvs = {"dev": REPO / ".venv", "runtime": REPO / ".venv-runtime"}
+    # the interpreter running the benchmark (the dev venv) and the runtime-only venv (torch-free install)
+    venvs = {"dev": Path(sys.prefix), "runtime": Path(os.environ.get("TSRT_RUNTIME_VENV", REPO / ".venv-runtime"))}
     for name, venv in venvs.items():
         tsrt_bin = venv / "bin" / "tsrt"
         if tsrt_bin.exists():
             found[f"tsrt --help ({name} venv)"] = _median_wall([str(tsrt_bin), "--help"])
-    ts_bin = REPO / ".venv" / "bin" / "TotalSegmentator"
+    ts_bin = Path(sys.prefix) / "bin" / "TotalSegmentator"
     if ts_bin.exists():
         found["TotalSegmentator --help"] = _median_wall([str(ts_bin), "--help"])
     cache = homes[1] / "cache"
@@ -532,10 +538,10 @@ def installed_sizes() -> dict:
         "TotalSegmentator 2.18 + dependencies (dev venv, RECORD sizes)": size(closure("totalsegmentator")) / 2**20,
         "tsrt runtime dependencies (dev venv, RECORD sizes)": size(closure("tsrt") - {"tsrt"}) / 2**20,
     }
-    runtime = REPO / ".venv-runtime"
+    runtime = Path(os.environ.get("TSRT_RUNTIME_VENV", REPO / ".venv-runtime"))
     if runtime.is_dir():
         found[".venv-runtime on disk (du, whole venv)"] = _du_mb(runtime)
-    found[".venv on disk (du, the dev venv: TotalSegmentator, torch, tsrt dev tools)"] = _du_mb(REPO / ".venv")
+    found[".venv on disk (du, the dev venv: TotalSegmentator, torch, tsrt dev tools)"] = _du_mb(Path(sys.prefix))
     return {key: round(value) for key, value in found.items()}
 
 
