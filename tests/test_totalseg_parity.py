@@ -25,10 +25,6 @@ example_ct_sm for the 1.5 mm modes (total's 5 parts, roi_subset), which dominate
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +32,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+
+from totalseg_official import OfficialProcess, start_official
 
 pytestmark = pytest.mark.slow
 
@@ -110,71 +108,33 @@ MODES: dict[str, Mode] = {
 # --------------------------------------------------------------------------------------------- official
 
 
-_OFFICIAL_RUNNER = textwrap.dedent(
-    """
-    import importlib, json, socket, sys, time, traceback
-    from pathlib import Path
+_OFFICIAL_RUNNER = """
+def main():
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    from totalsegmentator.python_api import totalsegmentator
 
-    _connect = socket.socket.connect
-
-    def no_lookup(host, *args, **kwargs):
-        raise socket.gaierror("network disabled in this test")
-
-    def no_connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise OSError("network disabled in this test")
-        return _connect(self, address)
-
-    socket.getaddrinfo, socket.socket.connect = no_lookup, no_connect
-
-    def main():
-        jobs = json.loads(Path(sys.argv[1]).read_text())
-        from totalsegmentator.python_api import totalsegmentator
-        importlib.import_module("totalsegmentator.nnunet")  # TotalSegmentator's own predictor patch first
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        def in_process(self, source, target, save_probabilities=False, overwrite=True,
-                       num_processes_preprocessing=1, num_processes_segmentation_export=1,
-                       folder_with_segs_from_prev_stage=None, num_parts=1, part_id=0, **kwargs):
-            return self.predict_from_files_sequential(source, target, save_probabilities, overwrite,
-                                                      folder_with_segs_from_prev_stage, **kwargs)
-
-        nnUNetPredictor.predict_from_files = in_process
-        for name, job in jobs.items():
-            started = time.time()
-            try:
-                totalsegmentator(device="cpu", quiet=True, nr_thr_saving=1, **job)
-                status = "ok"
-            except Exception:
-                status = traceback.format_exc()
-            print(json.dumps({"mode": name, "status": status, "seconds": time.time() - started}), flush=True)
-
-    if __name__ == "__main__":
-        main()
-    """
-)
+    sequential_nnunet()
+    statuses = {}
+    for name, job in jobs.items():
+        try:
+            totalsegmentator(device="cpu", quiet=True, nr_thr_saving=1, **job)
+            statuses[name] = "ok"
+        except Exception:
+            statuses[name] = traceback.format_exc()
+    return statuses
+"""
 
 
 class OfficialRuns:
     """Official TotalSegmentator running every mode in one background process."""
 
-    def __init__(self, process: subprocess.Popen, outputs: dict[str, Path], log: Path) -> None:
-        self.process, self.outputs, self.log = process, outputs, log
-        self._status: dict[str, str] | None = None
+    def __init__(self, process: OfficialProcess, outputs: dict[str, Path]) -> None:
+        self.process, self.outputs = process, outputs
 
     def output(self, mode: str) -> Path:
-        if self._status is None:
-            try:
-                self.process.wait(timeout=1800)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                raise
-            lines = [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
-            self._status = {line["mode"]: line["status"] for line in lines}
-        status = self._status.get(mode)
+        status = self.process.result().get(mode)
         if status is None:
-            errors = (self.log.with_suffix(".err")).read_text()[-3000:]
-            raise AssertionError(f"official TotalSegmentator did not finish mode {mode}:\n{errors}")
+            raise AssertionError(f"official TotalSegmentator did not run mode {mode}")
         assert status == "ok", f"official TotalSegmentator failed on {mode}:\n{status}"
         return self.outputs[mode]
 
@@ -218,10 +178,6 @@ def inputs(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 def official(ts_home: Path, inputs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> OfficialRuns:
     """Start official TotalSegmentator on every mode now; `output()` waits for it."""
     work = tmp_path_factory.mktemp("official")
-    home = work / "home"
-    import shutil
-
-    shutil.copytree(ts_home, home)  # TotalSegmentator writes its prediction counter into config.json
     outputs = {mode: _output_path(work, mode) for mode in MODES}
     for output in outputs.values():
         output.parent.mkdir(parents=True)  # upstream creates only the last folder level for statistics
@@ -230,18 +186,9 @@ def official(ts_home: Path, inputs: dict[str, Path], tmp_path_factory: pytest.Te
         for mode, spec in MODES.items()
     }
     (work / "jobs.json").write_text(json.dumps(jobs))
-    (work / "runner.py").write_text(_OFFICIAL_RUNNER)  # a file: nnU-Net may re-import __main__
-    env = {k: v for k, v in os.environ.items() if k != "TOTALSEG_WEIGHTS_PATH" and not k.startswith("nnUNet_")}
-    env["TOTALSEG_HOME_DIR"] = str(home)
-    log = work / "runs.log"
-    with open(log, "w") as stdout, open(log.with_suffix(".err"), "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, str(work / "runner.py"), str(work / "jobs.json")], stdout=stdout, stderr=stderr, env=env
-        )
-    runs = OfficialRuns(process, outputs, log)
-    yield runs
-    if process.poll() is None:
-        process.kill()
+    process = start_official(_OFFICIAL_RUNNER, work, str(work / "jobs.json"), home=ts_home)
+    yield OfficialRuns(process, outputs)
+    process.kill()
 
 
 def _cli(*args: str, env: dict[str, str]):
