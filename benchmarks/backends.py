@@ -403,10 +403,8 @@ def confident_accuracy(workloads: list[Workload], providers: list[str], work: Pa
     env = child_env(homes)
     found = {}
     for workload in workloads:
-        if workload.name in report["workloads"]:
-            continue
         image = prepare_input(work, workload)
-        rows = [row for row in backends_for(workload, providers, with_nnunet=False)]
+        rows = backends_for(workload, providers, with_nnunet=False)
         done = []
         for row in rows:
             job = job_for(row, workload, image, homes, output_path(work, workload, row, "confident"))
