@@ -10,6 +10,7 @@ RUNTIME_SOURCES := $(shell find tsrt -name '*.py' -o -name '*.onnx' -o -name '*.
 # Runtime-only install (no torch): what a hospital workstation gets with `pip install tsrt`.
 $(RUNTIME_VENV)/.installed: $(RUNTIME_SOURCES)
 	test -d $(RUNTIME_VENV) || $(PYTHON) -m venv $(RUNTIME_VENV)
+	rm -rf build  # setuptools reuses build/lib: a module moved away would still ship
 	$(RUNTIME_VENV)/bin/pip install --quiet --disable-pip-version-check .
 	touch $@
 

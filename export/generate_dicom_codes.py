@@ -1,4 +1,4 @@
-"""Generate tsrt/dicom_codes.toml: the coded concepts and colours TotalSegmentator gives each class in DICOM.
+"""Generate tsrt/outputs/dicom_codes.toml: the coded concepts and colours TotalSegmentator gives each class in DICOM.
 
 Why: a DICOM SEG names each segment with a coded category and type (SNOMED CT) and a recommended
 display colour, and an RTSTRUCT gives each ROI a colour. TotalSegmentator keeps these facts in
@@ -6,7 +6,7 @@ resources/totalsegmentator_snomed_mapping.csv; the runtime must not import Total
 are copied once, here, into a data file shipped with tsrt. Only what TotalSegmentator's DICOM
 writers use is kept: the property category, the property type and the RGB colour.
 
-    python -m tsrt_export.generate_dicom_codes            # rewrite tsrt/dicom_codes.toml
+    python -m tsrt_export.generate_dicom_codes            # rewrite tsrt/outputs/dicom_codes.toml
     python -m tsrt_export.generate_dicom_codes --check    # exit 1 when the committed file is stale
 """
 
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-OUTPUT = Path(__file__).resolve().parents[1] / "tsrt" / "dicom_codes.toml"
+OUTPUT = Path(__file__).resolve().parents[1] / "tsrt" / "outputs" / "dicom_codes.toml"
 MAPPING = Path("resources") / "totalsegmentator_snomed_mapping.csv"
 
 HEADER = """\

@@ -1,4 +1,4 @@
-"""Generate tsrt/models.toml, tsrt's task registry, from the installed TotalSegmentator package.
+"""Generate tsrt/models/models.toml, tsrt's task registry, from the installed TotalSegmentator package.
 
 Why: the runtime must know which nnU-Net models each TotalSegmentator task runs and how (spacing,
 folds, crop, step size, class maps, download addresses) without importing TotalSegmentator (which
@@ -8,7 +8,7 @@ pulls in torch). So the facts are read once, here, from TotalSegmentator's own t
 is matched in the source text, so a TotalSegmentator that changes it makes generation fail instead
 of writing a stale registry.
 
-    python -m tsrt_export.generate_models_toml            # rewrite tsrt/models.toml
+    python -m tsrt_export.generate_models_toml            # rewrite tsrt/models/models.toml
     python -m tsrt_export.generate_models_toml --check    # exit 1 when the committed file is stale
 
 The output is deterministic: the same TotalSegmentator version gives the same bytes.
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-OUTPUT = Path(__file__).resolve().parents[1] / "tsrt" / "models.toml"
+OUTPUT = Path(__file__).resolve().parents[1] / "tsrt" / "models" / "models.toml"
 SCHEMA_VERSION = 1
 
 #: TotalSegmentator's sub-mode names -> tsrt's mode names.

@@ -10,7 +10,7 @@ TotalSegmentator ships them in its package's `resources/` folder:
   xgboost's binary (UBJSON) format, re-saved as JSON and checked the same way.
 - Evans index: `ct_brain_atlas_1mm.nii.gz`, copied as it is.
 
-Files land in the store through `tsrt.resources.install_resource` (staged, sha256 manifest, rename).
+Files land in the store through `tsrt.models.resources.install_resource` (staged, sha256 manifest, rename).
 Nothing here imports torch or needs scikit-learn (only Boosters are touched): a runtime install with
 the `phase` extra can import these too, from a totalsegmentator package that is installed (even with
 --no-deps) or unpacked anywhere (`source`).
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tsrt.errors import ModelError
-from tsrt.resources import RESOURCES, install_resource, require_module, resource_spec
+from tsrt.models.resources import RESOURCES, install_resource, require_module, resource_spec
 
 PHASE_PICKLE = "contrast_phase_classifiers_2024_07_19.pkl"
 MODALITY_FILES = {

@@ -4,7 +4,7 @@ TotalSegmentator keeps its weights as nnU-Net result folders under
 `$TOTALSEG_HOME_DIR/nnunet/results/DatasetNNN_name/Trainer__Plans__Configuration/` (its release zips
 unpack to exactly that). This module finds the folders a task needs, checks they are complete
 *before* exporting anything, and exports each missing model through a staging folder inside the
-store, which `tsrt.store.install` renames into place.
+store, which `tsrt.models.store.install` renames into place.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from tsrt.errors import ModelError
-from tsrt.registry import ModelPart, Task
-from tsrt import store
-from tsrt.download import default_totalseg_home
+from tsrt.models.registry import ModelPart, Task
+from tsrt.models import store
+from tsrt.models.download import default_totalseg_home
 from tsrt_export.onnx_export import export_model
 
 CHECKPOINT = "checkpoint_final.pth"

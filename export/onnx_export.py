@@ -1,6 +1,6 @@
 """Export trained nnU-Net v2 folds to ONNX graphs + recorded plans, verified against torch.
 
-One graph per fold (`fold_N.onnx`) with its recorded plan (`fold_N.plan.json`, see tsrt/plan.py) and
+One graph per fold (`fold_N.onnx`) with its recorded plan (`fold_N.plan.json`, see tsrt/models/plan.py) and
 verification report (`fold_N.verify.json`). Everything is written into a temporary folder next to OUT
 and moved in only when every requested fold has exported and verified, so a failed export leaves OUT
 as it was.
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from tsrt.errors import InputError, ModelError
-from tsrt.plan import PLAN_FORMAT_VERSION, PLAN_SUFFIX, RecordedPlan, Resampling
-from tsrt.store import sha256_file
+from tsrt.models.plan import PLAN_FORMAT_VERSION, PLAN_SUFFIX, RecordedPlan, Resampling
+from tsrt.models.store import sha256_file
 from tsrt_export.verify import (
     FP16_TOLERANCE_FRACTION,
     FP32_TOLERANCE_FRACTION,

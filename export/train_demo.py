@@ -6,7 +6,7 @@ Run (dev install, `make dev`):
 
 What it does, all through nnunetv2's own Python API (no re-implementation of nnU-Net):
 
-1. Writes ~30 synthetic CT phantoms (`tsrt.phantom.make_phantom(..., vary=True)`) at isotropic
+1. Writes ~30 synthetic CT phantoms (`tsrt.demo.phantom.make_phantom(..., vary=True)`) at isotropic
    3 mm as an nnU-Net raw dataset `Dataset900_TsrtDemo` (CT channel, so CTNormalization is used)
    into a work folder, with nnUNet_raw / nnUNet_preprocessed / nnUNet_results pointing into it.
 2. Fingerprint extraction and experiment planning (`ExperimentPlanner`, plans name
@@ -134,7 +134,7 @@ def training_cases(n: int = NUM_CASES) -> list[dict]:
 def write_raw_dataset(raw_root: Path, n: int = NUM_CASES) -> Path:
     import nibabel as nib
 
-    from tsrt.phantom import PHANTOM_LABELS, make_phantom
+    from tsrt.demo.phantom import PHANTOM_LABELS, make_phantom
 
     ds = raw_root / DATASET_NAME
     (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def write_raw_dataset(raw_root: Path, n: int = NUM_CASES) -> Path:
         "numTraining": n,
         "file_ending": ".nii.gz",
         "name": DATASET_NAME,
-        "description": "Synthetic CT phantoms from tsrt.phantom.make_phantom(vary=True), 3 mm isotropic.",
+        "description": "Synthetic CT phantoms from tsrt.demo.phantom.make_phantom(vary=True), 3 mm isotropic.",
         "licence": "Apache-2.0",
     }
     (ds / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
@@ -353,7 +353,7 @@ def predict_phantom(predictor, phantom) -> np.ndarray:
 
 
 def dice_per_class(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    from tsrt.phantom import PHANTOM_LABELS
+    from tsrt.demo.phantom import PHANTOM_LABELS
 
     out = {}
     for k, name in PHANTOM_LABELS.items():
@@ -364,7 +364,7 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 def evaluate(model_folder: Path) -> dict:
-    from tsrt.phantom import make_phantom
+    from tsrt.demo.phantom import make_phantom
 
     t0 = time.perf_counter()
     predictor = load_predictor(model_folder)
@@ -404,7 +404,7 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
     import torch
     from importlib.metadata import version
 
-    from tsrt.phantom import PHANTOM_LABELS
+    from tsrt.demo.phantom import PHANTOM_LABELS
 
     plans = json.loads((out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR / "plans.json").read_text())
     fp = json.loads((out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR / "dataset_fingerprint.json").read_text())
@@ -422,7 +422,7 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         "# tsrt demo model: how it was trained",
         "",
         "A real nnU-Net v2 model, trained on this project's machine by nnunetv2's own trainer on",
-        "synthetic CT phantoms (`tsrt.phantom.make_phantom(vary=True)`). Written by",
+        "synthetic CT phantoms (`tsrt.demo.phantom.make_phantom(vary=True)`). Written by",
         "`export/train_demo.py`; do not edit by hand, re-run the script.",
         "",
         "## Command",

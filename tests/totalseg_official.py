@@ -151,7 +151,7 @@ def tsrt_cli(*args: str, home: Path):
     """`tsrt ARGS` in this process (Typer's runner) with TSRT_HOME=home; the result holds output and exception."""
     from typer.testing import CliRunner
 
-    from tsrt.cli import app, totalsegmentator_argv
+    from tsrt.cli.root import app, totalsegmentator_argv
 
     return CliRunner().invoke(app, totalsegmentator_argv(list(args)), env={"TSRT_HOME": str(home)})
 
@@ -160,6 +160,6 @@ def tsrt_process(*args: str, home: Path) -> subprocess.CompletedProcess:
     """`tsrt ARGS` through the real console entry point (one-line errors, exit codes) with TSRT_HOME=home."""
     env = {**os.environ, "TSRT_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-c", "from tsrt.cli import main; main()", *args], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", "from tsrt.cli.root import main; main()", *args], capture_output=True, text=True, env=env,
         cwd=Path(__file__).resolve().parents[1],
     )

@@ -15,19 +15,19 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "contrast_phase", "image_modality", "measure_evans_index", "segment"]
 
 #: Lazily imported public functions: name -> module.
-#: (Not named like their modules: importing tsrt.modality would shadow a function `tsrt.modality`.)
+#: (Named for what they return, not like their modules, so no module attribute is shadowed.)
 _LAZY = {
     "segment": "tsrt.totalseg",
-    "contrast_phase": "tsrt.phase",
-    "image_modality": "tsrt.modality",
-    "measure_evans_index": "tsrt.evans_index",
+    "contrast_phase": "tsrt.companions.phase",
+    "image_modality": "tsrt.companions.modality",
+    "measure_evans_index": "tsrt.companions.evans_index",
 }
 
 if TYPE_CHECKING:
-    from tsrt.evans_index import measure_evans_index
-    from tsrt.modality import image_modality
-    from tsrt.phase import contrast_phase
-    from tsrt.totalseg import segment
+    from tsrt.companions.evans_index import measure_evans_index
+    from tsrt.companions.modality import image_modality
+    from tsrt.companions.phase import contrast_phase
+    from tsrt.totalseg.runner import segment
 
 
 def __getattr__(name: str) -> Any:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tsrt.infer import InferenceSettings, LoadedModel, load_model
-from tsrt.outputs import WrittenOutputs, write_segmentation_outputs
-from tsrt.predict import predict_array
-from tsrt.read import Image, from_nnunet_array, read_image, to_nnunet_array
-from tsrt.write import atomic_output, write_label_map
+from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
+from tsrt.outputs.files import WrittenOutputs, write_segmentation_outputs
+from tsrt.pipeline.predict import predict_array
+from tsrt.pipeline.read import Image, from_nnunet_array, read_image, to_nnunet_array
+from tsrt.pipeline.write import atomic_output, write_label_map
 
 log = logging.getLogger("tsrt")
 
@@ -110,7 +110,7 @@ def write_model_segmentation(
 @dataclass(frozen=True)
 class ModelJob:
     """An exported model over a cohort (`tsrt segment COHORT --model DIR`): picklable, so that each
-    Ray worker opens its own ONNX Runtime sessions once (tsrt.cohort.CohortJob)."""
+    Ray worker opens its own ONNX Runtime sessions once (tsrt.cohort.cases.CohortJob)."""
 
     model_dir: Path
     folds: tuple[str, ...] | None = None

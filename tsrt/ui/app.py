@@ -1,6 +1,6 @@
 """tsrt's clinical web page (Streamlit): open a CT or MR, segment it, look at the result, download it.
 
-Start it with `tsrt ui` (tsrt/cli_ui.py), which binds it to this machine and switches off Streamlit's
+Start it with `tsrt ui` (tsrt/cli/ui.py), which binds it to this machine and switches off Streamlit's
 usage statistics. Streamlit runs this script top to bottom on every click; what must survive a
 click (the opened image, the result) lives in `st.session_state`. The logic is in the sibling
 modules; this file only lays out widgets and wires them to it.
@@ -153,7 +153,7 @@ def _open(key: str, name: str, locate) -> OpenedImage | None:
         return opened
     st.session_state.pop("opened", None)
     st.session_state.pop("result", None)
-    from tsrt.totalseg import read_source
+    from tsrt.totalseg.runner import read_source
 
     started = time.perf_counter()
     try:
@@ -186,7 +186,7 @@ def _model_choices(store: str) -> list[ModelChoice]:
 
 def _run_options(has_image: bool) -> tuple[RunOptions, bool]:
     st.header("2. Segmentation")
-    from tsrt.store import models_root
+    from tsrt.models.store import models_root
 
     choices = _model_choices(str(models_root()))
     choice = st.selectbox("Model", choices, format_func=lambda c: c.label, key="model")

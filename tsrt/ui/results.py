@@ -1,7 +1,7 @@
 """What the result page offers, built once per run: the per-structure report and the files to download.
 
-Volumes and mean intensities come from `tsrt.statistics` (TotalSegmentator's rules), the label file and
-masks from `tsrt.outputs`, the overview from `tsrt.preview` - the same files `tsrt segment` writes.
+Volumes and mean intensities come from `tsrt.outputs.statistics` (TotalSegmentator's rules), the label file and
+masks from `tsrt.outputs.files`, the overview from `tsrt.outputs.preview` - the same files `tsrt segment` writes.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tsrt.outputs import write_segmentation_outputs
-from tsrt.statistics import structure_statistics
+from tsrt.outputs.files import write_segmentation_outputs
+from tsrt.outputs.statistics import structure_statistics
 from tsrt.ui.runner import Segmentation
-from tsrt.write import atomic_output
+from tsrt.pipeline.write import atomic_output
 
-#: TotalSegmentator calls a mask within this many voxels of the scan's edge incomplete (tsrt.statistics).
+#: TotalSegmentator calls a mask within this many voxels of the scan's edge incomplete (tsrt.outputs.statistics).
 BORDER_MARGIN = 3
 STATUS_COMPLETE = "complete"
 STATUS_AT_EDGE = "cut off at the scan edge"
@@ -32,7 +32,7 @@ def mean_column(modality: str) -> str:
 
 
 def labels_touching_border(labels: np.ndarray, margin: int = BORDER_MARGIN) -> set[int]:
-    """Every label `tsrt.statistics.touches_border` would flag, from the six edge slabs at once."""
+    """Every label `tsrt.outputs.statistics.touches_border` would flag, from the six edge slabs at once."""
     slabs = []
     for axis in range(labels.ndim):
         slabs.append(np.take(labels, range(min(margin, labels.shape[axis])), axis=axis).ravel())

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tsrt.read import Image
+from tsrt.pipeline.read import Image
 
 DEMO_KEY = "demo"
 DEMO_LABEL = "Demo model (bundled; phantom organs)"
@@ -53,22 +53,22 @@ class ModelChoice:
         """Label number -> structure name of what this model (in this mode) segments."""
         if self.key == DEMO_KEY:
             return demo_label_names()
-        from tsrt.registry import get_task
+        from tsrt.models.registry import get_task
 
         return dict(get_task(self.key, fast=fast).classes)
 
 
 def demo_label_names() -> dict[int, str]:
-    from tsrt.demo import demo_model_dir
-    from tsrt.plan import load_model_plans
+    from tsrt.demo.run import demo_model_dir
+    from tsrt.models.plan import load_model_plans
 
     return dict(load_model_plans(demo_model_dir())[0].label_names)
 
 
 def model_choices(store_root: Path | None = None) -> list[ModelChoice]:
     """The demo model, then every task with all models of its normal or fast mode complete in the store."""
-    from tsrt.registry import load_registry
-    from tsrt.store import model_status, models_root
+    from tsrt.models.registry import load_registry
+    from tsrt.models.store import model_status, models_root
 
     choices = [ModelChoice(DEMO_KEY, DEMO_LABEL, "CT", ("normal",), False)]
     root = models_root(store_root)
@@ -94,7 +94,7 @@ def model_choices(store_root: Path | None = None) -> list[ModelChoice]:
 
 def provider_choices() -> list[str]:
     """auto, then the execution providers this onnxruntime build has, by tsrt's names."""
-    from tsrt.providers import PROVIDER_NAMES, available_providers
+    from tsrt.engines.providers import PROVIDER_NAMES, available_providers
 
     available = available_providers()
     return ["auto", *(name for name, ort_name in PROVIDER_NAMES.items() if ort_name in available)]
@@ -140,8 +140,8 @@ def keep_structures(
     labels: np.ndarray, label_names: dict[int, str], structures: Sequence[str]
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Only the named structures (others become background), as --roi_subset leaves them."""
-    from tsrt.totalseg import output_label_map
-    from tsrt.totalseg_ops import keep_roi_subset
+    from tsrt.totalseg.runner import output_label_map
+    from tsrt.totalseg.ops import keep_roi_subset
 
     kept = output_label_map("", label_names, roi_subset=list(structures))
     return keep_roi_subset(np.array(labels), list(kept)), kept
@@ -149,8 +149,8 @@ def keep_structures(
 
 def _segment_with_demo_model(source, provider: str, reporter: StageReporter) -> Segmentation:
     from tsrt.api import segment_image_with_model
-    from tsrt.demo import demo_model_dir
-    from tsrt.infer import InferenceSettings, load_model
+    from tsrt.demo.run import demo_model_dir
+    from tsrt.pipeline.infer import InferenceSettings, load_model
 
     reporter.stage("Loading the model")
     started = time.perf_counter()
@@ -174,8 +174,8 @@ def _segment_with_task(
     reporter: StageReporter,
     store_root: Path | None,
 ) -> Segmentation:
-    from tsrt.providers import choose_provider
-    from tsrt.totalseg import build_request, missing_models, models_to_run, prepare_run, run_task
+    from tsrt.engines.providers import choose_provider
+    from tsrt.totalseg.runner import build_request, missing_models, models_to_run, prepare_run, run_task
 
     reporter.stage("Checking the installed models")
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """The result viewer's pictures: a windowed CT/MR slice with a colour overlay per structure (numpy only).
 
-Slicing, orientation (radiological convention) and blending are `tsrt.preview`'s, so the viewer
+Slicing, orientation (radiological convention) and blending are `tsrt.outputs.preview`'s, so the viewer
 and the overview PNG always agree; this adds window presets, slice choice and per-structure toggles.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsrt.preview import VIEW_AXES, WINDOWS, blend_overlay, label_colours, orthogonal_slice, to_ras, window
+from tsrt.outputs.preview import VIEW_AXES, WINDOWS, blend_overlay, label_colours, orthogonal_slice, to_ras, window
 
 VIEWS = tuple(VIEW_AXES)
 #: Window presets (level, width) in HU; "Auto" spans the image's 1st..99th percentile (MR has no HU).

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from tsrt.cli_models import _human_size as human_size  # sizes read the same in `tsrt models` and the UI
+from tsrt.cli.models import _human_size as human_size  # sizes read the same in `tsrt models` and the UI
 from tsrt.errors import InputError
 
-#: What the UI opens: NIfTI files and zips of one DICOM series (what tsrt.read.read_image reads).
+#: What the UI opens: NIfTI files and zips of one DICOM series (what tsrt.pipeline.read.read_image reads).
 INPUT_ENDINGS = (".nii.gz", ".nii", ".zip")
 _NIFTI_HEADER_SIZES = {348, 540}  # sizeof_hdr of NIfTI-1 and NIfTI-2, the first 4 bytes of every file
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")

@@ -1,0 +1,131 @@
+"""Execution-provider selection, TensorRT engine cache keys and the error paths a CPU machine can test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tsrt.engines.tensorrt import EngineKey, build_engines, engine_cache_dir
+from tsrt.errors import ProviderError
+from tsrt.engines.providers import PROVIDER_NAMES, available_providers, choose_provider, parse_device
+
+HAS_CUDA = PROVIDER_NAMES["cuda"] in available_providers()
+HAS_TRT = PROVIDER_NAMES["tensorrt"] in available_providers()
+
+
+def test_auto_picks_an_available_provider_and_ends_with_cpu():
+    choice = choose_provider("auto")
+    assert choice.providers[-1][0] == "CPUExecutionProvider"
+    assert PROVIDER_NAMES[choice.name] in available_providers()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA; the missing-provider error cannot be provoked")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(ProviderError, match="cuda execution provider is not available.*--provider cpu"):
+        choose_provider("cuda")
+
+
+@pytest.mark.skipif(HAS_TRT, reason="this machine has TensorRT; the missing-provider error cannot be provoked")
+def test_missing_tensorrt_is_a_clear_error_and_engine_build_refuses(tmp_path):
+    with pytest.raises(ProviderError, match="tensorrt"):
+        choose_provider("tensorrt")
+    with pytest.raises(ProviderError, match="TensorRT is not available here"):
+        build_engines(tmp_path)
+
+
+def test_unknown_provider_and_device_are_rejected():
+    with pytest.raises(ProviderError, match="Unknown provider"):
+        choose_provider("rocm")
+    with pytest.raises(ProviderError, match="gpu:N"):
+        parse_device("tpu:0")
+    assert parse_device("gpu:3") == 3 and parse_device(None) == 0
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="needs onnxruntime-gpu with TensorRT and an NVIDIA GPU, which CI does not have")
+def test_tensorrt_provider_options_carry_cache_precision_and_workspace(tmp_path):
+    choice = choose_provider("tensorrt", device="gpu:0", fp16=True, engine_cache_dir=tmp_path, workspace_gb=2)
+    name, options = choice.providers[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_max_workspace_size"] == 2 * (1 << 30)
+    assert [n for n, _ in choice.providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_engine_cache_is_keyed_by_gpu_tensorrt_version_and_precision(tmp_path):
+    fp32 = engine_cache_dir(tmp_path, EngineKey("NVIDIA A100-SXM4-40GB", "10.3.0.26", "fp32"))
+    fp16 = engine_cache_dir(tmp_path, EngineKey("NVIDIA A100-SXM4-40GB", "10.3.0.26", "fp16"))
+    other_gpu = engine_cache_dir(tmp_path, EngineKey("NVIDIA L4", "10.3.0.26", "fp32"))
+    other_trt = engine_cache_dir(tmp_path, EngineKey("NVIDIA A100-SXM4-40GB", "10.4.0", "fp32"))
+    assert len({fp32, fp16, other_gpu, other_trt}) == 4
+    assert fp32.parent == tmp_path / "engines"
+    assert fp32.name == "nvidia-a100-sxm4-40gb_trt10.3.0.26_fp32"
+
+
+@pytest.mark.skipif(HAS_TRT, reason="this machine has TensorRT; the one-line refusal cannot be provoked")
+def test_engine_build_cli_says_one_line_and_exits_nonzero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from tsrt.cli.root import main; main()", "engine", "build", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tsrt: error: TensorRT is not available here"), result.stderr
+
+
+_ARENA_PROBE = r'''
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from tsrt.engines.providers import choose_provider, create_session
+
+# y = sum(expand(x)^2): two 256 MB intermediates that live only inside a run.
+graph = helper.make_graph(
+    [
+        helper.make_node("Expand", ["x", "shape"], ["big"]),
+        helper.make_node("Mul", ["big", "big"], ["squared"]),
+        helper.make_node("ReduceSum", ["squared"], ["y"], keepdims=0),
+    ],
+    "arena_probe",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    [helper.make_tensor("shape", TensorProto.INT64, [3], [64, 1024, 1024])],
+)
+path = Path(sys.argv[1]) / "probe.onnx"
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+if sys.argv[2] == "tsrt":
+    session = create_session(path, choose_provider("cpu"), threads=1)
+else:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+before = resident_mb()
+for _ in range(2):
+    y = session.run(None, {"x": np.ones(1, np.float32)})[0]
+assert float(y) == 64 * 1024 * 1024, y
+print(resident_mb() - before)
+'''
+
+
+def test_cpu_sessions_give_activation_memory_back_after_each_run(tmp_path):
+    """A tile's activations (about 1 GB on TotalSegmentator's networks) must not stay reserved while
+    tsrt accumulates that tile's logits. ONNX Runtime's defaults keep them (and round the arena up)."""
+    env = {**os.environ, "TSRT_HOME": str(tmp_path / "home")}
+    kept_mb = {}
+    for mode in ("tsrt", "plain"):
+        done = subprocess.run([sys.executable, "-c", _ARENA_PROBE, str(tmp_path), mode], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        kept_mb[mode] = float(done.stdout.strip().splitlines()[-1])
+    assert kept_mb["plain"] > 500, f"the probe did not allocate its 512 MB of intermediates: {kept_mb}"
+    assert kept_mb["tsrt"] < kept_mb["plain"] / 3, f"tsrt's session kept its activations reserved: {kept_mb}"

@@ -1,0 +1,162 @@
+"""The sliding window against nnU-Net's own: same Gaussian, same tiles, same logits.
+
+The network here is a small torch conv net (not a mock: a real network, evaluated by nnU-Net's
+predictor and by tsrt's window through the same torch module), so any difference comes from
+tiling, padding, weighting, mirroring or the streamed accumulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # noqa: E402
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window  # noqa: E402
+from nnunetv2.utilities.label_handling.label_handling import LabelManager  # noqa: E402
+
+from tsrt.pipeline.sliding_window import (  # noqa: E402
+    compute_steps,
+    count_tiles,
+    gaussian_importance_map,
+    mirror_combinations,
+    sliding_window_inference,
+)
+
+
+@pytest.mark.parametrize("patch", [(32, 32, 32), (24, 40, 16), (17, 33, 20), (64, 48)])
+def test_gaussian_equals_nnunet(patch):
+    ours = gaussian_importance_map(patch)
+    theirs = compute_gaussian(tuple(patch), sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+    np.testing.assert_array_equal(ours, theirs.float().numpy())
+
+
+@pytest.mark.parametrize(
+    "image,tile,step",
+    [((110, 64, 200), (64, 64, 64), 0.5), ((128, 97, 33), (32, 32, 32), 0.8), ((40, 41, 400), (40, 20, 37), 0.25)],
+)
+def test_steps_equal_nnunet(image, tile, step):
+    assert compute_steps(image, tile, step) == compute_steps_for_sliding_window(image, tile, step)
+
+
+def test_mirror_combinations_cover_all_flips():
+    assert len(mirror_combinations((0, 1, 2))) == 8
+    assert mirror_combinations(None) == [()]
+
+
+class _SmallNet(torch.nn.Module):
+    """A real (tiny) segmentation network: conv layers with an anisotropic receptive field."""
+
+    def __init__(self, in_channels: int, classes: int, dim: int):
+        super().__init__()
+        conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
+        torch.manual_seed(3)
+        self.layers = torch.nn.Sequential(
+            conv(in_channels, 8, 3, padding=1), torch.nn.LeakyReLU(), conv(8, classes, 3, padding=1)
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _nnunet_logits(net, data, patch, classes, step, mirror_axes):
+    predictor = nnUNetPredictor(
+        tile_step_size=step, use_mirroring=mirror_axes is not None, device=torch.device("cpu"), allow_tqdm=False
+    )
+    predictor.network = net
+    predictor.allowed_mirroring_axes = mirror_axes
+    predictor.label_manager = LabelManager({"background": 0, **{f"c{i}": i for i in range(1, classes)}}, None)
+
+    class _Config:
+        patch_size = list(patch)
+
+    predictor.configuration_manager = _Config()
+    return predictor.predict_sliding_window_return_logits(torch.from_numpy(data)).float().numpy()
+
+
+def _tsrt_logits(net, data, patch, classes, step, mirror_axes, batch_size=2, accumulation="float32"):
+    out = np.full((classes, *data.shape[1:]), np.nan, dtype=np.float32)
+    seen = []
+
+    def consume(first_row, slab):
+        seen.append((first_row, slab.shape[1]))
+        out[:, first_row : first_row + slab.shape[1]] = slab
+
+    def predict(tiles):
+        with torch.no_grad():
+            return net(torch.from_numpy(tiles)).numpy()[None]  # one fold
+
+    sliding_window_inference(
+        data, predict, patch, classes, consume, step_size=step, batch_size=batch_size, mirror_axes=mirror_axes,
+        accumulation=accumulation,
+    )
+    rows = [r for r, _ in seen]
+    assert rows == sorted(rows) and sum(n for _, n in seen) == data.shape[1], "slabs must cover each row once, in order"
+    return out
+
+
+def _summed_weight(shape, patch, step):
+    """The total Gaussian weight each voxel receives (the denominator of the weighted mean)."""
+    from tsrt.pipeline.sliding_window import padding_for, tile_positions
+
+    pads = padding_for((1, *shape), patch)[1:]
+    padded = [s + a + b for s, (a, b) in zip(shape, pads)]
+    gaussian = gaussian_importance_map(patch)
+    is_2d = len(patch) < len(shape)
+    total = np.zeros(padded, dtype=np.float64)
+    for tile in tile_positions(padded, patch, step):
+        extent = (1, *patch) if is_2d else patch
+        region = tuple(slice(s, s + e) for s, e in zip(tile.start, extent))
+        total[region] += gaussian[None] if is_2d else gaussian
+    return total[tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))]
+
+
+@pytest.mark.parametrize(
+    "shape,patch,step,mirror",
+    [
+        ((1, 70, 50, 45), (32, 32, 32), 0.5, None),  # several tiles per axis
+        ((1, 20, 50, 45), (32, 32, 32), 0.5, None),  # smaller than the patch on one axis: padding
+        ((2, 40, 36, 50), (24, 24, 24), 0.8, (0, 1, 2)),  # two channels, TotalSegmentator step, full TTA
+        ((1, 5, 60, 50), (32, 32), 0.5, (0, 1)),  # a 2d configuration on a 3d volume
+    ],
+)
+def test_sliding_window_equals_nnunet(shape, patch, step, mirror):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=shape).astype(np.float32)
+    classes = 4
+    net = _SmallNet(shape[0], classes, len(patch)).eval()
+    ours = _tsrt_logits(net, data, patch, classes, step, mirror)
+    theirs = _nnunet_logits(net, data, patch, classes, step, mirror)
+    assert not np.isnan(ours).any()
+    # nnU-Net accumulates weighted logits in float16, tsrt in float32. Where the summed Gaussian
+    # weight is in float16's normal range the two agree to float16 rounding; at the volume's edges
+    # and corners nnU-Net's products fall into float16 subnormals (even to 0), tsrt's do not.
+    reliable = _summed_weight(shape[1:], patch, step) > 1e-2
+    assert reliable.mean() > 0.5
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs)[:, reliable].max() <= 2e-3 * scale
+    # Emulating nnU-Net's float16 buffers gives the very same numbers everywhere, corners included.
+    emulated = _tsrt_logits(net, data, patch, classes, step, mirror, batch_size=1, accumulation="float16")
+    np.testing.assert_array_equal(emulated, theirs)
+    assert count_tiles(shape[1:], patch, step) > 0
+
+
+def test_round_to_half_equals_numpy_float16():
+    from tsrt.pipeline.sliding_window import round_to_half
+
+    rng = np.random.default_rng(1)
+    values = (rng.normal(size=200_000) * np.exp(rng.uniform(-25, 12, size=200_000))).astype(np.float32)
+    values[:4] = [65519.0, 65520.0, -65520.0, 2.0**-25]
+    # Rows as the accumulator passes them: wholly normal-range rows take the vectorised path, the rest
+    # the per-value one. The whole array at once is one mixed row.
+    normal_rows = (rng.normal(size=(500, 128)) * 40).astype(np.float32)
+    values = np.concatenate([values, normal_rows.ravel(), [6.1035156e-05, 65504.0, 65519.0]]).astype(np.float32)
+    whole = values.copy()
+    round_to_half(whole)
+    by_row = values.copy()
+    for begin in range(0, values.size, 128):
+        round_to_half(by_row[begin : begin + 128])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(whole, expected)
+    np.testing.assert_array_equal(by_row, expected)

@@ -1,0 +1,403 @@
+"""The `tsrt` command line. Every user-facing error becomes one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tsrt.errors import TsrtError
+
+app = typer.Typer(
+    name="tsrt",
+    help="Torch-free TotalSegmentator / nnU-Net v2 inference on ONNX Runtime.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_subcommands() -> None:
+    from tsrt.cli.companions import register as register_companion
+    from tsrt.cli.engine import engine_app
+    from tsrt.cli.models import models_app
+    from tsrt.cli.totalseg import register
+    from tsrt.cli.ui import ui
+
+    app.command("ui")(ui)
+
+    app.add_typer(models_app, name="models")
+    register(app)
+    app.add_typer(engine_app, name="engine")
+    register_companion(app)
+
+
+@app.command()
+def version() -> None:
+    """Print tsrt's version."""
+    from tsrt import __version__
+
+    typer.echo(__version__)
+
+
+#: Modules only the export extra installs; a missing one means that extra is not installed.
+_EXPORT_EXTRA_MODULES = (
+    "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxscript", "tsrt_export"
+)
+
+
+@app.command()
+def export(
+    model_folder: Path = typer.Argument(..., help="nnU-Net v2 result folder (Trainer__Plans__Configuration)."),
+    out_dir: Path = typer.Argument(..., help="Folder to write fold_N.onnx + fold_N.plan.json into."),
+    fold: Optional[list[str]] = typer.Option(None, "--fold", "-f", help="Fold to export (repeat); default: all."),
+    checkpoint: str = typer.Option("checkpoint_final.pth", help="Checkpoint file name inside each fold_N folder."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half-precision graph (InstanceNorm kept in float32)."),
+    opset: int = typer.Option(17, help="ONNX opset version."),
+    verify_image: Optional[Path] = typer.Option(None, help="Also verify on a centre patch of this image."),
+) -> None:
+    """Export trained nnU-Net v2 folds to verified ONNX graphs (needs the export extra)."""
+    try:
+        from tsrt_export.onnx_export import export_model
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in _EXPORT_EXTRA_MODULES:
+            raise
+        raise TsrtError(
+            f"`tsrt export` needs {err.name}, which is missing: install the export extra: pip install 'tsrt[export]'."
+        ) from None
+    plan_paths = export_model(
+        model_folder, out_dir, folds=fold or None, checkpoint=checkpoint, fp16=fp16, opset=opset,
+        verify_image=verify_image,
+    )
+    for plan_path in plan_paths:
+        typer.echo(plan_path)
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    import logging
+
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+_TS = "TotalSegmentator task options"
+_MODEL = "Exported nnU-Net model options (--model)"
+_COHORT = "Cohorts (a folder of NIfTI files, a .txt/.csv list or a glob)"
+
+
+def _task_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_TS, **kwargs)
+
+
+def _model_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_MODEL, **kwargs)
+
+
+def _cohort_option(default, *names: str, **kwargs):
+    return typer.Option(default, *names, rich_help_panel=_COHORT, **kwargs)
+
+
+@app.command()
+def segment(
+    input_path: Optional[Path] = typer.Argument(
+        None, metavar="INPUT",
+        help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files, a .txt/.csv list, a quoted glob.",
+    ),
+    input_option: Optional[Path] = typer.Option(
+        None, "-i", "--input", help="Same as INPUT (TotalSegmentator's spelling)."
+    ),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Output folder (one mask per class), or with --ml / --model the label file."
+    ),
+    task: str = _task_option("total", "--task", "-ta", help="TotalSegmentator task (`tsrt tasks` lists them)."),
+    fast: bool = _task_option(False, "--fast", "-f", help="Lower-resolution model (3 mm for total)."),
+    fastest: bool = _task_option(False, "--fastest", "-ff", help="Lowest-resolution model (6 mm for total)."),
+    roi_subset: Optional[list[str]] = _task_option(
+        None, "--roi-subset", "--roi_subset", "-rs", help="Only these classes (cropped around them, faster)."
+    ),
+    roi_subset_robust: Optional[list[str]] = _task_option(
+        None, "--roi-subset-robust", "--roi_subset_robust", "-rsr", help="--roi-subset with the 3 mm crop model."
+    ),
+    robust_crop: bool = _task_option(
+        False, "--robust-crop", "--robust_crop", "-rc", help="Crop with the 3 mm model instead of 6 mm."
+    ),
+    body_seg: bool = _task_option(
+        False, "--body-seg", "--body_seg", "-bs", help="Crop to the body first (6 mm body model)."
+    ),
+    force_split: bool = _task_option(
+        False, "--force-split", "--force_split", "-fs", help="Predict in three z parts (less memory)."
+    ),
+    ml: bool = _task_option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class."),
+    statistics: bool = _task_option(False, "--statistics", "-s", help="Also write statistics.json."),
+    radiomics: bool = _task_option(
+        False, "--radiomics", "-r", help="Also write statistics_radiomics.json (pip install 'tsrt[radiomics]')."
+    ),
+    stats_include_incomplete: bool = _task_option(
+        False, "--stats-include-incomplete", "--stats_include_incomplete", "-sii",
+        help="Statistics also for masks touching the image border."
+    ),
+    stats_aggregation: str = _task_option(
+        "mean", "--stats-aggregation", "--stats_aggregation", "-sa", help="mean or median intensity."
+    ),
+    preview: bool = _task_option(False, "--preview", "-p", help="Also write a preview PNG."),
+    output_type: Optional[list[str]] = _task_option(
+        None, "--output-type", "--output_type", "-ot",
+        help="nifti (default), dicom_seg or dicom_rtstruct; several (-ot nifti dicom_seg) write one file each. "
+        "DICOM types need a DICOM input and pip install 'tsrt[dicom]'.",
+    ),
+    v1_order: bool = _task_option(
+        False, "--v1-order", "--v1_order", "-v1o", help="TotalSegmentator v1 label numbers (task total)."
+    ),
+    remove_small_blobs: Optional[float] = _task_option(
+        None, "--remove-small-blobs", "--remove_small_blobs", "-rmb", metavar="MM3",
+        help="Drop blobs up to this volume from every class (alone: 200 mm3, as TotalSegmentator).",
+    ),
+    no_derived_masks: bool = _task_option(
+        False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body."
+    ),
+    nr_thr_resamp: Optional[int] = typer.Option(
+        None, "--nr-thr-resamp", "--nr_thr_resamp", "-nr", hidden=True, help="Accepted for compatibility; no effect."
+    ),
+    nr_thr_saving: Optional[int] = typer.Option(
+        None, "--nr-thr-saving", "--nr_thr_saving", "-ns", hidden=True, help="Accepted for compatibility; no effect."
+    ),
+    model: Optional[Path] = _model_option(
+        None, "--model", "-m", help="Exported model folder (fold_N.onnx + fold_N.plan.json) instead of a task."
+    ),
+    folds: Optional[list[str]] = _model_option(
+        None, "--folds", help="Folds to ensemble (default: all exported)."
+    ),
+    tta: bool = _model_option(
+        True, "--tta/--no-tta", help="Mirroring test-time augmentation where the model allows it."
+    ),
+    step_size: float = _model_option(0.5, "--step-size", help="Tile overlap as a fraction of the patch."),
+    batch_size: int = _model_option(1, "--batch-size", help="Tiles per network call."),
+    save_probabilities: Optional[str] = typer.Option(
+        None, "--save-probabilities", "--save_probabilities", "-sp", metavar="[PATH]",
+        help="Tasks: nnU-Net's class probabilities of the task's last model to PATH (.npz + .pkl), as "
+        "TotalSegmentator. --model: no PATH, written as OUTPUT's name with .npz.",
+    ),
+    overwrite: bool = _cohort_option(
+        False, "--overwrite", help="Segment finished cases again instead of skipping them."
+    ),
+    ray: Optional[str] = _cohort_option(
+        None, "--ray", metavar="[auto|HOST:PORT]",
+        help="Run on Ray (pip install 'tsrt[cluster]'): alone, Ray starts here; auto or HOST:PORT joins a cluster.",
+    ),
+    ray_workers: Optional[int] = _cohort_option(
+        None, "--ray-workers", help="At most this many Ray workers (default: as many as the cluster's CPUs/GPUs hold)."
+    ),
+    ray_cpus_per_worker: float = _cohort_option(
+        1.0, "--ray-cpus-per-worker", help="CPUs (ONNX Runtime threads) each Ray worker takes."
+    ),
+    provider: str = typer.Option(
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+    ),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+) -> None:
+    """Segment an image with a TotalSegmentator task (default: total), or with any exported model (--model)."""
+    _configure_logging(quiet, verbose)
+    source = input_path or input_option
+    if source is None:
+        raise TsrtError("No input given: pass the image as INPUT or with -i.")
+    from tsrt.cohort.cases import TaskJob, find_cases
+
+    cases = find_cases(Path(source), output, ml or model is not None)
+    if cases is None and ray is not None:
+        raise TsrtError("--ray runs cohorts (a folder of NIfTI files, a .txt/.csv list, a glob); drop it for 1 image.")
+    cohort = dict(overwrite=overwrite, quiet=quiet, ray=ray, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+    model_probabilities = _model_probabilities(save_probabilities) if model is not None else False
+    if model is not None and cases is not None:
+        from tsrt.api import ModelJob
+
+        job = ModelJob(
+            model, folds=tuple(folds) if folds else None, tta=tta, step_size=step_size, batch_size=batch_size,
+            provider=provider, device=device, save_probabilities=model_probabilities,
+        )
+        _segment_cohort(cases, job, output, **cohort)
+        return
+    if model is not None:
+        from tsrt.api import segment as run_segment
+
+        run = run_segment(
+            source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
+            provider=provider, device=device, save_probabilities=model_probabilities, progress=not quiet,
+        )
+        if not quiet:
+            timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.seconds.items())
+            typer.echo(f"wrote {output} ({timings})")
+        return
+    if save_probabilities == "":
+        raise TsrtError("--save_probabilities needs a file for the probabilities, e.g. --save_probabilities probs.npz.")
+    if cases is not None:
+        _check_single_image_options(output_type, save_probabilities)
+    from tsrt import totalseg
+
+    options = dict(
+        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
+        radiomics=radiomics, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
+        provider=provider,
+        device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=_output_type(output_type),
+        statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
+        no_derived_masks=no_derived_masks,
+        remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
+        save_probabilities=save_probabilities,
+    )
+    if cases is None:
+        totalseg.segment(source, output, **options)
+        if not quiet:
+            typer.echo(f"wrote {output}")
+        return
+    _segment_cohort(cases, TaskJob(options), output, **cohort)
+
+
+def _output_type(values: list[str] | None) -> str | list[str]:
+    """TotalSegmentator's form: one output type as a string, several as a list."""
+    if not values:
+        return "nifti"
+    return values[0] if len(values) == 1 else values
+
+
+def _model_probabilities(value: str | None) -> bool:
+    """--model writes its probabilities next to OUTPUT, so there the option is a flag."""
+    if value:
+        raise TsrtError(
+            f"With --model, --save-probabilities takes no path (it writes OUTPUT's name with .npz): drop {value}."
+        )
+    return value is not None
+
+
+def _check_single_image_options(output_type: list[str] | None, save_probabilities: str | None) -> None:
+    """DICOM outputs and a probabilities file belong to one image; a cohort would overwrite or mix them."""
+    from tsrt.outputs.dicom import DICOM_OUTPUT_TYPES, normalize_output_types
+
+    dicom = [t for t in normalize_output_types(_output_type(output_type)) if t in DICOM_OUTPUT_TYPES]
+    if dicom or save_probabilities is not None:
+        given = " ".join(f"--output_type {t}" for t in dicom) or "--save_probabilities"
+        raise TsrtError(f"{given} works on one image, not a cohort: run tsrt segment for each series.")
+
+
+def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, **ray_options) -> None:
+    """Run a cohort here or on Ray, print its table, write OUTPUT/cohort_summary.json; failures exit non-zero."""
+    from tsrt.cohort.cases import run_job
+
+    summary = run_job(cases, job, overwrite=overwrite, progress=not quiet, **ray_options)
+    path = summary.write(output)
+    if not quiet:
+        from rich.console import Console
+
+        Console().print(summary.table())
+    typer.echo(f"{summary.line()}; summary: {path}")
+    if summary.failed:
+        raise TsrtError(
+            f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped)."
+        )
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Folder for the phantom and its results."),
+    provider: str = typer.Option(
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Segment a generated CT phantom with the bundled demo model (no internet, no torch)."""
+    from tsrt.demo.run import run_demo
+
+    _configure_logging(quiet, False)
+    run_demo(output, provider=provider, progress=not quiet)
+
+
+#: Options that take several values in TotalSegmentator's argparse CLI (`--roi_subset liver brain`).
+_MULTI_VALUE_OPTIONS = {
+    "--folds", "--roi-subset", "--roi_subset", "-rs", "--roi-subset-robust", "--roi_subset_robust", "-rsr",
+    "--output-type", "--output_type", "-ot",
+}
+#: First arguments that are not TotalSegmentator-style segment options (`tsrt -i ct.nii.gz -o out` runs segment).
+_TOP_LEVEL_OPTIONS = {"--help", "-h", "--version"}
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Rewrite `--opt a b c` as `--opt a --opt b --opt c`, so TotalSegmentator-style calls work with Typer."""
+    expanded: list[str] = []
+    current: str | None = None
+    for token in argv:
+        if token in _MULTI_VALUE_OPTIONS:
+            current = token
+            expanded.append(token)
+            continue
+        if current is not None and not token.startswith("-"):
+            if expanded[-1] != current:
+                expanded.append(current)
+            expanded.append(token)
+            continue
+        current = None
+        expanded.append(token)
+    return expanded
+
+
+_register_subcommands()
+
+
+def _is_ray_address(text: str) -> bool:
+    return text in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", text) is not None
+
+
+def _fill_optional_values(argv: list[str]) -> list[str]:
+    """`-rmb` alone means `-rmb 200` in TotalSegmentator, `--ray` alone `--ray local`; Typer options take a value."""
+    filled: list[str] = []
+    for index, token in enumerate(argv):
+        filled.append(token)
+        if token in _OPTIONAL_VALUE_OPTIONS:
+            default, is_value = _OPTIONAL_VALUE_OPTIONS[token]
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            if following is None or not is_value(following):
+                filled.append(default)
+    return filled
+
+
+def _is_value(text: str) -> bool:
+    return not text.startswith("-")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+#: Options whose value may be left out (TotalSegmentator's argparse nargs="?"): (value it then means, test for a value).
+_OPTIONAL_VALUE_OPTIONS = {
+    "-rmb": ("200", _is_number),
+    "--remove_small_blobs": ("200", _is_number),
+    "--remove-small-blobs": ("200", _is_number),
+    "--ray": ("local", _is_ray_address),
+    # --model: a flag; tasks (TotalSegmentator): a path, so the empty value is refused there.
+    "--save-probabilities": ("", _is_value),
+    "--save_probabilities": ("", _is_value),
+    "-sp": ("", _is_value),
+}
+
+
+def totalsegmentator_argv(argv: list[str]) -> list[str]:
+    """`tsrt -i ct.nii.gz -o seg --fast` (TotalSegmentator's call with the program renamed) means `tsrt segment ...`."""
+    if argv and argv[0].startswith("-") and argv[0] not in _TOP_LEVEL_OPTIONS:
+        argv = ["segment", *argv]
+    return expand_multi_value_options(_fill_optional_values(argv))
+
+
+def main() -> None:
+    """Console-script entry: run the Typer app and turn TsrtError into one line + exit code."""
+    try:
+        app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="tsrt")
+    except TsrtError as err:
+        typer.echo(f"tsrt: error: {err}", err=True)
+        sys.exit(err.exit_code)

@@ -1,0 +1,1 @@
+"""Cohorts: many cases in one resumable job, on this machine or on a Ray cluster."""

@@ -1,0 +1,568 @@
+"""Cohorts: one job over many cases, resumable, one failing case never stops the rest.
+
+INPUT is a cohort when it is a `.txt` file (one image path per line, relative to the file's folder;
+blank lines and `#` comments ignored), a `.csv` file (a `path` column, optionally a `case` column
+naming each case; without a header the first column), a folder holding NIfTI files (every *.nii /
+*.nii.gz in it) or a glob such as `scans/*/ct.nii.gz`. A folder of DICOM slices stays one case.
+Each case gets its own output folder, OUTPUT/<case>/, with the masks (or `<case>.nii.gz` with --ml
+or --model), statistics.json and the preview, so side files of different cases never collide.
+
+A case's folder appears only when the case is complete: it is written as OUTPUT/.tsrt-partial.<case>/
+and renamed, so a run stopped or killed mid-case leaves no partial output, and finished cases
+(every expected file present) are skipped on the next run unless `overwrite`. Models are opened
+once per process (here, or per Ray worker with tsrt.cohort.ray) and reused for every case.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tsrt.errors import InputError, TsrtError
+from tsrt.totalseg.runner import ModelRunner, OutputOptions, TaskRequest, output_label_map, read_source, segment_source
+from tsrt.pipeline.write import atomic_output
+
+log = logging.getLogger("tsrt")
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_LIST_SUFFIXES = (".txt", ".csv")
+#: Header names of the CSV column holding the image paths, and of the optional one naming the cases.
+_PATH_COLUMNS = ("path", "image", "input", "file")
+_NAME_COLUMNS = ("case", "name", "id")
+#: Case folders are written under this prefix and renamed when complete.
+STAGING_PREFIX = ".tsrt-partial."
+SUMMARY_FILE = "cohort_summary.json"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    input: Path
+    output: Path  # the mask folder, or the label file (--ml, --model)
+
+    @property
+    def folder(self) -> Path:
+        """OUTPUT/<case>: everything the case writes, published as a whole."""
+        return self.output if self.output.name == self.name else self.output.parent
+
+
+@dataclass
+class CaseRecord:
+    """One case's line in the run summary."""
+
+    name: str
+    status: str  # "done", "skipped" (finished before) or "failed"
+    seconds: float = 0.0
+    peak_memory_mb: float | None = None  # peak resident memory of the process while it ran the case
+    worker: str = ""  # host:pid that ran it
+    node: str = ""  # Ray node id (cluster runs)
+    attempts: int = 0  # > 1 when a worker died under it and it was retried
+    reason: str = ""  # why it failed
+
+
+@dataclass
+class CohortSummary:
+    records: list[CaseRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    verb: str = "segmented"  # what was done to each finished case
+    workers: int = 1
+    startup_seconds: float = 0.0  # Ray runs: joining/starting Ray and opening the models in every worker
+
+    def _names(self, status: str) -> list[str]:
+        return [record.name for record in self.records if record.status == status]
+
+    @property
+    def done(self) -> list[str]:
+        return self._names("done")
+
+    @property
+    def skipped(self) -> list[str]:
+        return self._names("skipped")  # already finished
+
+    @property
+    def failed(self) -> list[tuple[str, str]]:
+        return [(record.name, record.reason) for record in self.records if record.status == "failed"]
+
+    def line(self) -> str:
+        text = (
+            f"{len(self.done)} {self.verb}, {len(self.skipped)} already done, {len(self.failed)} failed "
+            f"({self.seconds:.0f}s)"
+        )
+        if self.failed:
+            text += ": " + "; ".join(f"{name} ({reason})" for name, reason in self.failed)
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        minutes = self.seconds / 60
+        return {
+            "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+            "seconds": round(self.seconds, 3), "startup_seconds": round(self.startup_seconds, 3),
+            "workers": self.workers,
+            "cases_per_minute": round(len(self.done) / minutes, 3) if minutes > 0 and self.done else None,
+            "cases": [asdict(record) for record in self.records],
+        }
+
+    def write(self, folder: Path) -> Path:
+        """The summary as OUTPUT/cohort_summary.json (replaced atomically on every run)."""
+        path = Path(folder) / SUMMARY_FILE
+        with atomic_output(path) as temp:
+            temp.write_text(json.dumps(self.to_json(), indent=2))
+        return path
+
+    def table(self, max_rows: int = 40):
+        """A rich table of the cases this run worked on (failures first); skipped ones are only counted."""
+        from rich.table import Table
+
+        worked = [record for record in self.records if record.status != "skipped"]
+        worked.sort(key=lambda record: record.status != "failed")
+        table = Table(title=self.line().split(":")[0], title_justify="left")
+        for column in ("case", "status", "seconds", "peak MB", "worker", "attempts", "reason"):
+            table.add_column(column, justify="right" if column in ("seconds", "peak MB", "attempts") else "left")
+        for record in worked[:max_rows]:
+            peak = "" if record.peak_memory_mb is None else f"{record.peak_memory_mb:.0f}"
+            table.add_row(
+                record.name, record.status, f"{record.seconds:.1f}", peak, record.worker, str(record.attempts),
+                record.reason,
+            )
+        if len(worked) > max_rows:
+            table.caption = f"{len(worked) - max_rows} more cases in {SUMMARY_FILE}"
+        return table
+
+
+# --------------------------------------------------------------------------------------------- finding cases
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (*_NIFTI_SUFFIXES, ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_glob(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def find_cases(source: Path | str, output: Path, multilabel: bool) -> list[Case] | None:
+    """The cohort's cases, or None when `source` is a single image (file, DICOM folder or zip)."""
+    pattern = str(source)
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() in _LIST_SUFFIXES:
+        entries = _listed_inputs(source)
+    elif source.is_dir():
+        entries = [
+            (path, None)
+            for path in sorted(source.iterdir())
+            if path.is_file() and path.name.lower().endswith(_NIFTI_SUFFIXES)
+        ]
+        if not entries:
+            return None  # a DICOM folder: one case
+    elif not source.exists() and _is_glob(pattern):
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise InputError(f"{pattern} matches no files; check the pattern (quote it so the shell leaves it alone).")
+        entries = [(Path(match), None) for match in matches]
+    else:
+        return None
+    cases, seen = [], {}
+    for path, given_name in entries:
+        name = given_name or case_name(path)
+        if not name or "/" in name or os.sep in name or name.startswith("."):
+            raise InputError(f"Case name {name!r} ({path}) cannot be a folder name; drop the / or the leading dot.")
+        if name in seen:
+            raise InputError(f"Cases {seen[name]} and {path} would both write {output / name}; rename one of them.")
+        seen[name] = path
+        folder = output / name
+        cases.append(Case(name, path, folder / f"{name}.nii.gz" if multilabel else folder))
+    if not cases:
+        raise InputError(f"{source} lists no images; put one image path per line.")
+    return cases
+
+
+def _listed_inputs(list_file: Path) -> list[tuple[Path, str | None]]:
+    """(image path, case name or None) per entry of a .txt or .csv list, relative to the list's folder."""
+    text = list_file.read_text()
+    if list_file.suffix.lower() == ".csv":
+        rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
+    else:
+        rows = [[line] for line in text.splitlines()]
+    rows = [[cell.strip() for cell in row] for row in rows]
+    rows = [row for row in rows if row and row[0] and not row[0].startswith("#")]
+    path_column, name_column = 0, None
+    header = [cell.lower() for cell in rows[0]] if rows and list_file.suffix.lower() == ".csv" else []
+    known = [name for name in _PATH_COLUMNS if name in header]
+    if known:
+        path_column = header.index(known[0])
+        name_column = next((header.index(name) for name in _NAME_COLUMNS if name in header), None)
+        rows = rows[1:]
+    entries = []
+    for row in rows:
+        if path_column >= len(row) or not row[path_column]:
+            raise InputError(f"{list_file} has a row without an image path: {','.join(row)}")
+        path = Path(row[path_column]).expanduser()
+        name = row[name_column] if name_column is not None and name_column < len(row) and row[name_column] else None
+        entries.append((path if path.is_absolute() else list_file.parent / path, name))
+    return entries
+
+
+def expected_outputs(case: Case, request: TaskRequest, options: OutputOptions) -> list[Path]:
+    """The files a finished case has (statistics.json and the preview count too when asked for)."""
+    task = request.task
+    if options.multilabel:
+        files, folder = [case.output], case.output.parent
+    else:
+        names = output_label_map(task.name, task.classes, v1_order=request.v1_order, roi_subset=request.roi_subset)
+        files, folder = [case.output / f"{name}.nii.gz" for name in names.values()], case.output
+        if options.derived_masks and any(step.step == "derived_masks" for step in task.postprocess):
+            files += [case.output / "body.nii.gz", case.output / "skin.nii.gz"]
+    if options.statistics:
+        files.append(folder / "statistics.json")
+    if options.preview:
+        files.append(folder / f"preview_{task.name}.png")
+    if options.radiomics:
+        files.append(folder / "statistics_radiomics.json")
+    return files
+
+
+# --------------------------------------------------------------------------------------------- segmenting cases
+
+
+class Segmenter(Protocol):
+    """What a cohort runs on each case, with its models opened once (tasks here, exported models in tsrt.api)."""
+
+    def expected_outputs(self, case: Case) -> list[Path]: ...
+
+    def warm_up(self) -> None:
+        """Open every model now, so a worker that cannot fails at its start rather than on each case."""
+
+    def read(self, case: Case) -> Any: ...
+
+    def segment(self, loaded: Any, output: Path) -> None:
+        """Segment what `read` returned and write the case's outputs to `output` (case.output's place)."""
+
+
+class CohortJob(Protocol):
+    """A picklable description of the work, so that every Ray worker can open its own Segmenter."""
+
+    provider: str
+    device: str | None
+
+    def open(self, threads: int | None = None) -> Segmenter: ...
+
+
+@dataclass
+class TaskSegmenter:
+    request: TaskRequest
+    runner: ModelRunner
+    options: OutputOptions
+
+    def expected_outputs(self, case: Case) -> list[Path]:
+        return expected_outputs(case, self.request, self.options)
+
+    def warm_up(self) -> None:
+        from tsrt.totalseg.runner import models_to_run
+
+        for part in models_to_run(self.request)[0]:
+            self.runner.model(part)
+
+    def read(self, case: Case) -> Any:
+        return read_source(case.input)
+
+    def segment(self, loaded: Any, output: Path) -> None:
+        segment_source(loaded, self.request, self.runner, output, self.options)
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    """A TotalSegmentator task with `tsrt.segment`'s keyword options (task, fast, ml, statistics, ...)."""
+
+    options: dict[str, Any]
+
+    @property
+    def provider(self) -> str:
+        return self.options.get("provider", "auto")
+
+    @property
+    def device(self) -> str | None:
+        return self.options.get("device")
+
+    def open(self, threads: int | None = None) -> TaskSegmenter:
+        from tsrt.totalseg.runner import prepare_run
+
+        threads = threads or self.options.get("threads")
+        request, runner, output_options = prepare_run(**{**self.options, "threads": threads})
+        runner.progress = False  # one bar over cases, not one per model call
+        return TaskSegmenter(request, runner, output_options)
+
+
+class CaseWorker:
+    """Segments cases one at a time with one Segmenter; callable from two threads, so that reading
+    the next case overlaps this one's inference (what a Ray worker does)."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self._compute = threading.Lock()
+
+    def finished(self, case: Case) -> bool:
+        return all(path.exists() for path in self.segmenter.expected_outputs(case))
+
+    def segment(self, case: Case, measured: dict[str, Any] | None = None) -> None:
+        """Read, then segment under the lock; `measured` gets the lock wait and the peak memory under it."""
+        loaded = self.segmenter.read(case)
+        queued = time.perf_counter()
+        with self._compute:
+            if measured is not None:
+                measured["waited"] = time.perf_counter() - queued
+                _reset_peak_memory()
+            try:
+                with staged_case(case) as output:
+                    self.segmenter.segment(loaded, output)
+            finally:
+                if measured is not None:
+                    measured["peak"] = _peak_memory_mb()
+
+    def run(self, case: Case) -> CaseRecord:
+        """run_case for a worker two threads share: the seconds and peak memory of this case, not of the other."""
+        measured: dict[str, Any] = {}
+        record = run_case(case, lambda each: self.segment(each, measured), measure_memory=False)
+        record.seconds -= measured.get("waited", 0.0)
+        record.peak_memory_mb = measured.get("peak")
+        return record
+
+
+def staging_folder(case: Case) -> Path:
+    return case.folder.parent / f"{STAGING_PREFIX}{case.folder.name}"
+
+
+def discard_staging(case: Case) -> None:
+    """Remove what an interrupted attempt at `case` left (its staging folder, a half-replaced old folder)."""
+    staging = staging_folder(case)
+    for leftover in (staging, staging.with_name(staging.name + ".old")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextmanager
+def staged_case(case: Case) -> Iterator[Path]:
+    """Yield where to write case.output, inside OUTPUT/.tsrt-partial.<case>/; publish the folder when done."""
+    staging = staging_folder(case)
+    discard_staging(case)  # a worker killed mid-case left it; it is this attempt's now
+    staging.mkdir(parents=True)
+    try:
+        yield staging / case.output.relative_to(case.folder)
+        if case.folder.exists():  # --overwrite, or a folder from an older run: swap it out, then drop it
+            old = staging.with_name(staging.name + ".old")
+            os.replace(case.folder, old)
+            os.replace(staging, case.folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, case.folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- running cases
+
+
+def _reset_peak_memory() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) so the next reading is this case's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+def failure_reason(err: BaseException) -> str:
+    return str(err) if isinstance(err, TsrtError) else f"{type(err).__name__}: {err}"
+
+
+def run_case(case: Case, work: Callable[[Case], object], *, measure_memory: bool = True) -> CaseRecord:
+    """Run `work` on one case, timed and with its peak memory; any exception becomes a failed record."""
+    record = CaseRecord(case.name, "done", worker=f"{socket.gethostname()}:{os.getpid()}", attempts=1)
+    started = time.perf_counter()
+    if measure_memory:
+        _reset_peak_memory()
+    try:
+        work(case)
+    except Exception as err:  # noqa: BLE001 - one broken case must not stop a cohort
+        record.status, record.reason = "failed", failure_reason(err)
+        log.error("%s failed: %s", case.name, record.reason, exc_info=log.isEnabledFor(logging.DEBUG))
+    record.seconds = time.perf_counter() - started
+    if measure_memory:
+        record.peak_memory_mb = _peak_memory_mb()
+    return record
+
+
+def for_each_case(
+    cases: list[Case],
+    work: Callable[[Case], object],
+    finished: Callable[[Case], bool],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    verb: str = "segmented",
+    on_case: Callable[[CaseRecord], None] | None = None,
+) -> CohortSummary:
+    """Run `work` on every case not `finished` yet (all of them with `overwrite`); failures are collected."""
+    summary = CohortSummary(verb=verb)
+    started = time.perf_counter()
+    with CaseProgress(len(cases), progress) as advance:
+        for case in cases:
+            if not overwrite and finished(case):
+                record = CaseRecord(case.name, "skipped")
+            else:
+                record = run_case(case, work)
+            summary.records.append(record)
+            advance(record)
+            if on_case is not None:
+                on_case(record)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class CaseProgress:
+    """A rich bar over the cohort's cases, advanced as cases finish (nothing when disabled)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self) -> Callable[[CaseRecord], None]:
+        if not self.enabled:
+            return lambda record: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("", total=self.total)
+
+        def advance(record: CaseRecord) -> None:
+            self._progress.update(self._task, advance=1, description=f"{record.name} {record.status}")
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description="")
+            self._progress.stop()
+
+
+def run_job(
+    cases: list[Case],
+    job: CohortJob,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    ray: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    on_case: Callable[[CaseRecord], None] | None = None,
+) -> CohortSummary:
+    """Run `job` over the cases here (models opened once), or with `ray` on a Ray cluster (tsrt.cohort.ray)."""
+    if ray is not None:
+        from tsrt.cohort.ray import run_on_ray
+
+        return run_on_ray(
+            cases, job, address=ray, workers=workers, cpus_per_worker=cpus_per_worker, overwrite=overwrite,
+            progress=progress, on_case=on_case,
+        )
+    return run_here(cases, CaseWorker(job.open()), overwrite=overwrite, progress=progress, on_case=on_case)
+
+
+def run_here(
+    cases: list[Case],
+    worker: CaseWorker,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_case: Callable[[CaseRecord], None] | None = None,
+) -> CohortSummary:
+    """Every unfinished case on this machine, two in flight: the next case is read (decompressed, decoded)
+    while the current one is segmented; CaseWorker's lock keeps one inference at a time."""
+    summary = CohortSummary()
+    started = time.perf_counter()
+
+    def report(record: CaseRecord) -> None:
+        summary.records.append(record)
+        advance(record)
+        if on_case is not None:
+            on_case(record)
+
+    with CaseProgress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
+        in_flight: deque[Future[CaseRecord]] = deque()
+        for case in cases:
+            if not overwrite and worker.finished(case):
+                report(CaseRecord(case.name, "skipped"))
+                continue
+            in_flight.append(pool.submit(worker.run, case))
+            if len(in_flight) == 2:
+                report(in_flight.popleft().result())
+        while in_flight:
+            report(in_flight.popleft().result())
+    order = {case.name: index for index, case in enumerate(cases)}
+    summary.records.sort(key=lambda record: order[record.name])
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run_cohort(
+    cases: list[Case],
+    request: TaskRequest,
+    runner: ModelRunner,
+    options: OutputOptions,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CohortSummary:
+    """Segment every case not finished yet with an open runner; a case that fails is logged and the next one runs."""
+    runner.progress = False  # one bar over cases, not one per model call
+    return run_here(cases, CaseWorker(TaskSegmenter(request, runner, options)), overwrite=overwrite, progress=progress)
+
+
+def segment_cohort(
+    cases: list[Case],
+    *,
+    overwrite: bool = False,
+    ray: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    **options: Any,
+) -> CohortSummary:
+    """`tsrt.segment`'s keyword options (task, fast, ml, ...) applied to every case; models open once per process.
+
+    `ray`: None runs here; "local" starts Ray in this process; "auto" or "host:port" joins a running
+    cluster (needs `tsrt[cluster]`).
+    """
+    job = TaskJob(options)
+    job.open()  # validates the options and checks the store before any case (models open lazily)
+    return run_job(
+        cases, job, overwrite=overwrite, progress=not options.get("quiet", False), ray=ray, workers=workers,
+        cpus_per_worker=cpus_per_worker,
+    )

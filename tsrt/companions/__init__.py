@@ -1,0 +1,1 @@
+"""TotalSegmentator's companion tools on tsrt's runtime: contrast phase, modality, Evans index."""

@@ -1,0 +1,1 @@
+"""Execution engines: ONNX Runtime providers, OpenVINO and ahead-of-time TensorRT engines."""

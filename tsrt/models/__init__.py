@@ -1,0 +1,1 @@
+"""The model store: recorded plans, the task registry, stored graphs, downloads and resources."""

@@ -1,0 +1,142 @@
+"""Companion resources in the model store: the classifiers and the atlas TotalSegmentator's side tools use.
+
+TotalSegmentator ships these inside its Python package (a pickle of xgboost regressors for the
+contrast phase, xgboost models for the modality, a brain CT atlas for the Evans index). tsrt never
+imports totalsegmentator and never unpickles anything at run time, so the export toolchain
+(`tsrt models import phase|modality|evans-index`) converts them once into plain files here::
+
+    $TSRT_HOME/models/resources/
+        phase/         fold_0.json ... fold_4.json            (xgboost's JSON model format)
+        modality/      intensity_fold_N.json, normalized_fold_N.json
+        evans-index/   ct_brain_atlas_1mm.nii.gz
+        <each>/manifest.json   sha256 of every file, and where it came from
+
+A resource folder enters the store only complete (staged, then renamed into place), and every
+file is re-hashed against the manifest before use: a damaged or edited classifier fails with one
+line instead of silently changing a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tsrt.errors import ModelError, TsrtError
+from tsrt.models.store import STAGING_PREFIX, models_root, sha256_file, staging
+
+RESOURCES_FOLDER = "resources"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """One companion resource: its store folder, the files it holds and what it is for."""
+
+    name: str  # also the `tsrt models import` argument
+    files: tuple[str, ...]
+    what: str  # for messages: "the contrast phase classifiers"
+    extra: str | None = None  # the pip extra whose package reads these files
+
+
+RESOURCES: dict[str, ResourceSpec] = {
+    "phase": ResourceSpec(
+        "phase", tuple(f"fold_{k}.json" for k in range(5)), "the contrast phase classifiers", "phase"
+    ),
+    "modality": ResourceSpec(
+        "modality",
+        tuple(f"{kind}_fold_{k}.json" for kind in ("intensity", "normalized") for k in range(5)),
+        "the modality classifiers",
+        "phase",
+    ),
+    "evans-index": ResourceSpec("evans-index", ("ct_brain_atlas_1mm.nii.gz",), "the brain CT atlas of the Evans index"),
+}
+
+
+def resource_spec(name: str) -> ResourceSpec:
+    try:
+        return RESOURCES[name]
+    except KeyError:
+        raise ModelError(f"Unknown resource {name!r}: choose one of {', '.join(RESOURCES)}.") from None
+
+
+def resource_dir(name: str, root: Path | None = None) -> Path:
+    return models_root(root) / RESOURCES_FOLDER / resource_spec(name).name
+
+
+def _import_hint(spec: ResourceSpec) -> str:
+    return f"run `tsrt models import {spec.name}` (it reads them from an installed totalsegmentator package)"
+
+
+def verified_files(name: str, root: Path | None = None) -> dict[str, Path]:
+    """The resource's files by name, each checked against the sha256 recorded when it was imported."""
+    spec = resource_spec(name)
+    folder = resource_dir(name, root)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ModelError(
+            f"{spec.what.capitalize()} are not in the model store {models_root(root)}: {_import_hint(spec)}."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded: Mapping[str, str] = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{manifest_path} is unreadable: {_import_hint(spec)} again.") from None
+    files: dict[str, Path] = {}
+    for file_name in spec.files:
+        path = folder / file_name
+        if file_name not in recorded or not path.is_file():
+            raise ModelError(f"{spec.what.capitalize()} in {folder} lack {file_name}: {_import_hint(spec)} again.")
+        if sha256_file(path) != recorded[file_name]:
+            raise ModelError(
+                f"{path} does not match the checksum recorded at import (damaged or edited): "
+                f"{_import_hint(spec)} again."
+            )
+        files[file_name] = path
+    return files
+
+
+def install_resource(
+    name: str, staged_files: Mapping[str, Path], source: Mapping[str, str], root: Path | None = None
+) -> Path:
+    """Copy the converted files into the store with their manifest, replacing an older copy in one rename."""
+    spec = resource_spec(name)
+    missing = [f for f in spec.files if f not in staged_files]
+    if missing:
+        raise ModelError(f"Import of {spec.what} produced no {missing[0]}; nothing was installed.")
+    target = resource_dir(name, root)
+    with staging(root) as work:
+        folder = work / spec.name
+        folder.mkdir()
+        for file_name in spec.files:
+            shutil.copyfile(staged_files[file_name], folder / file_name)
+        manifest = {
+            "resource": spec.name,
+            "files": {f: sha256_file(folder / f) for f in spec.files},
+            "source": dict(source),
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        retired = None
+        if target.exists():
+            retired = work / f"{STAGING_PREFIX}old-{spec.name}"
+            os.replace(target, retired)
+        os.replace(folder, target)
+    return target
+
+
+def require_module(module: str, feature: str, extra: str) -> object:
+    """Import an optional dependency, or fail with the one line that says which extra to install."""
+    import importlib
+    import logging
+
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # pandas (via xgboost) logs its thread count at INFO
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != module.split(".")[0]:
+            raise
+        raise TsrtError(f"{feature} needs {module}, which is missing: pip install 'tsrt[{extra}]'.") from None

@@ -1,0 +1,79 @@
+"""The files a segmentation run leaves behind, named and laid out as TotalSegmentator does.
+
+- without `multilabel`: OUTPUT is a folder with one binary mask per class (`liver.nii.gz`, ...);
+- with `multilabel` (`--ml`): OUTPUT is one label file whose NIfTI extension carries the label map;
+- `statistics.json` and the preview PNG go into the output folder (next to the file for `--ml`).
+
+Each file is written to a temporary name and renamed, so an interrupted run never leaves a
+half-written file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tsrt.errors import OutputError
+from tsrt.outputs.preview import write_preview
+from tsrt.pipeline.read import Image
+from tsrt.outputs.statistics import structure_statistics, write_statistics
+from tsrt.pipeline.write import write_label_map
+
+
+@dataclass
+class WrittenOutputs:
+    """Paths of everything written, for the CLI summary and the tests."""
+
+    masks: list[Path] = field(default_factory=list)
+    multilabel: Path | None = None
+    statistics: Path | None = None
+    preview: Path | None = None
+    stats: dict[str, dict[str, float]] | None = None
+
+
+def output_folder(output: Path, multilabel: bool) -> Path:
+    """Where side files (statistics, preview) go: the output folder, or the --ml file's folder."""
+    return output.parent if multilabel else output
+
+
+def _multilabel_path(output: Path) -> Path:
+    name = output.name
+    return output if name.endswith((".nii", ".nii.gz")) else output.with_name(name + ".nii.gz")
+
+
+def write_segmentation_outputs(
+    labels: np.ndarray,
+    image: Image,
+    label_names: Mapping[int, str],
+    output: Path,
+    *,
+    multilabel: bool = False,
+    statistics: bool = False,
+    preview: bool = False,
+    preview_name: str = "preview.png",
+) -> WrittenOutputs:
+    """Write masks (per class or one multilabel file) plus optional statistics.json and preview."""
+    output = Path(output)
+    written = WrittenOutputs()
+    folder = output_folder(output, multilabel)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"Cannot create the output folder {folder} ({err.strerror}); choose a writable location.") from None
+    if multilabel:
+        written.multilabel = write_label_map(labels, image, _multilabel_path(output), label_names=dict(label_names))
+    else:
+        for label, name in label_names.items():
+            mask = (labels == label).astype(np.uint8)
+            written.masks.append(write_label_map(mask, image, output / f"{name}.nii.gz"))
+    if statistics:
+        intensities = image.array if image.array.ndim == 3 else image.array[0]
+        written.stats = structure_statistics(labels, intensities, image.spacing, label_names)
+        written.statistics = write_statistics(written.stats, folder / "statistics.json")
+    if preview:
+        intensities = image.array if image.array.ndim == 3 else image.array[0]
+        written.preview = write_preview(folder / preview_name, intensities, labels, image.affine, label_names)
+    return written

@@ -1,0 +1,1 @@
+"""The nnU-Net runtime, one module per stage: read, preprocess, infer (sliding window), postprocess, write."""

@@ -1,0 +1,166 @@
+"""Inference: an exported model's folds on ONNX Runtime, ensembled per tile, streamed over the volume.
+
+nnU-Net runs each fold over the whole volume and averages the fold logits. Averaging is linear,
+so averaging per tile before the Gaussian accumulation gives the same logits while the volume is
+traversed once; that is what lets the sliding window stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tsrt.errors import ModelError
+from tsrt.models.plan import RecordedPlan, load_model_plans
+from tsrt.pipeline.preprocess import Preprocessed
+from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, parse_device
+from tsrt.pipeline.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
+
+log = logging.getLogger("tsrt")
+
+
+@dataclass
+class InferenceSettings:
+    """How to run the sliding window. Defaults are nnUNetv2_predict's."""
+
+    step_size: float = 0.5
+    use_mirroring: bool = True  # only where the checkpoint allows it
+    batch_size: int = 1
+    accumulation: str = "float16"  # nnU-Net's float16 buffers, reproduced exactly; or "float32"
+    progress: bool = True
+    # Called with (tiles finished, tiles in total) after each batch: progress for a UI, not a terminal.
+    on_tiles: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class LoadedModel:
+    """An exported model folder with one ONNX Runtime session per fold."""
+
+    directory: Path
+    plans: list[RecordedPlan]
+    provider: ProviderChoice
+    sessions: list = field(default_factory=list)
+    seconds_in_network: float = 0.0  # time spent inside session.run, for the overhead report
+    tiles_run: int = 0  # tiles through the network (a mirrored copy counts, folds do not), for tiles/s
+
+    @property
+    def plan(self) -> RecordedPlan:
+        return self.plans[0]
+
+    def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """Logits of every fold for a batch of tiles: (N, C_in, *patch) -> (F, N, C_out, *patch)."""
+        started = time.perf_counter()
+        outputs = [
+            session.run([plan.graph_output_name], {plan.graph_input_name: tiles})[0]
+            for session, plan in zip(self.sessions, self.plans)
+        ]
+        self.seconds_in_network += time.perf_counter() - started
+        self.tiles_run += int(tiles.shape[0])
+        # One fold (TotalSegmentator's case) needs no copy: a 118-class 128^3 tile is ~1 GB.
+        return outputs[0][None] if len(outputs) == 1 else np.stack(outputs)
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    folds: Sequence[str | int] | None = None,
+    provider: str | ProviderChoice = "auto",
+    device: str | None = None,
+    threads: int | None = None,
+) -> LoadedModel:
+    """Read the recorded plans of the chosen folds and open their graphs on the chosen provider."""
+    plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
+    if isinstance(provider, ProviderChoice):
+        choice = provider
+    else:
+        choice = choose_provider(provider, device=device, fp16=plans[0].graph_precision == "fp16", threads=threads)
+        if choice.name == "tensorrt":
+            choice = _with_engine_cache(choice, Path(model_dir), provider, device, threads)
+    sessions = []
+    for plan in plans:
+        if not plan.graph_path.exists():
+            raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
+        sessions.append(create_session(plan.graph_path, choice, threads=threads))
+    return LoadedModel(directory=Path(model_dir), plans=plans, provider=choice, sessions=sessions)
+
+
+def _with_engine_cache(choice: ProviderChoice, model_dir: Path, provider: str, device: str | None, threads: int | None) -> ProviderChoice:
+    """Point TensorRT at this model's engine cache, preferring fp16 engines when `tsrt engine build --fp16` made them."""
+    from tsrt.engines.tensorrt import EngineKey, engine_cache_dir, gpu_name, tensorrt_version
+
+    name, version = gpu_name(parse_device(device)), tensorrt_version()
+    fp16_cache = engine_cache_dir(model_dir, EngineKey(name, version, "fp16"))
+    fp16 = fp16_cache.is_dir() and any(fp16_cache.iterdir())
+    cache = fp16_cache if fp16 else engine_cache_dir(model_dir, EngineKey(name, version, "fp32"))
+    log.info("TensorRT engine cache: %s", cache)
+    return choose_provider(provider, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads)
+
+
+def predict_streaming(
+    model: LoadedModel,
+    preprocessed: Preprocessed,
+    consume_slab: SlabConsumer,
+    settings: InferenceSettings,
+    progress_description: str = "tiles",
+) -> None:
+    """Run the sliding window over the preprocessed volume, handing finished logit slabs on."""
+    plan = model.plan
+    mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
+    n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
+    with _progress_bar(n_tiles, progress_description, settings.progress) as advance:
+        if settings.on_tiles is not None:
+            advance = _also_reporting(advance, settings.on_tiles, n_tiles)
+        sliding_window_inference(
+            preprocessed.data,
+            model.predict_tiles,
+            plan.patch_size,
+            plan.num_segmentation_heads,
+            consume_slab,
+            step_size=settings.step_size,
+            batch_size=settings.batch_size,
+            mirror_axes=mirror_axes,
+            accumulation=settings.accumulation,
+            progress=advance,
+        )
+
+
+def _also_reporting(advance: Callable[[int], None], on_tiles: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """Wrap a bar's advance(n) so `on_tiles` also hears the running count."""
+    finished = 0
+
+    def both(n: int) -> None:
+        nonlocal finished
+        finished += n
+        advance(n)
+        on_tiles(finished, total)
+
+    return both
+
+
+class _progress_bar:
+    """A rich progress bar over tiles, or nothing when disabled (tests, --quiet)."""
+
+    def __init__(self, total: int, description: str, enabled: bool):
+        self.total, self.description, self.enabled = total, description, enabled
+        self._progress = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        )
+        self._progress.start()
+        task = self._progress.add_task(self.description, total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
