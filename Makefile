@@ -5,7 +5,7 @@ DEV_VENV := .venv
 RUNTIME_VENV := .venv-runtime
 RUNTIME_SOURCES := $(shell find tsrt -name '*.py' -o -name '*.onnx' -o -name '*.json' -o -name '*.toml' 2>/dev/null) pyproject.toml
 
-.PHONY: demo test dev runtime clean
+.PHONY: demo test test-fast dev runtime clean
 
 # Runtime-only install (no torch): what a hospital workstation gets with `pip install tsrt`.
 $(RUNTIME_VENV)/.installed: $(RUNTIME_SOURCES)
@@ -29,6 +29,10 @@ demo: $(RUNTIME_VENV)/.installed
 # UTF-8 mode: tests decode the CLI's (rich, Unicode) output whatever locale CI runs with.
 test: $(DEV_VENV)/.installed
 	PYTHONUTF8=1 $(DEV_VENV)/bin/python -m pytest -q
+
+# Day-to-day tier (< 3 min): no oracle runs (torch, nnU-Net, official TotalSegmentator), nothing slow.
+test-fast: $(DEV_VENV)/.installed
+	PYTHONUTF8=1 $(DEV_VENV)/bin/python -m pytest -q -m "not slow and not oracle"
 
 clean:
 	rm -rf demo_output .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""One timed segmentation by one backend, in its own process; prints one JSON line (see backends.py).
+"""One timed segmentation by one backend, in its own process; prints one JSON line (see speed.py).
 
     python benchmarks/backend_child.py JOB.json
 
@@ -16,6 +16,10 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
+
+from memory import vmhwm_mb
+from workloads import CPU_PROVIDERS
 
 STARTED = time.perf_counter()
 
@@ -43,12 +47,12 @@ class StageClock:
         previous, self.stage, self.mark = self.stage, stage, now
         return previous
 
-    def inside(self, owner, name: str, stage, *, then_glue: bool = False) -> None:
+    def inside(self, owner: object, name: str, stage: str | Callable[[], str], *, then_glue: bool = False) -> None:
         """Wrap owner.name so its calls count as `stage` (or stage() per call); then back, or to the glue stage."""
         original = getattr(owner, name)
 
         @functools.wraps(original)
-        def timed(*args, **kwargs):
+        def timed(*args: Any, **kwargs: Any) -> Any:
             previous = self.switch(stage() if callable(stage) else stage)
             try:
                 return original(*args, **kwargs)
@@ -68,12 +72,12 @@ CLOCK = StageClock()
 def _no_network() -> None:
     """Official TotalSegmentator must not phone home (usage statistics, update checks) during a benchmark."""
 
-    def refuse(*args, **kwargs):
+    def refuse(*args: Any, **kwargs: Any) -> None:
         raise OSError("network disabled in this benchmark")
 
     connect = socket.socket.connect
 
-    def local_only(self, address):
+    def local_only(self: socket.socket, address: Any) -> None:
         if self.family in (socket.AF_INET, socket.AF_INET6):
             raise OSError("network disabled in this benchmark")
         return connect(self, address)
@@ -81,7 +85,7 @@ def _no_network() -> None:
     socket.getaddrinfo, socket.socket.connect = refuse, local_only
 
 
-def run_official(job: dict) -> dict:
+def run_official(job: dict[str, Any]) -> dict[str, Any]:
     _no_network()
     import nibabel
     import totalsegmentator.nnunet as ts_nnunet  # its nnUNetPredictor patch first, as TotalSegmentator runs
@@ -101,12 +105,12 @@ def run_official(job: dict) -> dict:
     return {}
 
 
-def _time_nnunet_predictor(predictor_class) -> None:
+def _time_nnunet_predictor(predictor_class: type) -> None:
     """nnU-Net's sliding window is the inference stage; its slicer count is the tile count."""
     sliding = predictor_class.predict_sliding_window_return_logits
 
     @functools.wraps(sliding)
-    def timed(self, *args, **kwargs):
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
         CLOCK.inference_seen = True
         previous = CLOCK.switch("inference")
         try:
@@ -117,7 +121,7 @@ def _time_nnunet_predictor(predictor_class) -> None:
     slicers = predictor_class._internal_get_sliding_window_slicers
 
     @functools.wraps(slicers)
-    def counted(self, *args, **kwargs):
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
         found = slicers(self, *args, **kwargs)
         CLOCK.tiles += len(found)
         return found
@@ -126,7 +130,7 @@ def _time_nnunet_predictor(predictor_class) -> None:
     predictor_class._internal_get_sliding_window_slicers = counted
 
 
-def run_nnunet(job: dict) -> dict:
+def run_nnunet(job: dict[str, Any]) -> dict[str, Any]:
     """nnU-Net's own predictor on one exported model's source folder, in this process (no workers)."""
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
@@ -146,14 +150,14 @@ def run_nnunet(job: dict) -> dict:
     return {}
 
 
-def run_tsrt(job: dict) -> dict:
+def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
     """tsrt's TotalSegmentator task path, as `tsrt segment --ml` runs it."""
-    from tsrt import totalseg
+    import tsrt.totalseg.runner as totalseg  # the module whose globals the task path calls
 
     network = {"seconds": 0.0}
     original_predict = totalseg.predict_array
 
-    def predict_array(*args, **kwargs):
+    def predict_array(*args: Any, **kwargs: Any) -> Any:
         """Charge one model call to tsrt's own stage timings of it (its remainder to postprocess)."""
         previous = CLOCK.switch("model call")
         prediction = original_predict(*args, **kwargs)
@@ -172,10 +176,12 @@ def run_tsrt(job: dict) -> dict:
     for name in ("postprocess_lowres", "restore_input_grid", "finalize_labels"):
         CLOCK.inside(totalseg, name, "postprocess", then_glue=True)
     CLOCK.inside(totalseg, "write_task_outputs", "write")
-    cpu = job["provider"] in ("cpu", "openvino", "openvino-bf16")
-    request, runner, options = totalseg.prepare_run(
-        job["task"], fast=job["fast"], ml=True, provider=job["provider"], quiet=True, device="cpu" if cpu else None,
-    )
+    cpu = job["provider"] in CPU_PROVIDERS
+    from tsrt.totalseg.options import SegmentOptions
+
+    request, runner, options = totalseg.prepare_run(SegmentOptions(
+        task=job["task"], fast=job["fast"], ml=True, provider=job["provider"], quiet=True, device="cpu" if cpu else None,
+    ))
     CLOCK.inside(runner, "model", "load models")
     CLOCK.switch("read")
     source = totalseg.read_source(job["input"])
@@ -185,11 +191,11 @@ def run_tsrt(job: dict) -> dict:
     return {"network_s": network["seconds"], "provider": runner.provider_used}
 
 
-def run_tsrt_model(job: dict) -> dict:
+def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
     """tsrt with one exported model folder (`tsrt segment --model`), the counterpart of nnUNetPredictor."""
     from tsrt.api import write_model_segmentation
-    from tsrt.infer import InferenceSettings, load_model
-    from tsrt.read import read_image
+    from tsrt.pipeline.infer import InferenceSettings, load_model
+    from tsrt.pipeline.read import read_image
 
     CLOCK.switch("load models")
     model = load_model(Path(job["model_dir"]), provider=job["provider"])
@@ -206,12 +212,6 @@ def run_tsrt_model(job: dict) -> dict:
 RUNNERS = {"official": run_official, "nnunet": run_nnunet, "tsrt": run_tsrt, "tsrt-model": run_tsrt_model}
 
 
-def peak_rss_mb() -> float:
-    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child would report its parent's peak.
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
-
-
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     extra = RUNNERS[job["backend"]](job)
@@ -219,7 +219,7 @@ def main() -> None:
     stages.pop("done", None)
     print(json.dumps({
         "in_process_s": time.perf_counter() - STARTED, "stages": stages, "tiles": CLOCK.tiles,
-        "vmhwm_mb": peak_rss_mb(), **extra,
+        "vmhwm_mb": vmhwm_mb(), **extra,
     }), flush=True)
 
 

@@ -1,6 +1,6 @@
 """Cases per minute for a cohort on Ray (embedded local Ray) with 1 vs 2 workers, and the single-process path.
 
-Writes `--cases` phantoms (tsrt.phantom, `--shape` voxels at 3 mm) as NIfTI and segments them with
+Writes `--cases` phantoms (tsrt.demo.phantom, `--shape` voxels at 3 mm) as NIfTI and segments them with
 the bundled demo model: once without Ray (one process, ONNX Runtime on every core), then with
 `--ray` for each worker count (1 CPU and 1 ONNX Runtime thread per worker). Every run starts from an
 empty output folder; its wall time includes starting Ray and opening the model in each worker.
@@ -25,9 +25,10 @@ import nibabel as nib
 import numpy as np
 
 from tsrt.api import ModelJob
-from tsrt.cohort import find_cases, run_job
-from tsrt.demo import demo_model_dir
-from tsrt.phantom import make_phantom
+from tsrt.cohort.cases import find_cases
+from tsrt.cohort.run import run_job
+from tsrt.demo.run import demo_model_dir
+from tsrt.demo.phantom import make_phantom
 
 
 def write_cohort(folder: Path, count: int, shape: tuple[int, int, int]) -> Path:

@@ -16,7 +16,7 @@ from typing import Iterable, Literal, Sequence
 from tsrt.errors import ModelError
 from tsrt.models.registry import ModelPart, Task
 from tsrt.models import store
-from tsrt.models.download import default_totalseg_home
+from tsrt.config import default_totalseg_home
 from tsrt_export.onnx_export import export_model
 
 CHECKPOINT = "checkpoint_final.pth"

@@ -8,12 +8,52 @@ as read-only: copy a folder (shutil.copytree) before changing it.
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+#: Fixtures that build real nnU-Net result folders with torch (the oracle toolchain).
+ORACLE_FIXTURES = frozenset({
+    "fixture_results_root", "tiny_result_folder", "tiny_resenc_result_folder", "tiny_2d_result_folder",
+    "tiny_regions_result_folder", "totalseg_home", "demo_checkpoint",
+})
+#: An import (or importorskip) of one of these runs an oracle (nnU-Net, official TotalSegmentator) or torch.
+ORACLE_IMPORT = re.compile(
+    r"^\s*(?:from|import)\s+(?:nnunetv2|totalsegmentator|totalseg_official|tsrt_export|torch)\b"
+    r"|importorskip\(\s*[\"'](?:nnunetv2|totalsegmentator|torch)",
+    re.M,
+)
+
+
+def _module_level(source: str) -> str:
+    """The lines of a module outside function bodies (imports there apply to every test in it)."""
+    return "\n".join(line for line in source.splitlines() if not line[:1].isspace())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `oracle` every test that needs torch, nnU-Net or official TotalSegmentator (`make test-fast` skips them)."""
+    module_oracle: dict[Path, bool] = {}
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in module_oracle:
+            module_oracle[path] = bool(ORACLE_IMPORT.search(_module_level(path.read_text(errors="replace"))))
+        function = getattr(item, "function", None)
+        try:
+            body = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            body = ""
+        if (
+            module_oracle[path]
+            or ORACLE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+            or ORACLE_IMPORT.search(body)
+        ):
+            item.add_marker(pytest.mark.oracle)
 
 
 def _fixtures():

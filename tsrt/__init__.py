@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tsrt.version import __version__
 
 __all__ = ["__version__", "contrast_phase", "image_modality", "measure_evans_index", "segment"]
 
@@ -34,5 +34,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
+        from tsrt.cli.progress import install_terminal_progress
+
+        install_terminal_progress()  # the Python API shows the CLI's bars unless the caller installed its own
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tsrt' has no attribute {name!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
 from tsrt.outputs.files import WrittenOutputs, write_segmentation_outputs
 from tsrt.pipeline.predict import predict_array
 from tsrt.pipeline.read import Image, from_nnunet_array, read_image, to_nnunet_array
-from tsrt.pipeline.write import atomic_output, write_label_map
+from tsrt.pipeline.write import write_label_map, write_probabilities
 
 log = logging.getLogger("tsrt")
 
@@ -44,20 +43,8 @@ def segment_image_with_model(
     prediction = predict_array(data, properties["spacing"], model, settings, save_probabilities=probabilities_path is not None)
     labels = from_nnunet_array(prediction.labels, properties)
     if probabilities_path is not None and prediction.probabilities is not None:
-        save_probabilities(probabilities_path, from_nnunet_array(prediction.probabilities, properties), image, plan.label_names)
+        write_probabilities(probabilities_path, prediction.probabilities, properties)
     return SegmentationRun(labels=labels, image=image, label_names=plan.label_names, seconds=prediction.seconds)
-
-
-def save_probabilities(path: Path, probabilities: np.ndarray, image: Image, label_names: dict[int, str]) -> Path:
-    """Probabilities (classes, i, j, k) as .npz plus a JSON with the geometry to place them."""
-    path = Path(path)
-    with atomic_output(path) as temp:
-        with open(temp, "wb") as handle:
-            np.savez_compressed(handle, probabilities=probabilities.astype(np.float32))
-    geometry = {"affine": image.affine.tolist(), "shape": list(image.spatial_shape), "labels": label_names}
-    with atomic_output(path.with_suffix(".json")) as temp:
-        temp.write_text(json.dumps(geometry, indent=2))
-    return path
 
 
 def segment(
@@ -86,7 +73,7 @@ def segment(
 
 
 def probabilities_path(output_path: Path) -> Path:
-    """Where --save-probabilities puts the .npz next to the label file (its .json beside it)."""
+    """Where --save-probabilities puts the .npz next to the label file (nnU-Net's .pkl beside it)."""
     return Path(str(output_path).removesuffix(".gz").removesuffix(".nii") + ".npz")
 
 
@@ -146,7 +133,7 @@ class ModelSegmenter:
         if not self.job.save_probabilities:
             return [case.output]
         probabilities = probabilities_path(case.output)
-        return [case.output, probabilities, probabilities.with_suffix(".json")]
+        return [case.output, probabilities, probabilities.with_suffix(".pkl")]
 
     def read(self, case) -> Image:
         return read_image(case.input)
@@ -156,23 +143,3 @@ class ModelSegmenter:
         write_model_segmentation(
             image, self._model, output, self.settings, save_probabilities=self.job.save_probabilities
         )
-
-
-def segment_to_outputs(
-    image: Image,
-    model: LoadedModel,
-    output: Path,
-    settings: InferenceSettings | None = None,
-    *,
-    multilabel: bool = False,
-    statistics: bool = False,
-    preview: bool = False,
-) -> SegmentationRun:
-    """Segment and write TotalSegmentator-style outputs (masks or --ml file, statistics, preview)."""
-    run = segment_image_with_model(image, model, settings)
-    started = time.perf_counter()
-    run.outputs = write_segmentation_outputs(
-        run.labels, image, run.label_names, Path(output), multilabel=multilabel, statistics=statistics, preview=preview
-    )
-    run.seconds["write"] = time.perf_counter() - started
-    return run

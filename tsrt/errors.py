@@ -27,3 +27,28 @@ class OutputError(TsrtError):
     """The output cannot be written where it was asked to go."""
 
     exit_code = 5
+
+
+def missing_extra(
+    feature: str, needs: str, extra: str, note: str = "", *, kind: type[TsrtError] = TsrtError
+) -> TsrtError:
+    """The one wording every "install the X extra" message uses, so users see the same instruction everywhere."""
+    return kind(f"{feature} needs {needs}, which is not installed: pip install 'tsrt[{extra}]'{note}.")
+
+
+def is_missing(error: ModuleNotFoundError, modules: str | tuple[str, ...]) -> bool:
+    """Whether `error` is about one of `modules` itself (not a broken install of something it imports)."""
+    wanted = (modules,) if isinstance(modules, str) else modules
+    return (error.name or "").split(".")[0] in {name.split(".")[0] for name in wanted}
+
+
+def require_module(module: str, feature: str, extra: str, note: str = "") -> object:
+    """Import an optional dependency, or fail with the one line that says which extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if not is_missing(error, module):
+            raise
+        raise missing_extra(feature, module, extra, note) from None

@@ -162,7 +162,7 @@ def _lung_labels() -> tuple[np.ndarray, dict[int, str]]:
 
 
 def test_combine_masks_from_a_multilabel_file_and_from_a_mask_folder(tmp_path: Path) -> None:
-    from tsrt.cli.totalseg import read_label_table
+    from tsrt.pipeline.label_table import read_label_table
     from tsrt.pipeline.read import Image
     from tsrt.pipeline.write import write_label_map
 

@@ -201,7 +201,8 @@ _KILL_A_WORKER = """
 import json, os, signal, sys, time
 from pathlib import Path
 from tsrt.api import ModelJob
-from tsrt.cohort.cases import find_cases, run_job
+from tsrt.cohort.cases import find_cases
+from tsrt.cohort.run import run_job
 
 cases, out, model, address = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 good = [case for case in find_cases(Path(cases), out, multilabel=True) if case.name != "corrupt"]

@@ -121,7 +121,7 @@ def store(ts_home: Path, official, modality_home: Path, tmp_path_factory: pytest
 @pytest.mark.parametrize("name", INTENSITY_INPUTS)
 def test_intensity_way_matches_official(name: str, modality_home: Path, official, shared_data: Path) -> None:
     from tsrt.companions.modality import ModalityClassifier, intensity_features
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
     from tsrt.totalseg.runner import read_source
 
     classifier = ModalityClassifier(runtime=RuntimeOptions(models_dir=modality_home / "models"))
@@ -144,7 +144,7 @@ def test_region_way_matches_official(name: str, store: Path, official, shared_da
 
     from tsrt.totalseg.runner import read_source, segment_source
     from tsrt.companions.modality import ModalityClassifier
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
     classifier = ModalityClassifier(
         normalized=True, runtime=RuntimeOptions(models_dir=store / "models", device="cpu", quiet=True)

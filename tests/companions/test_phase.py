@@ -307,7 +307,7 @@ def test_end_to_end_statistics_and_phase_match_official(
     kind: str, e2e_store: Path, e2e_official, e2e_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     from tsrt.companions.phase import PhaseEstimator, phase_features, predict_phase
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
     from tsrt.totalseg.runner import read_source
 
     estimator = PhaseEstimator(RuntimeOptions(models_dir=e2e_store / "models", device="cpu", quiet=True))

@@ -94,5 +94,5 @@ def test_runtime_ui_without_the_extra_says_what_to_install(runtime_venv):
     result = _run(runtime_venv, str(runtime_venv / "bin" / "tsrt"), "ui")
     assert result.returncode != 0
     assert result.stderr.strip() == (
-        "tsrt: error: `tsrt ui` needs Streamlit, which is missing: install the ui extra: pip install 'tsrt[ui]'."
+        "tsrt: error: `tsrt ui` needs Streamlit, which is not installed: pip install 'tsrt[ui]'."
     )

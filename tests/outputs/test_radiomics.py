@@ -53,7 +53,7 @@ def _assert_same_features(ours: dict, theirs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference_masks(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tsrt.cli.totalseg import read_label_table
+    from tsrt.pipeline.label_table import read_label_table
 
     folder = tmp_path_factory.mktemp("reference_masks")
     seg = nib.load(shared_data / "example_seg_fast.nii.gz")

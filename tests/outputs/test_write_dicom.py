@@ -367,7 +367,7 @@ def tsrt_outputs(
 @pytest.mark.slow
 def test_dicom_seg_and_rtstruct_hold_tsrts_own_label_map(tsrt_outputs: Path, shared_data: Path) -> None:
     nifti = nib.load(tsrt_outputs / "seg.nii.gz")
-    from tsrt.cli.totalseg import read_label_table
+    from tsrt.pipeline.label_table import read_label_table
 
     names = read_label_table(nifti)
     slices = _sorted_slices(shared_data / SERIES)

@@ -251,7 +251,7 @@ def assert_parity(expected: np.ndarray, actual: np.ndarray, confident: bool, wha
 
 
 def _label_table(path: Path) -> dict[int, str]:
-    from tsrt.cli.totalseg import read_label_table
+    from tsrt.pipeline.label_table import read_label_table
 
     return read_label_table(nib.load(path))
 

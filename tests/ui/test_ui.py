@@ -19,7 +19,8 @@ import pytest
 
 from tsrt.errors import InputError
 from tsrt.demo.phantom import make_phantom
-from tsrt.outputs.preview import VIEW_AXES, blend_overlay, label_colours, orthogonal_slice, to_ras
+from tsrt.outputs.preview import VIEW_AXES, blend_overlay, orthogonal_slice, to_ras
+from tsrt.pipeline.label_table import label_colours
 
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "tsrt" / "ui" / "app.py"

@@ -27,9 +27,9 @@ _INPUT = typer.Argument(
 
 
 def _configure(quiet: bool, verbose: bool) -> None:
-    from tsrt.cli.root import _configure_logging
+    from tsrt.cli.common import configure_logging
 
-    _configure_logging(quiet, verbose)
+    configure_logging(quiet, verbose)
 
 
 def run_single_or_cohort(
@@ -83,7 +83,7 @@ def phase(
 ) -> None:
     """Contrast phase of a CT (pi time in seconds, phase, probability), as totalseg_get_phase."""
     from tsrt.companions.phase import PhaseEstimator, read_statistics
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
     from tsrt.pipeline.write import write_json
 
     _configure(quiet, verbose)
@@ -126,7 +126,7 @@ def modality(
 ) -> None:
     """CT or MR, with probability, as totalseg_get_modality (from intensities, or with -n from regions)."""
     from tsrt.companions.modality import ModalityClassifier
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
     from tsrt.pipeline.write import write_json
 
     _configure(quiet, verbose)
@@ -161,7 +161,7 @@ def evans_index(
 ) -> None:
     """Evans index of a head CT (frontal horn width / inner skull width), as totalseg_evans_index."""
     from tsrt.companions.evans_index import EvansIndexer
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
     _configure(quiet, verbose)
     indexer = EvansIndexer(RuntimeOptions(provider=provider, device=device, quiet=quiet))

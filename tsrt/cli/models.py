@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tsrt.errors import TsrtError
+from tsrt.cli.common import EXPORT_EXTRA_MODULES
+from tsrt.errors import TsrtError, is_missing, missing_extra
+from tsrt.models.store import human_size
 
 if TYPE_CHECKING:
     from tsrt.models.registry import Task
@@ -31,27 +33,13 @@ _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 def _import_toolchain():
     """The export toolchain's importer, or one actionable error when the export extra is missing."""
-    from tsrt.cli.root import _EXPORT_EXTRA_MODULES
-
     try:
         from tsrt_export import import_totalseg
     except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] not in _EXPORT_EXTRA_MODULES:
+        if not is_missing(err, EXPORT_EXTRA_MODULES):
             raise
-        raise TsrtError(
-            f"Converting TotalSegmentator checkpoints to ONNX needs {err.name}, which is missing: "
-            "install the export extra: pip install 'tsrt[export]'."
-        ) from None
+        raise missing_extra("Converting TotalSegmentator checkpoints to ONNX", str(err.name), "export") from None
     return import_totalseg
-
-
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
 
 
 def _report(outcomes: list, quiet: bool) -> None:
@@ -61,7 +49,7 @@ def _report(outcomes: list, quiet: bool) -> None:
 
     words = {"imported": "imported", "present": "already in the store", "absent": "not found (optional), skipped"}
     for outcome in outcomes:
-        size = f" ({_human_size(directory_size(outcome.path))})" if outcome.action != "absent" else ""
+        size = f" ({human_size(directory_size(outcome.path))})" if outcome.action != "absent" else ""
         typer.echo(f"{outcome.model.name}: {words[outcome.action]}{size}")
 
 
@@ -110,7 +98,7 @@ def _models_table(statuses: list, root: Path):
         table.add_column(column)
     for status in statuses:
         state = "[green]complete[/green]" if status.complete else f"[red]incomplete[/red]: {status.problems[0]}"
-        table.add_row(status.model.name, state, ", ".join(status.folds), _human_size(status.size_bytes))
+        table.add_row(status.model.name, state, ", ".join(status.folds), human_size(status.size_bytes))
     return table
 
 
@@ -118,7 +106,7 @@ def _mode_cell(statuses: list) -> str:
     present = [s for s in statuses if s.complete]
     if not present:
         return "[dim]–[/dim]"
-    size = _human_size(sum(s.size_bytes for s in present))
+    size = human_size(sum(s.size_bytes for s in present))
     if len(present) == len(statuses):
         return f"[green]✓[/green] {size}"
     return f"[yellow]{len(present)}/{len(statuses)}[/yellow] {size}"

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from tsrt.errors import TsrtError
+from tsrt.cli.common import EXPORT_EXTRA_MODULES, configure_logging
+from tsrt.errors import TsrtError, is_missing, missing_extra
 
 app = typer.Typer(
     name="tsrt",
@@ -38,15 +39,9 @@ def _register_subcommands() -> None:
 @app.command()
 def version() -> None:
     """Print tsrt's version."""
-    from tsrt import __version__
+    from tsrt.version import __version__
 
     typer.echo(__version__)
-
-
-#: Modules only the export extra installs; a missing one means that extra is not installed.
-_EXPORT_EXTRA_MODULES = (
-    "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxscript", "tsrt_export"
-)
 
 
 @app.command()
@@ -63,24 +58,15 @@ def export(
     try:
         from tsrt_export.onnx_export import export_model
     except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] not in _EXPORT_EXTRA_MODULES:
+        if not is_missing(err, EXPORT_EXTRA_MODULES):
             raise
-        raise TsrtError(
-            f"`tsrt export` needs {err.name}, which is missing: install the export extra: pip install 'tsrt[export]'."
-        ) from None
+        raise missing_extra("`tsrt export`", str(err.name), "export") from None
     plan_paths = export_model(
         model_folder, out_dir, folds=fold or None, checkpoint=checkpoint, fp16=fp16, opset=opset,
         verify_image=verify_image,
     )
     for plan_path in plan_paths:
         typer.echo(plan_path)
-
-
-def _configure_logging(quiet: bool, verbose: bool) -> None:
-    import logging
-
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
 _TS = "TotalSegmentator task options"
@@ -201,7 +187,7 @@ def segment(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
 ) -> None:
     """Segment an image with a TotalSegmentator task (default: total), or with any exported model (--model)."""
-    _configure_logging(quiet, verbose)
+    configure_logging(quiet, verbose)
     source = input_path or input_option
     if source is None:
         raise TsrtError("No input given: pass the image as INPUT or with -i.")
@@ -253,7 +239,9 @@ def segment(
         if not quiet:
             typer.echo(f"wrote {output}")
         return
-    _segment_cohort(cases, TaskJob(options), output, **cohort)
+    from tsrt.totalseg.options import SegmentOptions
+
+    _segment_cohort(cases, TaskJob(SegmentOptions.from_keywords(**options)), output, **cohort)
 
 
 def _output_type(values: list[str] | None) -> str | list[str]:
@@ -282,16 +270,38 @@ def _check_single_image_options(output_type: list[str] | None, save_probabilitie
         raise TsrtError(f"{given} works on one image, not a cohort: run tsrt segment for each series.")
 
 
+def cohort_table(summary, max_rows: int = 40):
+    """A rich table of the cases this run worked on (failures first); skipped ones are only counted."""
+    from rich.table import Table
+
+    from tsrt.cohort.cases import SUMMARY_FILE
+
+    worked = [record for record in summary.records if record.status != "skipped"]
+    worked.sort(key=lambda record: record.status != "failed")
+    table = Table(title=summary.line().split(":")[0], title_justify="left")
+    for column in ("case", "status", "seconds", "peak MB", "worker", "attempts", "reason"):
+        table.add_column(column, justify="right" if column in ("seconds", "peak MB", "attempts") else "left")
+    for record in worked[:max_rows]:
+        peak = "" if record.peak_memory_mb is None else f"{record.peak_memory_mb:.0f}"
+        table.add_row(
+            record.name, record.status, f"{record.seconds:.1f}", peak, record.worker, str(record.attempts),
+            record.reason,
+        )
+    if len(worked) > max_rows:
+        table.caption = f"{len(worked) - max_rows} more cases in {SUMMARY_FILE}"
+    return table
+
+
 def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, **ray_options) -> None:
     """Run a cohort here or on Ray, print its table, write OUTPUT/cohort_summary.json; failures exit non-zero."""
-    from tsrt.cohort.cases import run_job
+    from tsrt.cohort.run import run_job
 
     summary = run_job(cases, job, overwrite=overwrite, progress=not quiet, **ray_options)
     path = summary.write(output)
     if not quiet:
         from rich.console import Console
 
-        Console().print(summary.table())
+        Console().print(cohort_table(summary))
     typer.echo(f"{summary.line()}; summary: {path}")
     if summary.failed:
         raise TsrtError(
@@ -308,10 +318,23 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Segment a generated CT phantom with the bundled demo model (no internet, no torch)."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
     from tsrt.demo.run import run_demo
 
-    _configure_logging(quiet, False)
-    run_demo(output, provider=provider, progress=not quiet)
+    configure_logging(quiet, False)
+    console = Console(stderr=False, quiet=quiet)
+    started = time.perf_counter()
+    summary = run_demo(output, provider=provider, progress=not quiet, say=console.print)
+    table = Table(title=f"tsrt demo: {len(summary)} structures in {time.perf_counter() - started:.1f} s")
+    for column in ("structure", "volume (ml)", "mean HU", "Dice vs truth"):
+        table.add_column(column, justify="left" if column == "structure" else "right")
+    for name, row in summary.items():
+        table.add_row(name, f"{row['volume_ml']:.1f}", f"{row['mean_hu']:.0f}", f"{row['dice']:.3f}")
+    console.print(table)
 
 
 #: Options that take several values in TotalSegmentator's argparse CLI (`--roi_subset liver brain`).
@@ -396,6 +419,9 @@ def totalsegmentator_argv(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console-script entry: run the Typer app and turn TsrtError into one line + exit code."""
+    from tsrt.cli.progress import install_terminal_progress
+
+    install_terminal_progress()
     try:
         app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="tsrt")
     except TsrtError as err:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import platform
 import sys
-import xml.etree.ElementTree as ElementTree
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -56,8 +55,9 @@ def _version(package: str) -> str:
 
 def doctor() -> None:
     """What this installation can do: versions, execution providers, the model store and runnable tasks."""
-    from tsrt import __version__
-    from tsrt.engines.providers import available_providers, tsrt_home
+    from tsrt.version import __version__
+    from tsrt.config import tsrt_home
+    from tsrt.engines.providers import available_providers
     from tsrt.models.registry import load_registry
     from tsrt.models.store import model_status, models_root
 
@@ -94,16 +94,6 @@ def doctor() -> None:
         )
 
 
-def read_label_table(nifti) -> dict[int, str]:
-    """The label map TotalSegmentator stores in a multilabel file's CaretExtension (load_multilabel_nifti)."""
-    for extension in nifti.header.extensions:
-        content = extension.get_content()
-        if isinstance(content, bytes) and b"<CaretExtension" in content:
-            root = ElementTree.fromstring(content.decode("utf-8").strip())
-            return {int(label.attrib["Key"]): (label.text or "").strip() for label in root.iter("Label")}
-    return {}
-
-
 def combine_masks(
     masks: Optional[Path] = typer.Argument(
         None, metavar="INPUT", help="tsrt/TotalSegmentator output folder, or a --ml label file."
@@ -119,7 +109,8 @@ def combine_masks(
     import nibabel as nib
 
     from tsrt.totalseg import ops
-    from tsrt.pipeline.write import _caret_label_table, atomic_output
+    from tsrt.pipeline.label_table import caret_label_table, read_label_table
+    from tsrt.pipeline.write import atomic_output
 
     source = input_option or masks
     if source is None:
@@ -145,7 +136,7 @@ def combine_masks(
         raise InputError(f"{source} does not exist: pass a segmentation output folder or a --ml label file.")
     result = nib.Nifti1Image(combined, affine)
     if multilabel:
-        result.header.extensions.append(nib.nifti1.Nifti1Extension(0, _caret_label_table({1: kind})))
+        result.header.extensions.append(nib.nifti1.Nifti1Extension(0, caret_label_table({1: kind})))
     with atomic_output(output) as temporary:
         nib.save(result, temporary)
     typer.echo(f"wrote {output} ({int(combined.sum())} voxels)")

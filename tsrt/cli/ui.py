@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from tsrt.errors import InputError, TsrtError
+from tsrt.errors import InputError, TsrtError, missing_extra
 from tsrt.ui.settings import DEFAULT_MAX_UPLOAD_MB, UiSettings
 
 APP_PATH = Path(__file__).resolve().parents[1] / "ui" / "app.py"
@@ -54,7 +54,7 @@ def ui(
 ) -> None:
     """Start the clinical web UI on this computer: open a scan, segment it, review and download (needs tsrt[ui])."""
     if importlib.util.find_spec("streamlit") is None:
-        raise TsrtError("`tsrt ui` needs Streamlit, which is missing: install the ui extra: pip install 'tsrt[ui]'.")
+        raise missing_extra("`tsrt ui`", "Streamlit", "ui")
     if data_dir is not None and not data_dir.is_dir():
         raise InputError(f"--data-dir {data_dir} is not a folder; give the folder that holds the scans.")
     if max_upload_mb < 1:

@@ -32,8 +32,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tsrt.progress import progress
 from tsrt.errors import InputError, TsrtError
+from tsrt.totalseg.options import SegmentOptions
 from tsrt.totalseg.runner import ModelRunner, OutputOptions, TaskRequest, output_label_map, read_source, segment_source
+from tsrt.pipeline.nifti_header import read_list_text
 from tsrt.pipeline.write import atomic_output
 
 log = logging.getLogger("tsrt")
@@ -123,25 +126,6 @@ class CohortSummary:
             temp.write_text(json.dumps(self.to_json(), indent=2))
         return path
 
-    def table(self, max_rows: int = 40):
-        """A rich table of the cases this run worked on (failures first); skipped ones are only counted."""
-        from rich.table import Table
-
-        worked = [record for record in self.records if record.status != "skipped"]
-        worked.sort(key=lambda record: record.status != "failed")
-        table = Table(title=self.line().split(":")[0], title_justify="left")
-        for column in ("case", "status", "seconds", "peak MB", "worker", "attempts", "reason"):
-            table.add_column(column, justify="right" if column in ("seconds", "peak MB", "attempts") else "left")
-        for record in worked[:max_rows]:
-            peak = "" if record.peak_memory_mb is None else f"{record.peak_memory_mb:.0f}"
-            table.add_row(
-                record.name, record.status, f"{record.seconds:.1f}", peak, record.worker, str(record.attempts),
-                record.reason,
-            )
-        if len(worked) > max_rows:
-            table.caption = f"{len(worked) - max_rows} more cases in {SUMMARY_FILE}"
-        return table
-
 
 # --------------------------------------------------------------------------------------------- finding cases
 
@@ -196,7 +180,7 @@ def find_cases(source: Path | str, output: Path, multilabel: bool) -> list[Case]
 
 def _listed_inputs(list_file: Path) -> list[tuple[Path, str | None]]:
     """(image path, case name or None) per entry of a .txt or .csv list, relative to the list's folder."""
-    text = list_file.read_text()
+    text = read_list_text(list_file)  # by content: a NIfTI or gzip named .txt/.csv is refused in one line
     if list_file.suffix.lower() == ".csv":
         rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
     else:
@@ -289,23 +273,23 @@ class TaskSegmenter:
 
 @dataclass(frozen=True)
 class TaskJob:
-    """A TotalSegmentator task with `tsrt.segment`'s keyword options (task, fast, ml, statistics, ...)."""
+    """A TotalSegmentator task request, run on every case of a cohort."""
 
-    options: dict[str, Any]
+    options: SegmentOptions
 
     @property
     def provider(self) -> str:
-        return self.options.get("provider", "auto")
+        return self.options.provider
 
     @property
     def device(self) -> str | None:
-        return self.options.get("device")
+        return self.options.device
 
     def open(self, threads: int | None = None) -> TaskSegmenter:
         from tsrt.totalseg.runner import prepare_run
 
-        threads = threads or self.options.get("threads")
-        request, runner, output_options = prepare_run(**{**self.options, "threads": threads})
+        options = self.options if threads is None else self.options.replace(threads=threads)
+        request, runner, output_options = prepare_run(options)
         runner.progress = False  # one bar over cases, not one per model call
         return TaskSegmenter(request, runner, output_options)
 
@@ -429,7 +413,7 @@ def for_each_case(
     """Run `work` on every case not `finished` yet (all of them with `overwrite`); failures are collected."""
     summary = CohortSummary(verb=verb)
     started = time.perf_counter()
-    with CaseProgress(len(cases), progress) as advance:
+    with case_progress(len(cases), progress) as advance:
         for case in cases:
             if not overwrite and finished(case):
                 record = CaseRecord(case.name, "skipped")
@@ -443,57 +427,11 @@ def for_each_case(
     return summary
 
 
-class CaseProgress:
-    """A rich bar over the cohort's cases, advanced as cases finish (nothing when disabled)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self._progress = None
-        self._task = None
-
-    def __enter__(self) -> Callable[[CaseRecord], None]:
-        if not self.enabled:
-            return lambda record: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._progress = Progress(
-            TextColumn("cases"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("", total=self.total)
-
-        def advance(record: CaseRecord) -> None:
-            self._progress.update(self._task, advance=1, description=f"{record.name} {record.status}")
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description="")
-            self._progress.stop()
-
-
-def run_job(
-    cases: list[Case],
-    job: CohortJob,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    ray: str | None = None,
-    workers: int | None = None,
-    cpus_per_worker: float = 1.0,
-    on_case: Callable[[CaseRecord], None] | None = None,
-) -> CohortSummary:
-    """Run `job` over the cases here (models opened once), or with `ray` on a Ray cluster (tsrt.cohort.ray)."""
-    if ray is not None:
-        from tsrt.cohort.ray import run_on_ray
-
-        return run_on_ray(
-            cases, job, address=ray, workers=workers, cpus_per_worker=cpus_per_worker, overwrite=overwrite,
-            progress=progress, on_case=on_case,
-        )
-    return run_here(cases, CaseWorker(job.open()), overwrite=overwrite, progress=progress, on_case=on_case)
+@contextmanager
+def case_progress(total: int, enabled: bool) -> Iterator[Callable[[CaseRecord], None]]:
+    """A bar over the cohort's cases, advanced (with the case's name and status) as cases finish."""
+    with progress("cases", total, enabled=enabled) as advance:
+        yield lambda record: advance(1, f"{record.name} {record.status}")
 
 
 def run_here(
@@ -515,7 +453,7 @@ def run_here(
         if on_case is not None:
             on_case(record)
 
-    with CaseProgress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
+    with case_progress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
         in_flight: deque[Future[CaseRecord]] = deque()
         for case in cases:
             if not overwrite and worker.finished(case):
@@ -544,25 +482,3 @@ def run_cohort(
     """Segment every case not finished yet with an open runner; a case that fails is logged and the next one runs."""
     runner.progress = False  # one bar over cases, not one per model call
     return run_here(cases, CaseWorker(TaskSegmenter(request, runner, options)), overwrite=overwrite, progress=progress)
-
-
-def segment_cohort(
-    cases: list[Case],
-    *,
-    overwrite: bool = False,
-    ray: str | None = None,
-    workers: int | None = None,
-    cpus_per_worker: float = 1.0,
-    **options: Any,
-) -> CohortSummary:
-    """`tsrt.segment`'s keyword options (task, fast, ml, ...) applied to every case; models open once per process.
-
-    `ray`: None runs here; "local" starts Ray in this process; "auto" or "host:port" joins a running
-    cluster (needs `tsrt[cluster]`).
-    """
-    job = TaskJob(options)
-    job.open()  # validates the options and checks the store before any case (models open lazily)
-    return run_job(
-        cases, job, overwrite=overwrite, progress=not options.get("quiet", False), ray=ray, workers=workers,
-        cpus_per_worker=cpus_per_worker,
-    )

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tsrt.cohort.cases import (
-    Case, CaseProgress, CaseRecord, CaseWorker, CohortJob, CohortSummary, discard_staging, failure_reason,
+    Case, CaseRecord, CaseWorker, CohortJob, CohortSummary, case_progress, discard_staging, failure_reason,
 )
-from tsrt.errors import TsrtError
+from tsrt.errors import TsrtError, require_module
 
 log = logging.getLogger("tsrt")
 
@@ -41,13 +41,7 @@ MAX_ATTEMPTS = 3
 
 def import_ray():
     """Ray, or one line saying which extra installs it."""
-    try:
-        import ray
-    except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] != "ray":
-            raise
-        raise TsrtError("--ray needs Ray, which is not installed: pip install 'tsrt[cluster]'.") from None
-    return ray
+    return require_module("ray", "--ray", "cluster")
 
 
 class CohortActor:
@@ -155,7 +149,7 @@ def run_on_ray(
         else:
             todo.append(case)
     summary = CohortSummary(workers=0)  # no worker starts when every case is finished
-    with CaseProgress(len(cases), progress) as advance:
+    with case_progress(len(cases), progress) as advance:
         for record in records.values():
             advance(record)
         if todo:

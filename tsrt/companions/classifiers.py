@@ -13,13 +13,14 @@ tests/test_phase.py and tests/test_modality.py compare the results with upstream
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tsrt.models.resources import require_module
+from tsrt.errors import require_module
 
 #: Upstream's binary classifiers decide "class 1" above this probability.
 CLASS_THRESHOLD = 0.5
@@ -27,6 +28,7 @@ CLASS_THRESHOLD = 0.5
 
 def load_boosters(paths: Iterable[Path], feature: str) -> list[Any]:
     """xgboost Boosters from JSON model files (`feature` names the command, for the missing-extra message)."""
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # pandas (via xgboost) logs its thread count at INFO
     xgboost = require_module("xgboost", feature, "phase")
     return [xgboost.Booster(model_file=str(path)) for path in paths]
 

@@ -37,7 +37,7 @@ from tsrt.errors import InputError
 from tsrt.models.resources import verified_files
 
 if TYPE_CHECKING:
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -275,13 +275,12 @@ class EvansIndexer:
     def __init__(self, runtime: RuntimeOptions | None = None) -> None:
         from tsrt.totalseg.runner import prepare_run
 
-        from tsrt.totalseg.runner import RuntimeOptions
+        from tsrt.totalseg.options import RuntimeOptions
 
         runtime = runtime or RuntimeOptions()
         self.atlas = load_atlas(runtime.models_dir)
-        options = dict(**runtime.as_options(), ml=True)
-        self._brain_skull = prepare_run("total", roi_subset=["brain", "skull"], **options)
-        self._ventricles = prepare_run("ventricle_parts", **options)
+        self._brain_skull = prepare_run(runtime.segment_options("total", roi_subset=("brain", "skull"), ml=True))
+        self._ventricles = prepare_run(runtime.segment_options("ventricle_parts", ml=True))
 
     def head_masks(self, source: Any) -> HeadMasks:
         """brain and skull (task total, roi_subset) and ventricle_parts on the input grid."""
@@ -328,7 +327,7 @@ def measure_evans_index(
     threads: int | None = None,
 ) -> dict[str, float]:
     """The Evans index report like `totalseg_evans_index` (JSON to `output`, the slice PNG to `preview`)."""
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
     indexer = EvansIndexer(RuntimeOptions(models_dir, provider, device, quiet, threads))
     if output is None:

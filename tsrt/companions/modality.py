@@ -30,7 +30,7 @@ from tsrt.companions.classifiers import load_boosters, predict_class
 from tsrt.models.resources import verified_files
 
 if TYPE_CHECKING:
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -78,7 +78,7 @@ class ModalityClassifier:
     """Classifies one image or a cohort: classifiers checked (and total_mr prepared) once."""
 
     def __init__(self, *, normalized: bool = False, runtime: RuntimeOptions | None = None) -> None:
-        from tsrt.totalseg.runner import RuntimeOptions
+        from tsrt.totalseg.options import RuntimeOptions
 
         runtime = runtime or RuntimeOptions()
         self.normalized = normalized
@@ -87,10 +87,10 @@ class ModalityClassifier:
         if normalized:
             from tsrt.totalseg.runner import prepare_run
 
-            self._prepared = prepare_run(
+            self._prepared = prepare_run(runtime.segment_options(
                 "total_mr", fast=True, statistics=True, statistics_exclude_masks_at_border=False,
-                stats_aggregation="median", statistics_normalized_intensities=True, **runtime.as_options(),
-            )
+                stats_aggregation="median", statistics_normalized_intensities=True,
+            ))
 
     def features(self, input: Any) -> list[float]:
         from tsrt.totalseg.runner import read_source, segment_source
@@ -125,7 +125,7 @@ def image_modality(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Predict CT or MR like `totalseg_get_modality` (`normalized=True`: its `-n` region way); JSON to `output`."""
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
     runtime = RuntimeOptions(models_dir, provider, device, quiet, threads)
     classifier = ModalityClassifier(normalized=normalized, runtime=runtime)

@@ -33,7 +33,7 @@ from tsrt.companions.classifiers import load_boosters, predict_value
 from tsrt.models.resources import verified_files
 
 if TYPE_CHECKING:
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
 log = logging.getLogger("tsrt")
 
@@ -138,26 +138,29 @@ class PhaseEstimator:
     """Predicts phases for one image or a cohort: classifiers checked and models loaded once."""
 
     def __init__(self, runtime: RuntimeOptions | None = None) -> None:
-        from tsrt.totalseg.runner import RuntimeOptions
+        from tsrt.totalseg.options import RuntimeOptions
 
         runtime = runtime or RuntimeOptions()
         self.regressors = load_phase_regressors(runtime.models_dir)  # before any segmentation: a missing extra fails fast
-        self._run_options = dict(
-            statistics=True, statistics_exclude_masks_at_border=False, stats_aggregation="median",
-            **runtime.as_options(),
-        )
+        self._runtime = runtime
         self._total: tuple | None = None
         self._headneck: tuple | None = None
+
+    def _segment_options(self, task: str, **options: Any):
+        """Median statistics over whole masks, the way get_ct_contrast_phase asks TotalSegmentator for them."""
+        return self._runtime.segment_options(
+            task, statistics=True, statistics_exclude_masks_at_border=False, stats_aggregation="median", **options
+        )
 
     def _prepared(self, task: str) -> tuple:
         from tsrt.totalseg.runner import prepare_run
 
         if task == "total":
             if self._total is None:
-                self._total = prepare_run("total", fast=True, **self._run_options)
+                self._total = prepare_run(self._segment_options("total", fast=True))
             return self._total
         if self._headneck is None:
-            self._headneck = prepare_run("headneck_bones_vessels", **self._run_options)
+            self._headneck = prepare_run(self._segment_options("headneck_bones_vessels"))
         return self._headneck
 
     def task_statistics(self, source: Any, task: str) -> dict[str, dict[str, float]]:
@@ -211,7 +214,7 @@ def contrast_phase(
     `tsrt segment --fast --statistics -sa median -sii` run (task total) - that model is then not run.
     """
     stats = read_statistics(existing_stats) if isinstance(existing_stats, (str, Path)) else existing_stats
-    from tsrt.totalseg.runner import RuntimeOptions
+    from tsrt.totalseg.options import RuntimeOptions
 
     estimator = PhaseEstimator(RuntimeOptions(models_dir, provider, device, quiet, threads))
     result = estimator.predict(input, stats)

@@ -8,7 +8,7 @@ phantom's ground truth.
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -37,34 +37,37 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_demo(output: Path, *, provider: str = "auto", progress: bool = True) -> dict[str, dict[str, float]]:
-    """Run the demo into `output`; returns per-class volume (ml), mean HU and Dice vs ground truth."""
-    from rich.console import Console
-    from rich.table import Table
+#: What `tsrt demo` writes into its output folder.
+PHANTOM_FILE = "phantom_ct.nii.gz"
+MULTILABEL_FILE = "segmentation.nii.gz"
+MASKS_FOLDER = "segmentations"
 
+
+def run_demo(
+    output: Path, *, provider: str = "auto", progress: bool = True, say: Callable[[str], None] | None = None
+) -> dict[str, dict[str, float]]:
+    """Run the demo into `output`; returns per-class volume (ml), mean HU and Dice vs ground truth.
+
+    `say` hears what is being done (the CLI prints it); the result table is the caller's to show.
+    """
+    say = say or (lambda message: None)
     output = Path(output)
-    console = Console(stderr=False, quiet=not progress)
-    started = time.perf_counter()
     phantom = make_phantom()
-    ct_path = output / "phantom_ct.nii.gz"
+    ct_path = output / PHANTOM_FILE
     output.mkdir(parents=True, exist_ok=True)
     with atomic_output(ct_path) as temp:
         nib.save(nib.Nifti1Image(phantom.image, phantom.affine), temp)
 
     image = read_image(ct_path)
     model = load_model(demo_model_dir(), provider=provider)
-    console.print(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {model.provider.name}")
+    say(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {model.provider.name}")
     run = segment_image_with_model(image, model, InferenceSettings(progress=progress))
     outputs = write_segmentation_outputs(
-        run.labels, image, run.label_names, output / "segmentation.nii.gz", multilabel=True, statistics=True, preview=True
+        run.labels, image, run.label_names, output / MULTILABEL_FILE, multilabel=True, statistics=True, preview=True
     )
-    write_segmentation_outputs(run.labels, image, run.label_names, output / "segmentations")
-    elapsed = time.perf_counter() - started
+    write_segmentation_outputs(run.labels, image, run.label_names, output / MASKS_FOLDER)
 
     truth_by_name = {name: phantom.labels == label for label, name in PHANTOM_LABELS.items()}
-    table = Table(title=f"tsrt demo: {len(run.label_names)} structures in {elapsed:.1f} s")
-    for column in ("structure", "volume (ml)", "mean HU", "Dice vs truth"):
-        table.add_column(column, justify="left" if column == "structure" else "right")
     summary: dict[str, dict[str, float]] = {}
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
     for label, name in run.label_names.items():
@@ -73,10 +76,8 @@ def run_demo(output: Path, *, provider: str = "auto", progress: bool = True) -> 
         mean_hu = float(phantom.image[predicted].mean()) if predicted.any() else 0.0
         score = dice(predicted, truth_by_name[name]) if name in truth_by_name else float("nan")
         summary[name] = {"volume_ml": volume_ml, "mean_hu": mean_hu, "dice": score}
-        table.add_row(name, f"{volume_ml:.1f}", f"{mean_hu:.0f}", f"{score:.3f}")
-    console.print(table)
-    console.print(
-        f"wrote {outputs.multilabel}, {output / 'segmentations'}/ ({len(run.label_names)} masks), "
+    say(
+        f"wrote {outputs.multilabel}, {output / MASKS_FOLDER}/ ({len(run.label_names)} masks), "
         f"{outputs.statistics}, {outputs.preview}"
     )
     return summary

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsrt.errors import ProviderError
+from tsrt.config import tsrt_home
+from tsrt.errors import ProviderError, missing_extra
 
 log = logging.getLogger("tsrt")
 
@@ -32,11 +33,6 @@ _PREFERENCE = ("tensorrt", "cuda", "cpu")
 #: OpenVINO providers (not ONNX Runtime's) and the inference precision each asks OpenVINO for.
 OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
 PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES, *OPENVINO_PRECISIONS)
-
-
-def tsrt_home() -> Path:
-    """Where models, engines and caches live: $TSRT_HOME, default ~/.tsrt."""
-    return Path(os.environ.get("TSRT_HOME", Path.home() / ".tsrt")).expanduser()
 
 
 def available_providers() -> list[str]:
@@ -141,9 +137,7 @@ def _check_openvino(requested: str) -> None:
     try:
         import openvino
     except ModuleNotFoundError:
-        raise ProviderError(
-            f"--provider {requested} needs OpenVINO, which is not installed: pip install 'tsrt[openvino]'."
-        ) from None
+        raise missing_extra(f"--provider {requested}", "OpenVINO", "openvino", kind=ProviderError) from None
     if OPENVINO_PRECISIONS[requested] == "bf16":
         capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if "BF16" not in capabilities:

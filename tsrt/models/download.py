@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tsrt.errors import TsrtError
-from tsrt.engines.providers import tsrt_home
+from tsrt.progress import progress as show_progress
+from tsrt.config import LICENSE_URL_ENV, WEIGHTS_URL_ENV, default_totalseg_home, tsrt_home, url_override
 from tsrt.models.registry import ModelPart, Registry, Task, load_registry
 from tsrt.models.store import model_status, sha256_file
 
 if TYPE_CHECKING:  # the import step lives in the export toolchain
     from tsrt_export.import_totalseg import ImportOutcome
 
-WEIGHTS_URL_ENV = "TSRT_WEIGHTS_URL"
-LICENSE_URL_ENV = "TSRT_LICENSE_URL"
 CONFIG_FILE = "config.json"
 CHUNK_BYTES = 1 << 16
 TIMEOUT_SECONDS = 60
@@ -53,14 +52,6 @@ class LicenseError(DownloadError):
 # --------------------------------------------------------------------------------------------
 # License key (stored like totalseg_set_license stores it)
 # --------------------------------------------------------------------------------------------
-
-
-def default_totalseg_home() -> Path:
-    """TotalSegmentator's home: $TOTALSEG_HOME_DIR, else ~/.totalsegmentator (/tmp when HOME is /)."""
-    if "TOTALSEG_HOME_DIR" in os.environ:
-        return Path(os.environ["TOTALSEG_HOME_DIR"])
-    home = Path("/tmp") if str(Path.home()) == "/" else Path.home()
-    return home / ".totalsegmentator"
 
 
 def config_path() -> Path:
@@ -97,7 +88,7 @@ def check_license_key_format(key: str, registry: Registry | None = None) -> None
 
 
 def license_server_url(registry: Registry | None = None) -> str:
-    url = os.environ.get(LICENSE_URL_ENV) or (registry or load_registry()).license.server_url
+    url = url_override(LICENSE_URL_ENV) or (registry or load_registry()).license.server_url
     return url if url.endswith("/") else url + "/"
 
 
@@ -236,7 +227,7 @@ def _receive(response: http.client.HTTPResponse, part: Path, offset: int, label:
     if total is None and length is not None:
         total = offset + int(length)
     received = offset
-    with open(part, "ab" if offset else "wb") as handle, _progress(label, total, offset, progress) as advance:
+    with open(part, "ab" if offset else "wb") as handle, show_progress(label, total, enabled=progress, completed=offset, unit="bytes") as advance:
         try:
             while True:
                 chunk = response.read(CHUNK_BYTES)
@@ -269,40 +260,6 @@ def _content_range(header: str) -> tuple[int, int | None]:
         return start, None if total in ("", "*") else int(total)
     except ValueError:
         raise DownloadError(f"The server sent an unreadable Content-Range {header!r}: try again later.") from None
-
-
-class _NoProgress:
-    def __enter__(self):
-        return lambda n: None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-class _RichProgress:
-    def __init__(self, label: str, total: int | None, completed: int) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self._task = self._progress.add_task(label, total=total, completed=completed)
-
-    def __enter__(self):
-        self._progress.start()
-        return lambda n: self._progress.advance(self._task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-
-def _progress(label: str, total: int | None, completed: int, enabled: bool) -> Any:
-    return _RichProgress(label, total, completed) if enabled else _NoProgress()
 
 
 def _json_request(url: str, body: dict[str, Any]) -> urllib.request.Request:
@@ -350,7 +307,8 @@ def _http_error(err: urllib.error.HTTPError, url: str, label: str) -> DownloadEr
 
 def _override_hint(url: str) -> str:
     for name in (WEIGHTS_URL_ENV, LICENSE_URL_ENV):
-        if os.environ.get(name) and url.startswith(os.environ[name]):
+        override = url_override(name)
+        if override and url.startswith(override):
             return f" (set by {name})"
     return ""
 
@@ -369,7 +327,7 @@ def model_url(model: ModelPart, registry: Registry | None = None) -> str:
     registry = registry or load_registry()
     if model.license or model.release is None:
         raise DownloadError(f"{model.name} is only available from the license server.")
-    base = os.environ.get(WEIGHTS_URL_ENV)
+    base = url_override(WEIGHTS_URL_ENV)
     if not base:
         return model.url or f"{registry.release_base_url}/{model.release}/{model.name}.zip"
     return f"{base.rstrip('/')}/{model.release}/{model.name}.zip"

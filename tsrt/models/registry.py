@@ -330,7 +330,8 @@ def _unique(models: list[ModelPart]) -> tuple[ModelPart, ...]:
     return tuple(seen.values())
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file tsrt ships (the registry, the DICOM codes), parsed; unreadable ones are one TaskError."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -352,7 +353,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 @lru_cache(maxsize=4)
 def load_registry(path: Path = REGISTRY_PATH) -> Registry:
     """The registry in `path` (default: the models.toml shipped with tsrt), parsed once per process."""
-    return Registry(_read_toml(Path(path)), path=Path(path))
+    return Registry(read_toml(Path(path)), path=Path(path))
 
 
 def list_tasks() -> list[str]:
@@ -376,7 +377,3 @@ def list_models() -> list[ModelPart]:
 def class_map(task: str) -> Mapping[int, str]:
     """The task's final label map (label number -> TotalSegmentator class name)."""
     return get_task(task).classes
-
-
-def license_server() -> LicenseServer:
-    return load_registry().license

@@ -128,15 +128,3 @@ def install_resource(
     return target
 
 
-def require_module(module: str, feature: str, extra: str) -> object:
-    """Import an optional dependency, or fail with the one line that says which extra to install."""
-    import importlib
-    import logging
-
-    logging.getLogger("numexpr").setLevel(logging.WARNING)  # pandas (via xgboost) logs its thread count at INFO
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] != module.split(".")[0]:
-            raise
-        raise TsrtError(f"{feature} needs {module}, which is missing: pip install 'tsrt[{extra}]'.") from None

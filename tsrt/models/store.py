@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 
 from tsrt.errors import ModelError, TsrtError
 from tsrt.models.plan import PLAN_SUFFIX, read_plan
-from tsrt.engines.providers import tsrt_home
+from tsrt.config import tsrt_home
 from tsrt.models.registry import ModelPart, Task
 
 VERIFIED_FILE = ".verified.json"
@@ -83,13 +83,18 @@ def model_status(model: ModelPart, root: Path | None = None, *, verify: bool = F
     )
 
 
-def task_status(task: Task, root: Path | None = None, *, verify: bool = False) -> list[ModelStatus]:
-    """Status of every model the task's mode runs by default."""
-    return [model_status(model, root, verify=verify) for model in task.required_models]
-
-
 def directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_size(size: int) -> str:
+    """Bytes as people read them (KB/MB/GB, 1024-based), the same in `tsrt models` and the UI."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
 
 
 def _exported_folds(path: Path) -> tuple[str, ...]:

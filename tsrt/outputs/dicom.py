@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tsrt.errors import InputError, OutputError, TsrtError
+from tsrt.errors import InputError, OutputError, TsrtError, missing_extra
 from tsrt.pipeline.read import Image, short_reason
 from tsrt.pipeline.write import atomic_output
 
@@ -78,9 +78,7 @@ def require_dicom_extra(output_types: Sequence[str]) -> None:
         except (ImportError, ValueError):  # ValueError: blocked in sys.modules
             installed = False
         if not installed:
-            raise TsrtError(
-                f"--output_type {output_type} needs {module}, which is not installed: pip install 'tsrt[dicom]'."
-            )
+            raise missing_extra(f"--output_type {output_type}", module, "dicom")
 
 
 def is_dicom_input(source: Any) -> bool:
@@ -276,17 +274,17 @@ def _place_on_grid(dataset: Any, inverse: np.ndarray, shape: np.ndarray) -> Sour
 
 @cache
 def _structure_codes() -> dict[str, dict[str, Any]]:
-    from tsrt.models.registry import _read_toml
+    from tsrt.models.registry import read_toml
 
-    return dict(_read_toml(_CODES_PATH).get("structures", {}))
+    return dict(read_toml(_CODES_PATH).get("structures", {}))
 
 
 def class_colour(label: int, name: str) -> tuple[int, int, int]:
     """TotalSegmentator's colour for the class, else tsrt's label palette colour (deterministic)."""
-    from tsrt.pipeline.write import _LABEL_COLOURS
+    from tsrt.pipeline.label_table import label_colour
 
     rgb = _structure_codes().get(name, {}).get("rgb")
-    return tuple(rgb) if rgb else _LABEL_COLOURS[int(label) % len(_LABEL_COLOURS)]  # type: ignore[return-value]
+    return tuple(rgb) if rgb else label_colour(label)  # type: ignore[return-value]
 
 
 def _present_classes(frames: np.ndarray, label_map: Mapping[int, str]) -> list[tuple[int, str]]:
@@ -319,7 +317,7 @@ def write_dicom_seg(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from tsrt import __version__
+    from tsrt.version import __version__
 
     frames = _frames(labels, series)
     present = _present_classes(frames, label_map)

@@ -14,16 +14,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from tsrt.pipeline.label_table import label_colours
 from tsrt.pipeline.write import atomic_output
 
 WINDOWS = {"soft_tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0)}
-
-
-def label_colours(n_labels: int) -> np.ndarray:
-    """A fixed, well-spread RGB colour per label number (index 0 unused)."""
-    hues = (np.arange(n_labels + 1) * 0.618033988749895) % 1.0
-    rgb = np.stack([np.abs(((hues * 6 + shift) % 6) - 3) - 1 for shift in (0, 4, 2)], axis=-1)
-    return (np.clip(rgb, 0, 1) * 200 + 55).astype(np.uint8)
 
 
 def window(image: np.ndarray, level: float, width: float) -> np.ndarray:

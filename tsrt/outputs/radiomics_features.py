@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tsrt.progress import progress as show_progress
 from tsrt.errors import TsrtError
 
 if TYPE_CHECKING:
-    from tsrt.totalseg.runner import SourceImage
+    from tsrt.pipeline.read import Image
 
 log = logging.getLogger("tsrt")
 
@@ -72,10 +73,7 @@ STANDARD_FEATURES = (
     "glszm_ZoneEntropy", "glszm_ZonePercentage", "glszm_ZoneVariance", "ngtdm_Busyness", "ngtdm_Coarseness",
     "ngtdm_Complexity", "ngtdm_Contrast", "ngtdm_Strength",
 )
-_MISSING = (
-    "--radiomics needs PyRadiomics, which is missing: pip install 'tsrt[radiomics]' "
-    "(installs pyradiomics-cuda, a PyRadiomics 3.1 fork that builds on this Python)."
-)
+_INSTALL_NOTE = " (installs pyradiomics-cuda, a PyRadiomics 3.1 fork that builds on this Python)"
 
 
 def require_pyradiomics() -> Any:
@@ -86,7 +84,7 @@ def require_pyradiomics() -> Any:
     except ImportError as err:
         if (getattr(err, "name", None) or "radiomics").split(".")[0] not in ("radiomics", "pywt", "pykwalify"):
             raise
-        raise TsrtError(_MISSING) from None
+        raise missing_extra("--radiomics", "PyRadiomics", "radiomics", _INSTALL_NOTE) from None
     radiomics.setVerbosity(logging.ERROR)  # PyRadiomics logs every step at INFO
     return featureextractor
 
@@ -130,13 +128,10 @@ def radiomics_for_masks(
     """Features of each mask file against the image file (both NIfTI)."""
     extractor = _extractor(require_pyradiomics())
     results: dict[str, dict[str, float]] = {}
-    iterator: Any = masks
-    if progress:
-        from rich.progress import track
-
-        iterator = track(masks, description="radiomics", transient=True)
-    for mask in iterator:
-        results[mask_name(mask)] = mask_features(Path(image_path), Path(mask), extractor)
+    with show_progress("radiomics", len(masks), enabled=progress, transient=True) as advance:
+        for mask in masks:
+            results[mask_name(mask)] = mask_features(Path(image_path), Path(mask), extractor)
+            advance(1)
     return results
 
 
@@ -157,21 +152,25 @@ def check_radiomics(*, multilabel: bool) -> None:
     require_pyradiomics()
 
 
-def write_source_radiomics(source: SourceImage, mask_folder: Path, *, progress: bool = False) -> Path:
-    """statistics_radiomics.json of the masks in `mask_folder` against the input image (as a NIfTI file)."""
+def write_source_radiomics(
+    source: Image, path: Path | None, mask_folder: Path, *, progress: bool = False
+) -> Path:
+    """statistics_radiomics.json of the masks in `mask_folder` against the input image read from `path`.
+
+    A NIfTI input is read by PyRadiomics itself; anything else is saved as NIfTI first.
+    """
     import tempfile
 
     import nibabel as nib
 
-    path = source.path
     if path is not None and path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         return write_radiomics(path, mask_folder, progress=progress)
     with tempfile.TemporaryDirectory(prefix="tsrt-radiomics-") as folder:
         # A DICOM series (its stored integers) or an in-memory image (as upstream saves it). The stored type
         # matters: PyRadiomics resamples the image in it.
         image = Path(folder) / "image.nii.gz"
-        nifti = nib.Nifti1Image(source.image.array, source.image.affine, source.image.header)
-        if source.image.header is not None:
-            nifti.set_data_dtype(source.image.header.get_data_dtype())
+        nifti = nib.Nifti1Image(source.array, source.affine, source.header)
+        if source.header is not None:
+            nifti.set_data_dtype(source.header.get_data_dtype())
         nib.save(nifti, image)
         return write_radiomics(image, mask_folder, progress=progress)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tsrt.errors import ModelError
+from tsrt.progress import progress
 from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, parse_device
@@ -112,7 +113,7 @@ def predict_streaming(
     plan = model.plan
     mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
     n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
-    with _progress_bar(n_tiles, progress_description, settings.progress) as advance:
+    with progress(progress_description, n_tiles, enabled=settings.progress, transient=True) as advance:
         if settings.on_tiles is not None:
             advance = _also_reporting(advance, settings.on_tiles, n_tiles)
         sliding_window_inference(
@@ -142,25 +143,3 @@ def _also_reporting(advance: Callable[[int], None], on_tiles: Callable[[int, int
     return both
 
 
-class _progress_bar:
-    """A rich progress bar over tiles, or nothing when disabled (tests, --quiet)."""
-
-    def __init__(self, total: int, description: str, enabled: bool):
-        self.total, self.description, self.enabled = total, description, enabled
-        self._progress = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
-        )
-        self._progress.start()
-        task = self._progress.add_task(self.description, total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.stop()

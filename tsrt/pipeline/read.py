@@ -30,6 +30,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from tsrt.errors import InputError, ModelError
+from tsrt.pipeline.nifti_header import check_image_file
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def read_image(path: str | Path) -> Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"Input {path} does not exist; check the path and its spelling.")
+    check_image_file(path)  # content against name, NIfTI header and payload size: refused before nibabel allocates
     if path.is_dir():
         return _read_dicom_folder(path, shown=str(path))
     name = path.name.lower()

@@ -10,24 +10,21 @@ renamed over the target, so an interrupted run never leaves a truncated segmenta
 from __future__ import annotations
 
 import os
+import pickle
+from typing import Any
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import DTypeLike
 
 from tsrt.errors import OutputError
+from tsrt.pipeline.label_table import caret_label_table
 from tsrt.pipeline.read import Image, short_reason
 
-#: TotalSegmentator's label colours (CaretExtension), so label maps look the same in viewers.
-_LABEL_COLOURS = (
-    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-    (255, 128, 0), (255, 0, 128), (128, 255, 128), (0, 128, 255), (128, 128, 128), (185, 170, 155),
-)
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -70,7 +67,7 @@ def write_nifti(array: np.ndarray, like: Image, path: Path, dtype: DTypeLike | N
         raise ValueError(f"array of shape {array.shape} does not fit the image grid {like.spatial_shape}")
     data = array if array.ndim == 3 else np.moveaxis(array, 0, -1)
     data = data.astype(np.dtype(dtype) if dtype is not None else data.dtype, copy=False)
-    header = _output_header(like, data.shape, data.dtype)
+    header = output_header(like, data.shape, data.dtype)
     return _save(data, like, header, Path(path))
 
 
@@ -91,15 +88,15 @@ def write_label_map(
     if low < 0 or high > np.iinfo(np.uint16).max:
         raise ValueError(f"labels must lie in 0..65535, got {low}..{high}")
     data = labels.astype(np.uint8 if high < 256 else np.uint16, copy=False)
-    header = _output_header(like, data.shape, data.dtype)
+    header = output_header(like, data.shape, data.dtype)
     header.set_intent("label")
     header["cal_min"], header["cal_max"] = 0, high
     if label_names:
-        header.extensions.append(nib.nifti1.Nifti1Extension(0, _caret_label_table(label_names)))
+        header.extensions.append(nib.nifti1.Nifti1Extension(0, caret_label_table(label_names)))
     return _save(data, like, header, Path(path))
 
 
-def _output_header(like: Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
+def output_header(like: Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
     """The input's header with the fields describing voxel values reset for new content."""
     if like.header is None:
         header = nib.Nifti1Header()
@@ -116,6 +113,23 @@ def _output_header(like: Image, shape: tuple[int, ...], dtype: np.dtype) -> nib.
     header["glmin"] = header["glmax"] = 0
     header.extensions.clear()  # input extensions describe the input's values (AFNI, DICOM, JSON sidecars)
     return header
+
+
+def write_probabilities(path: Path, probabilities: np.ndarray, properties: dict[str, Any]) -> Path:
+    """Class probabilities as nnU-Net exports them (nnUNetv2_predict and TotalSegmentator --save_probabilities).
+
+    tsrt has this one probability format, for tasks and for --model alike.
+
+    `path` gets the .npz nnU-Net writes (key "probabilities": float32 (classes, *spatial) in the
+    reader's axis order, on the grid of the image the model saw), and `path` with the suffix .pkl
+    the pickled nnU-Net properties that place it (reader geometry, spacing, crop box, shapes).
+    """
+    path = Path(path)
+    with atomic_output(path) as temp, open(temp, "wb") as handle:
+        np.savez_compressed(handle, probabilities=probabilities.astype(np.float32, copy=False))
+    with atomic_output(path.with_suffix(".pkl")) as temp, open(temp, "wb") as handle:
+        pickle.dump(properties, handle)
+    return path
 
 
 def write_json(document: object, path: Path) -> Path:
@@ -143,19 +157,6 @@ def _save(data: np.ndarray, like: Image, header: nib.Nifti1Header, path: Path) -
 
 def _cannot_write(path: Path, error: OSError) -> OutputError:
     return OutputError(f"Cannot write {path} ({short_reason(error)}); check free disk space and write permission there.")
-
-
-def _caret_label_table(label_names: dict[int, str]) -> bytes:
-    rows = "\n".join(
-        f'<Label Key="{int(key)}" Red="{r / 255}" Green="{g / 255}" Blue="{b / 255}" Alpha="1">{escape(str(name))}</Label>'
-        for key, name in sorted(label_names.items())
-        for r, g, b in [_LABEL_COLOURS[int(key) % len(_LABEL_COLOURS)]]
-    )
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<CaretExtension><VolumeInformation Index="0"><LabelTable>\n'
-        f"{rows}\n</LabelTable><VolumeType>Label</VolumeType></VolumeInformation></CaretExtension>\n"
-    )
-    return xml.encode("utf-8")
 
 
 def _flush_to_disk(path: Path) -> None:

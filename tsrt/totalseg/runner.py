@@ -22,14 +22,11 @@ crop models (`--roi_subset`, tasks with a crop, `--body_seg`) go through the sam
 
 from __future__ import annotations
 
-import inspect
 import logging
-import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -44,8 +41,9 @@ from tsrt.engines.providers import ProviderChoice, choose_provider
 from tsrt.pipeline.read import Image, from_nnunet_array, read_image, to_nnunet_array
 from tsrt.models.registry import ModelPart, PostprocessStep, Task, TaskError, get_task, load_registry
 from tsrt.totalseg.v1_classes import TOTAL_V1_CLASSES
-from tsrt.pipeline.write import atomic_output
-from tsrt.outputs.dicom import normalize_output_types, require_dicom_extra, require_dicom_input
+from tsrt.pipeline.write import atomic_output, write_probabilities
+from tsrt.outputs.dicom import require_dicom_extra, require_dicom_input
+from tsrt.totalseg.options import SegmentOptions
 
 log = logging.getLogger("tsrt")
 
@@ -312,7 +310,7 @@ class ModelRunner:
         self._add_seconds("predict", started)
         if probabilities is not None and prediction.probabilities is not None:
             nnunet_properties = {k: v for k, v in properties.items() if k != "tsrt"} | prediction.cropping
-            write_nnunet_probabilities(probabilities, prediction.probabilities, nnunet_properties)
+            write_probabilities(probabilities, prediction.probabilities, nnunet_properties)
         labels = from_nnunet_array(prediction.labels, properties)
         if labels.size and int(labels.max()) > 255:
             raise ModelError(f"{part.name} predicted label {int(labels.max())}; TotalSegmentator's maps stop at 255.")
@@ -320,21 +318,6 @@ class ModelRunner:
 
     def _add_seconds(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
-
-
-def write_nnunet_probabilities(path: Path, probabilities: np.ndarray, properties: dict[str, Any]) -> Path:
-    """What TotalSegmentator's --save_probabilities leaves: nnU-Net's export of one prediction.
-
-    `path` gets the .npz nnU-Net writes (key "probabilities": float32 (classes, *spatial) in the
-    reader's axis order, on the grid of the image the model saw), and `path` with the suffix .pkl
-    the pickled nnU-Net properties that place it (reader geometry, spacing, crop box, shapes).
-    """
-    path = Path(path)
-    with atomic_output(path) as temp, open(temp, "wb") as handle:
-        np.savez_compressed(handle, probabilities=probabilities.astype(np.float32, copy=False))
-    with atomic_output(path.with_suffix(".pkl")) as temp, open(temp, "wb") as handle:
-        pickle.dump(properties, handle)
-    return path
 
 
 def _nifti_header_for(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Header:
@@ -794,13 +777,14 @@ def statistics_for(
 
 def label_image(labels: np.ndarray, image: Image, label_map: Mapping[int, str]) -> nib.Nifti1Image:
     """The multilabel nibabel image upstream returns: input header, uint8, label table extension."""
-    from tsrt.pipeline.write import _caret_label_table, _output_header
+    from tsrt.pipeline.label_table import caret_label_table
+    from tsrt.pipeline.write import output_header
 
     data = np.asarray(labels, dtype=np.uint8)
-    header = _output_header(image, data.shape, data.dtype)
+    header = output_header(image, data.shape, data.dtype)
     header.set_intent("label")
     if label_map:
-        header.extensions.append(nib.nifti1.Nifti1Extension(0, _caret_label_table(dict(label_map))))
+        header.extensions.append(nib.nifti1.Nifti1Extension(0, caret_label_table(dict(label_map))))
     return nib.Nifti1Image(data, image.affine, header)
 
 
@@ -935,73 +919,37 @@ def segment_source(
             started = time.perf_counter()
             from tsrt.outputs.radiomics_features import write_source_radiomics
 
-            write_source_radiomics(source, Path(output), progress=runner.progress)
+            write_source_radiomics(source.image, source.path, Path(output), progress=runner.progress)
             result.seconds["radiomics"] = time.perf_counter() - started
     return result, stats
 
 
-#: `segment`'s parameters that are not options of the run (what to segment, where to, whether to write).
-_NOT_RUN_OPTIONS = frozenset({"input", "output", "skip_saving"})
+def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
+    """Resolve the request and check what it needs (extras, installed models) once, before any image is read.
 
-
-def run_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` completed with `segment`'s defaults; a name `segment` does not take is refused."""
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(segment).parameters.items()
-        if name not in _NOT_RUN_OPTIONS
-    }
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise TypeError(f"unexpected option(s) {', '.join(unknown)}: tsrt.segment takes {', '.join(defaults)}")
-    return {**defaults, **options}
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """Where the models are and how they run: the part of `segment`'s options the companion tools share."""
-
-    models_dir: str | Path | None = None
-    provider: str = "auto"
-    device: str | None = None
-    quiet: bool = False
-    threads: int | None = None
-
-    def as_options(self) -> dict[str, Any]:
-        """As keyword options of `prepare_run`."""
-        return {"models_dir": self.models_dir, "provider": self.provider, "device": self.device,
-                "quiet": self.quiet, "threads": self.threads}
-
-
-def prepare_run(task: str = "total", **options: Any) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
-    """Validate `segment`'s keyword options (same names and defaults) and check the store once.
-
-    Shared by `segment`, cohorts and the UI, so one image and a whole cohort are checked alike.
+    Shared by `segment`, cohorts, the companion tools and the UI, so one image and a whole cohort are
+    checked alike.
     """
-    o = SimpleNamespace(**run_options({**options, "task": task}))
-    output_types = normalize_output_types(o.output_type)
-    require_dicom_extra(output_types)
-    if o.radiomics:
+    require_dicom_extra(options.output_type)
+    if options.radiomics:
         from tsrt.outputs.radiomics_features import check_radiomics
 
-        check_radiomics(multilabel=o.ml)
-    if o.stats_aggregation not in ("mean", "median"):
-        raise TsrtError(f"Statistics aggregate with mean or median, not {o.stats_aggregation!r}.")
+        check_radiomics(multilabel=options.ml)
     request = build_request(
-        o.task, fast=o.fast, fastest=o.fastest, roi_subset=o.roi_subset, roi_subset_robust=o.roi_subset_robust,
-        robust_crop=o.robust_crop, body_seg=o.body_seg, force_split=o.force_split, v1_order=o.v1_order,
-        remove_small_blobs=o.remove_small_blobs,
+        options.task, fast=options.fast, fastest=options.fastest, roi_subset=options.roi_subset,
+        roi_subset_robust=options.roi_subset_robust, robust_crop=options.robust_crop, body_seg=options.body_seg,
+        force_split=options.force_split, v1_order=options.v1_order, remove_small_blobs=options.remove_small_blobs,
     )
-    store_root = Path(o.models_dir) if o.models_dir is not None else None
-    check_models_installed(request, store_root)
-    runner = make_runner(store_root, o.provider, o.device, threads=o.threads, quiet=o.quiet)
+    check_models_installed(request, options.models_dir)
+    runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
+                         quiet=options.quiet)
     output_options = OutputOptions(
-        multilabel=o.ml, statistics=o.statistics, preview=o.preview,
-        exclude_masks_at_border=o.statistics_exclude_masks_at_border, stats_aggregation=o.stats_aggregation,
-        normalized_intensities=o.statistics_normalized_intensities, radiomics=o.radiomics,
-        derived_masks=not o.no_derived_masks,
-        output_types=output_types,
-        probabilities=Path(o.save_probabilities) if o.save_probabilities is not None else None,
+        multilabel=options.ml, statistics=options.statistics, preview=options.preview,
+        exclude_masks_at_border=options.statistics_exclude_masks_at_border,
+        stats_aggregation=options.stats_aggregation,
+        normalized_intensities=options.statistics_normalized_intensities, radiomics=options.radiomics,
+        derived_masks=not options.no_derived_masks, output_types=options.output_type,
+        probabilities=options.save_probabilities,
     )
     return request, runner, output_options
 
@@ -1048,17 +996,32 @@ def segment(
     (`models_dir`, default $TSRT_HOME/models); a missing one raises ModelError naming the command
     that installs it.
     """
-    options = {name: value for name, value in locals().items() if name not in _NOT_RUN_OPTIONS}
-    target = None if skip_saving or output is None else Path(output)
-    if radiomics and target is None:
+    options = SegmentOptions(
+        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust, ml=ml,
+        statistics=statistics, statistics_exclude_masks_at_border=statistics_exclude_masks_at_border,
+        stats_aggregation=stats_aggregation, statistics_normalized_intensities=statistics_normalized_intensities,
+        radiomics=radiomics, preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop,
+        v1_order=v1_order, remove_small_blobs=remove_small_blobs, no_derived_masks=no_derived_masks,
+        output_type=output_type, save_probabilities=save_probabilities, provider=provider, device=device,
+        threads=threads, quiet=quiet, models_dir=models_dir,
+    )
+    return segment_with_options(input, None if skip_saving else output, options)
+
+
+def segment_with_options(
+    input: str | Path | nib.Nifti1Image, output: str | Path | None, options: SegmentOptions
+) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
+    """`segment` for a request already built (the CLI builds one `SegmentOptions` and passes it here)."""
+    target = None if output is None else Path(output)
+    if options.radiomics and target is None:
         raise TsrtError("radiomics=True reads the written masks: give an output folder (as TotalSegmentator needs).")
     if target is not None:
-        require_dicom_input(input, normalize_output_types(output_type))  # the input's kind first, as upstream
-    request, runner, output_options = prepare_run(**options)
+        require_dicom_input(input, options.output_type)  # the input's kind first, as upstream
+    request, runner, output_options = prepare_run(options)
     source = read_source(input)
     result, stats = segment_source(source, request, runner, target, output_options)
     image = label_image(result.labels, source.image, result.label_map)
-    return (image, stats or {}) if statistics else image
+    return (image, stats or {}) if options.statistics else image
 
 
 __all__ = [
@@ -1074,12 +1037,11 @@ __all__ = [
     "read_source",
     "make_runner",
     "prepare_run",
-    "run_options",
-    "RuntimeOptions",
+    "SegmentOptions",
     "run_task",
     "segment",
     "segment_source",
+    "segment_with_options",
     "statistics_for",
-    "write_nnunet_probabilities",
     "write_task_outputs",
 ]

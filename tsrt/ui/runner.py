@@ -175,6 +175,7 @@ def _segment_with_task(
     store_root: Path | None,
 ) -> Segmentation:
     from tsrt.engines.providers import choose_provider
+    from tsrt.totalseg.options import SegmentOptions
     from tsrt.totalseg.runner import build_request, missing_models, models_to_run, prepare_run, run_task
 
     reporter.stage("Checking the installed models")
@@ -187,7 +188,8 @@ def _segment_with_task(
             notes.append("Segmented every structure and kept the chosen ones (the crop model is not installed).")
             roi_subset = None
     request, runner, _ = prepare_run(
-        choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True, models_dir=store_root
+        SegmentOptions(task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True,
+                       models_dir=store_root)
     )
     runner.on_tiles = reporter.tiles
     checked = time.perf_counter()

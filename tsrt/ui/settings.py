@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_DATA_DIR = "TSRT_UI_DATA_DIR"
-ENV_MAX_UPLOAD_MB = "TSRT_UI_MAX_UPLOAD_MB"
-ENV_TEMP_DIR = "TSRT_UI_TEMP_DIR"
+from tsrt.config import UI_DATA_DIR_ENV as ENV_DATA_DIR
+from tsrt.config import UI_MAX_UPLOAD_MB_ENV as ENV_MAX_UPLOAD_MB
+from tsrt.config import UI_TEMP_DIR_ENV as ENV_TEMP_DIR
 
 #: A whole-body CT as NIfTI is a few hundred MB; a zipped DICOM series can be larger.
 DEFAULT_MAX_UPLOAD_MB = 2048

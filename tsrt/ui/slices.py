@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsrt.outputs.preview import VIEW_AXES, WINDOWS, blend_overlay, label_colours, orthogonal_slice, to_ras, window
+from tsrt.outputs.preview import VIEW_AXES, WINDOWS, blend_overlay, orthogonal_slice, to_ras, window
+from tsrt.pipeline.label_table import label_colours
 
 VIEWS = tuple(VIEW_AXES)
 #: Window presets (level, width) in HU; "Auto" spans the image's 1st..99th percentile (MR has no HU).

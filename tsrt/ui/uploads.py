@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from tsrt.cli.models import _human_size as human_size  # sizes read the same in `tsrt models` and the UI
+from tsrt.models.store import human_size  # sizes read the same in `tsrt models` and the UI
 from tsrt.errors import InputError
 
 #: What the UI opens: NIfTI files and zips of one DICOM series (what tsrt.pipeline.read.read_image reads).
