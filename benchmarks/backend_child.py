@@ -152,10 +152,14 @@ def run_nnunet(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
     """tsrt's TotalSegmentator task path, as `tsrt segment --ml` runs it."""
-    import tsrt.totalseg.runner as totalseg  # the module whose globals the task path calls
+    # The modules whose globals the task path calls: timing wrappers replace functions there.
+    import tsrt.totalseg.runner as runner_module
+    import tsrt.totalseg.task as task_module
+    from tsrt.totalseg.options import SegmentOptions
+    from tsrt.totalseg.source import read_source
 
     network = {"seconds": 0.0}
-    original_predict = totalseg.predict_array
+    original_predict = runner_module.predict_array
 
     def predict_array(*args: Any, **kwargs: Any) -> Any:
         """Charge one model call to tsrt's own stage timings of it (its remainder to postprocess)."""
@@ -171,22 +175,20 @@ def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
         network["seconds"] += prediction.seconds["network"]
         return prediction
 
-    totalseg.predict_array = predict_array
-    CLOCK.inside(totalseg, "resample_input", "preprocess", then_glue=True)
+    runner_module.predict_array = predict_array
+    CLOCK.inside(runner_module, "resample_input", "preprocess", then_glue=True)
     for name in ("postprocess_lowres", "restore_input_grid", "finalize_labels"):
-        CLOCK.inside(totalseg, name, "postprocess", then_glue=True)
-    CLOCK.inside(totalseg, "write_task_outputs", "write")
+        CLOCK.inside(runner_module, name, "postprocess", then_glue=True)
+    CLOCK.inside(task_module, "write_task_outputs", "write")
     cpu = job["provider"] in CPU_PROVIDERS
-    from tsrt.totalseg.options import SegmentOptions
-
-    request, runner, options = totalseg.prepare_run(SegmentOptions(
+    request, runner, options = task_module.prepare_run(SegmentOptions(
         task=job["task"], fast=job["fast"], ml=True, provider=job["provider"], quiet=True, device="cpu" if cpu else None,
     ))
     CLOCK.inside(runner, "model", "load models")
     CLOCK.switch("read")
-    source = totalseg.read_source(job["input"])
+    source = read_source(job["input"])
     CLOCK.switch("preprocess")
-    totalseg.segment_source(source, request, runner, Path(job["output"]), options)
+    task_module.segment_source(source, request, runner, Path(job["output"]), options)
     CLOCK.tiles = runner.tiles_run
     return {"network_s": network["seconds"], "provider": runner.provider_used}
 

@@ -52,6 +52,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from tsrt.errors import ModelError
+from tsrt.models.checkpoint import read_checkpoint
+from tsrt.models.onnx_graph import resolve_configuration
 
 PLAIN_CONV_UNET = "PlainConvUNet"
 RESIDUAL_ENCODER_UNET = "ResidualEncoderUNet"
@@ -164,18 +166,20 @@ def architecture_from_checkpoint(path: Path) -> CheckpointArchitecture:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Source checkpoint {path} does not exist: train or generate it first.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    # The restricted reader, as every tsrt path that reads a checkpoint it did not write: nothing in it can run code.
+    checkpoint = read_checkpoint(path)
+    plans, dataset_json = checkpoint.training_plans, checkpoint.training_dataset_json
+    configuration = checkpoint.configuration
     try:
-        init_args = checkpoint["init_args"]
-        plans, dataset_json = init_args["plans"], init_args["dataset_json"]
-        configuration = init_args["configuration"]
-        config_plans = _resolve_configuration(plans, configuration)
+        if plans is None or dataset_json is None or configuration is None:
+            raise KeyError("init_args")
+        config_plans = resolve_configuration(plans, configuration)
         architecture = config_plans["architecture"]
-        weights = checkpoint["network_weights"]
     except (KeyError, TypeError) as err:
         raise ModelError(
             f"{path} is not an nnU-Net v2 checkpoint (missing {err}): pass a checkpoint_final.pth written by nnU-Net."
         ) from None
+    weights = {key: torch.from_numpy(value) for key, value in checkpoint.network_weights.items()}
     has_regions = _has_regions(dataset_json["labels"])
     return CheckpointArchitecture(
         network_class_name=architecture["network_class_name"],
@@ -189,17 +193,6 @@ def architecture_from_checkpoint(path: Path) -> CheckpointArchitecture:
         spacing=[float(s) for s in config_plans["spacing"]],
         network_weights=weights,
     )
-
-
-def _resolve_configuration(plans: dict, configuration: str) -> dict:
-    """A configuration's plans with `inherits_from` applied, as nnU-Net's PlansManager does."""
-    config = copy.deepcopy(plans["configurations"][configuration])
-    parent_name = config.pop("inherits_from", None)
-    if parent_name is None:
-        return config
-    parent = _resolve_configuration(plans, parent_name)
-    parent.update(config)
-    return parent
 
 
 def _has_regions(labels: dict[str, Any]) -> bool:

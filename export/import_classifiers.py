@@ -30,7 +30,8 @@ from typing import Any, Callable
 import numpy as np
 
 from tsrt.errors import ModelError
-from tsrt.models.resources import RESOURCES, install_resource, require_module, resource_spec
+from tsrt.errors import require_module
+from tsrt.models.resources import RESOURCES, install_resource, resource_spec
 
 PHASE_PICKLE = "contrast_phase_classifiers_2024_07_19.pkl"
 MODALITY_FILES = {

@@ -4,6 +4,11 @@ One graph per fold (`fold_N.onnx`) with its recorded plan (`fold_N.plan.json`, s
 verification report (`fold_N.verify.json`). Everything is written into a temporary folder next to OUT
 and moved in only when every requested fold has exported and verified, so a failed export leaves OUT
 as it was.
+
+What this path shares with the torch-free one (fold selection, reading the result folder and its
+checkpoints through the restricted reader, the recorded plan, metadata, staging) is imported from
+tsrt.models.exporter, so both write the same plans; torch only builds the network from nnU-Net's own
+classes, traces it to ONNX and is the reference the graph is verified against.
 """
 
 from __future__ import annotations
@@ -12,17 +17,10 @@ import contextlib
 import copy
 import inspect
 import io
-import json
 import logging
 import math
-import os
-import pickle
-import shutil
-import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,8 +29,29 @@ import torch
 from torch import nn
 
 from tsrt.errors import InputError, ModelError
-from tsrt.models.plan import PLAN_FORMAT_VERSION, PLAN_SUFFIX, RecordedPlan, Resampling
-from tsrt.models.store import sha256_file
+from tsrt.models.exporter import (
+    FoldCheckpoint,
+    ResultFolder,
+    StagedFold,
+    check_same_training,
+    finish_fold,
+    find_folds,
+    load_fold_checkpoint,
+    move_into,
+    package_versions,
+    random_verification_input,
+    read_result_folder,
+    recorded_plan,
+    run_onnxruntime,
+    staging_folder,
+)
+from tsrt.models.onnx_graph import (
+    BATCH_AXIS_NAME,
+    GRAPH_INPUT_NAME,
+    GRAPH_OUTPUT_NAME,
+    TWO_LEVEL_NORM_MIN_VOXELS,
+)
+from tsrt.models.plan import TORCH_GRAPH_BUILDER
 from tsrt_export.verify import (
     FP16_TOLERANCE_FRACTION,
     FP32_TOLERANCE_FRACTION,
@@ -40,20 +59,12 @@ from tsrt_export.verify import (
     centre_patch,
     check_graph,
     compare_logits,
-    run_onnxruntime,
 )
 
 LOG = logging.getLogger(__name__)
 
-GRAPH_INPUT_NAME = "input"
-GRAPH_OUTPUT_NAME = "logits"
-BATCH_AXIS_NAME = "batch"
-#: Metadata keys of the exported graph (ONNX metadata_props).
-METADATA_PLAN_KEY = "tsrt_plan"
-METADATA_VERIFICATION_KEY = "tsrt_verification"
-#: The random verification input has two tiles, so the dynamic batch axis is exercised too.
-RANDOM_VERIFICATION_BATCH = 2
-RANDOM_VERIFICATION_SEED = 0
+#: Packages whose versions a torch export records in the plan.
+EXPORT_PACKAGES = ("tsrt", "torch", "nnunetv2", "onnx", "onnxruntime", "dynamic_network_architectures")
 #: The exporter of float32 graphs: torch's TorchScript-based exporter (torch.onnx.export(dynamo=False)).
 #: Measured with torch 2.14.1 on nnU-Net PlainConvUNets, it and the dynamo exporter emit the same
 #: operators (Conv, InstanceNormalization, LeakyRelu, ConvTranspose, Concat; the TorchScript graph
@@ -67,47 +78,41 @@ RANDOM_VERIFICATION_SEED = 0
 #: finished tracing after 19 minutes; dynamo traces with fake tensors.
 USE_DYNAMO_EXPORTER = False
 
-_NNUNET_CHECKPOINT_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError)
-
-
-@dataclass(frozen=True)
-class FoldCheckpoint:
-    """A fold's checkpoint, loaded the way nnU-Net's predictor loads it."""
-
-    fold: str
-    path: Path
-    network_weights: dict[str, torch.Tensor]
-    trainer_name: str
-    configuration: str
-    inference_allowed_mirroring_axes: list[int] | None
-    sha256: str
-
-
 @dataclass(frozen=True)
 class ModelSpec:
-    """What all folds of one result folder share: the plans, the dataset and the network shape."""
+    """What all folds of one result folder share: the folder read torch-free, plus nnU-Net's managers."""
 
-    folder: Path
-    plans: dict[str, Any]
-    dataset_json: dict[str, Any]
+    source: ResultFolder
     plans_manager: Any  # nnunetv2 PlansManager
-    configuration_name: str
     configuration_manager: Any  # nnunetv2 ConfigurationManager
     label_manager: Any  # nnunetv2 LabelManager
-    trainer_name: str
     trainer_class: type | None  # None: not installed, build from the plans' architecture
     num_input_channels: int
     num_segmentation_heads: int
 
     @property
-    def patch_size(self) -> list[int]:
-        return [int(s) for s in self.configuration_manager.patch_size]
+    def folder(self) -> Path:
+        return self.source.folder
 
     @property
-    def regions_class_order(self) -> list[int] | None:
-        if not self.label_manager.has_regions:
-            return None
-        return [int(r) for r in self.dataset_json["regions_class_order"]]
+    def plans(self) -> dict[str, Any]:
+        return self.source.plans
+
+    @property
+    def dataset_json(self) -> dict[str, Any]:
+        return self.source.dataset_json
+
+    @property
+    def configuration_name(self) -> str:
+        return self.source.configuration_name
+
+    @property
+    def trainer_name(self) -> str:
+        return self.source.trainer_name
+
+    @property
+    def patch_size(self) -> list[int]:
+        return [int(s) for s in self.configuration_manager.patch_size]
 
 
 def export_model(
@@ -129,133 +134,44 @@ def export_model(
     model_folder = Path(model_folder)
     out_dir = Path(out_dir)
     fold_names = find_folds(model_folder, folds, checkpoint)
-    checkpoints = [load_checkpoint(model_folder, fold, checkpoint) for fold in fold_names]
+    # Through the restricted reader: a checkpoint that would run code when unpickled is refused here too.
+    checkpoints = [load_fold_checkpoint(model_folder, fold, checkpoint) for fold in fold_names]
     spec = read_model_spec(model_folder, checkpoints[0])
     for other in checkpoints[1:]:
-        if (other.trainer_name, other.configuration) != (spec.trainer_name, spec.configuration_name):
-            raise ModelError(
-                f"Fold {other.fold} was trained as {other.trainer_name}/{other.configuration} but fold "
-                f"{checkpoints[0].fold} as {spec.trainer_name}/{spec.configuration_name}: export them separately."
-            )
+        check_same_training(other, checkpoints[0], spec.source)
     image_patch = preprocess_verification_patch(spec, Path(verify_image)) if verify_image is not None else None
 
-    # Staged next to OUT so the final moves are renames within one file system.
-    out_parent = out_dir.absolute().parent
-    out_parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.tsrt-export-", dir=out_parent))
-    try:
-        with _progress_bar(progress) as bar:
-            staged = [
-                _export_fold(spec, ckpt, staging, fp16=fp16, opset=opset, image_patch=image_patch, bar=bar)
-                for ckpt in checkpoints
-            ]
-        return _move_into(staged, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def find_folds(model_folder: Path, folds: Sequence[str | int] | None, checkpoint: str) -> list[str]:
-    """The requested folds, each checked to hold the checkpoint.
-
-    Like nnU-Net's predictor, None means every numbered fold_N holding the checkpoint; fold_all (trained
-    on all cases) is only exported when asked for, since ensembling it with the CV folds double-counts.
-    """
-    if not (model_folder / "plans.json").is_file():
-        raise ModelError(
-            f"{model_folder} has no plans.json: pass an nnU-Net v2 result folder (Trainer__Plans__Configuration)."
-        )
-    with_checkpoint = [p.name.removeprefix("fold_") for p in model_folder.glob("fold_*") if (p / checkpoint).is_file()]
-    if folds is None:
-        numbered = sorted((f for f in with_checkpoint if f.isdigit()), key=int)
-        if not numbered:
-            action = "pass --fold all to export fold_all" if "all" in with_checkpoint else "pass another --checkpoint"
-            raise ModelError(f"No fold_N folder in {model_folder} holds {checkpoint}: {action}.")
-        return numbered
-    names = [str(f) for f in folds]
-    if not names:
-        raise ModelError("No folds were requested: pass at least one fold, or none to export all folds.")
-    missing = [f for f in names if f not in with_checkpoint]
-    if missing:
-        raise ModelError(
-            f"Fold(s) {', '.join(missing)} have no {checkpoint} in {model_folder} "
-            f"(folds with it: {', '.join(sorted(with_checkpoint)) or 'none'}): choose among those folds."
-        )
-    return names
-
-
-def load_checkpoint(model_folder: Path, fold: str, checkpoint: str) -> FoldCheckpoint:
-    """Load a fold's checkpoint; unreadable or incomplete ones become one actionable ModelError."""
-    path = model_folder / f"fold_{fold}" / checkpoint
-    try:
-        # nnU-Net checkpoints pickle numpy scalars in their training log, so like nnU-Net's predictor
-        # this needs weights_only=False: export only checkpoints you trust.
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except _NNUNET_CHECKPOINT_ERRORS as err:
-        raise ModelError(
-            f"Checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is corrupt or "
-            "truncated: copy it again from the training machine."
-        ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("network_weights"), dict):
-        raise ModelError(f"Checkpoint {path} holds no 'network_weights': pass an nnU-Net v2 checkpoint.")
-    trainer_from_folder, _, configuration_from_folder = _split_folder_name(model_folder)
-    mirror_axes = data.get("inference_allowed_mirroring_axes")
-    return FoldCheckpoint(
-        fold=fold,
-        path=path,
-        network_weights=data["network_weights"],
-        trainer_name=str(data.get("trainer_name") or trainer_from_folder),
-        configuration=str((data.get("init_args") or {}).get("configuration") or configuration_from_folder),
-        inference_allowed_mirroring_axes=None if mirror_axes is None else [int(a) for a in mirror_axes],
-        sha256=sha256_file(path),
-    )
+    with staging_folder(out_dir) as staging, _progress_bar(progress) as bar:
+        staged = [
+            _export_fold(spec, ckpt, staging, fp16=fp16, opset=opset, image_patch=image_patch, bar=bar)
+            for ckpt in checkpoints
+        ]
+        return move_into(staged, out_dir)
 
 
 def read_model_spec(model_folder: Path, first_checkpoint: FoldCheckpoint) -> ModelSpec:
-    """Read plans.json and dataset.json as nnU-Net's predictor does (trainer/configuration from the checkpoint)."""
+    """The result folder read as the torch-free path reads it, plus nnU-Net's managers for building the network."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = _read_json(model_folder / "plans.json")
-    dataset_json = _read_json(model_folder / "dataset.json")
-    configuration = first_checkpoint.configuration
-    if configuration not in plans.get("configurations", {}):
-        raise ModelError(
-            f"The checkpoint was trained with configuration {configuration!r}, which {model_folder / 'plans.json'} "
-            f"lacks (it has {sorted(plans.get('configurations', {}))}): use the plans.json the model was trained with."
-        )
-    for key in ("labels", "file_ending"):
-        if key not in dataset_json:
-            raise ModelError(
-                f"{model_folder / 'dataset.json'} lacks {key!r}: use the dataset.json the model was trained with."
-            )
+    source = read_result_folder(model_folder, first_checkpoint)
+    configuration = source.configuration_name
     try:
-        plans_manager = PlansManager(plans)
+        plans_manager = PlansManager(source.plans)
         configuration_manager = plans_manager.get_configuration(configuration)
-        label_manager = plans_manager.get_label_manager(dataset_json)
-        num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+        label_manager = plans_manager.get_label_manager(source.dataset_json)
+        num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, source.dataset_json)
         num_heads = int(label_manager.num_segmentation_heads)
     except (KeyError, AssertionError, RuntimeError, ValueError, TypeError) as err:
         raise ModelError(
             f"plans.json/dataset.json in {model_folder} are inconsistent ({type(err).__name__}: {err}): "
             "use the files the model was trained with."
         ) from None
-    if label_manager.has_regions and not dataset_json.get("regions_class_order"):
-        raise ModelError(f"{model_folder / 'dataset.json'} defines regions but no regions_class_order: add it.")
-    if configuration_manager.previous_stage_name is not None:
-        raise ModelError(
-            f"Configuration {configuration} is a cascade stage (it needs the segmentation of "
-            f"{configuration_manager.previous_stage_name} as input), which tsrt does not run: "
-            "export a full-resolution one."
-        )
     return ModelSpec(
-        folder=model_folder,
-        plans=plans,
-        dataset_json=dataset_json,
+        source=source,
         plans_manager=plans_manager,
-        configuration_name=configuration,
         configuration_manager=configuration_manager,
         label_manager=label_manager,
-        trainer_name=first_checkpoint.trainer_name,
         trainer_class=find_trainer_class(first_checkpoint.trainer_name, configuration_manager.network_arch_class_name),
         num_input_channels=int(num_input_channels),
         num_segmentation_heads=num_heads,
@@ -340,12 +256,13 @@ def load_weights(network: nn.Module, ckpt: FoldCheckpoint, spec: ModelSpec) -> n
             f"plans.json/dataset.json expects {tuple(expected[first].shape)} (input channels: "
             f"{spec.num_input_channels}): use the plans.json and dataset.json the model was trained with."
         )
-    network.load_state_dict(got)
+    # The restricted reader's arrays; load_state_dict casts fp16 weights into the float32 network as torch.load's did.
+    network.load_state_dict({key: torch.from_numpy(value) for key, value in got.items()})
     return network.eval()
 
 
-#: Instance norms over at least this many voxels get two-level statistics (see _TwoLevelInstanceNorm).
-TWO_LEVEL_NORM_MIN_VOXELS = 1 << 16
+# Instance norms over at least TWO_LEVEL_NORM_MIN_VOXELS voxels (tsrt.models.onnx_graph's constant, which the
+# torch-free builder uses too) get two-level statistics (see _TwoLevelInstanceNorm).
 
 
 class _TwoLevelInstanceNorm(nn.Module):
@@ -495,13 +412,6 @@ def _preprocessor_class(spec: ModelSpec) -> type | None:
         return None
 
 
-@dataclass(frozen=True)
-class _StagedFold:
-    fold: str
-    files: list[Path]  # graph first, plan last: moved in this order so a plan never points at a missing graph
-    plan_name: str
-
-
 def _export_fold(
     spec: ModelSpec,
     ckpt: FoldCheckpoint,
@@ -511,7 +421,7 @@ def _export_fold(
     opset: int,
     image_patch: np.ndarray | None,
     bar: _FoldProgress,
-) -> _StagedFold:
+) -> StagedFold:
     stem = f"fold_{ckpt.fold}"
     graph_path = staging / f"{stem}.onnx"
     with bar.fold(ckpt.fold) as step:
@@ -524,15 +434,13 @@ def _export_fold(
         step("verifying against torch")
         verification = verify_graph(graph_path, network, spec, fp16=fp16, image_patch=image_patch)
         step("writing plan")
-        plan = _recorded_plan(spec, ckpt, graph_path, fp16=fp16)
-        _embed_metadata(graph_path, plan, verification)
-        plan = RecordedPlan.from_dict({**plan.to_dict(), "graph_sha256": sha256_file(graph_path)})
-        plan_path = staging / f"{stem}{PLAN_SUFFIX}"
-        plan.save(plan_path)
-        verify_path = staging / f"{stem}.verify.json"
-        verify_path.write_text(json.dumps(verification, indent=2))
+        plan = recorded_plan(
+            spec.source, ckpt, graph_path, graph_precision="fp16" if fp16 else "fp32",
+            graph_builder=TORCH_GRAPH_BUILDER, versions=package_versions(EXPORT_PACKAGES),
+        )
+        staged = finish_fold(staging, ckpt.fold, graph_path, plan, verification)
     bar.report(ckpt.fold, verification)
-    return _StagedFold(ckpt.fold, [graph_path, verify_path, plan_path], plan_path.name)
+    return staged
 
 
 def verify_graph(
@@ -540,12 +448,7 @@ def verify_graph(
 ) -> dict[str, Any]:
     """ORT (CPU) vs the float32 torch network; raise ModelError when the graph is off, else return the report."""
     tolerance_fraction = FP16_TOLERANCE_FRACTION if fp16 else FP32_TOLERANCE_FRACTION
-    rng = np.random.default_rng(RANDOM_VERIFICATION_SEED)
-    inputs = {
-        "random": rng.standard_normal(
-            (RANDOM_VERIFICATION_BATCH, spec.num_input_channels, *spec.patch_size), dtype=np.float32
-        )
-    }
+    inputs = {"random": random_verification_input(spec.num_input_channels, spec.patch_size)}
     if image_patch is not None:
         inputs["image"] = image_patch.astype(np.float32)
     cases: list[CaseReport] = []
@@ -578,106 +481,6 @@ def verify_graph(
             "nothing was written: report this as a tsrt bug with the model's plans.json."
         )
     return report
-
-
-def _recorded_plan(spec: ModelSpec, ckpt: FoldCheckpoint, graph_path: Path, *, fp16: bool) -> RecordedPlan:
-    """Every field from plans.json, dataset.json and the checkpoint; graph_sha256 is filled in last."""
-    plans, config = spec.plans, spec.configuration_manager.configuration
-    return RecordedPlan(
-        format_version=PLAN_FORMAT_VERSION,
-        dataset_name=str(plans["dataset_name"]),
-        plans_name=str(plans["plans_name"]),
-        configuration=spec.configuration_name,
-        trainer=spec.trainer_name,
-        fold=ckpt.fold,
-        network_class=str(spec.configuration_manager.network_arch_class_name),
-        image_reader_writer=str(plans["image_reader_writer"]),
-        file_ending=str(spec.dataset_json["file_ending"]),
-        transpose_forward=[int(a) for a in plans["transpose_forward"]],
-        transpose_backward=[int(a) for a in plans["transpose_backward"]],
-        spacing=[float(s) for s in config["spacing"]],
-        patch_size=spec.patch_size,
-        num_input_channels=spec.num_input_channels,
-        channel_names={str(k): str(v) for k, v in _channel_names(spec.dataset_json).items()},
-        normalization_schemes=[str(s) for s in config["normalization_schemes"]],
-        use_mask_for_norm=[bool(m) for m in config["use_mask_for_norm"]],
-        foreground_intensity_properties_per_channel={
-            str(ch): {k: float(v) for k, v in props.items()}
-            for ch, props in spec.plans_manager.foreground_intensity_properties_per_channel.items()
-        },
-        resampling_data=Resampling(config["resampling_fn_data"], dict(config["resampling_fn_data_kwargs"])),
-        resampling_probabilities=Resampling(
-            config["resampling_fn_probabilities"], dict(config["resampling_fn_probabilities_kwargs"])
-        ),
-        resampling_seg=Resampling(config["resampling_fn_seg"], dict(config["resampling_fn_seg_kwargs"])),
-        labels=spec.dataset_json["labels"],
-        regions_class_order=spec.regions_class_order,
-        num_segmentation_heads=spec.num_segmentation_heads,
-        allowed_mirroring_axes=ckpt.inference_allowed_mirroring_axes,
-        graph_file=graph_path.name,
-        graph_sha256="",
-        graph_input_name=GRAPH_INPUT_NAME,
-        graph_output_name=GRAPH_OUTPUT_NAME,
-        graph_precision="fp16" if fp16 else "fp32",
-        checkpoint_file=f"{spec.folder.name}/fold_{ckpt.fold}/{ckpt.path.name}",
-        checkpoint_sha256=ckpt.sha256,
-        versions=_versions(),
-    )
-
-
-def _embed_metadata(graph_path: Path, plan: RecordedPlan, verification: dict[str, Any]) -> None:
-    """Store the plan (its graph_sha256 empty: a file cannot hold its own hash) and the report in the graph."""
-    import onnx
-
-    model = onnx.load(str(graph_path))
-    entries = {
-        METADATA_PLAN_KEY: json.dumps(plan.to_dict(), sort_keys=True),
-        METADATA_VERIFICATION_KEY: json.dumps(verification, sort_keys=True),
-    }
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **entries})
-    model.doc_string = f"nnU-Net v2 {plan.dataset_name} {plan.configuration} fold {plan.fold}, exported by tsrt"
-    onnx.save(model, str(graph_path))
-    onnx.checker.check_model(str(graph_path))
-
-
-def _move_into(staged: list[_StagedFold], out_dir: Path) -> list[Path]:
-    """Move the verified files into OUT_DIR."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan_paths = []
-    for fold in staged:
-        for file in fold.files:
-            os.replace(file, out_dir / file.name)
-        plan_paths.append(out_dir / fold.plan_name)
-    return plan_paths
-
-
-def _channel_names(dataset_json: dict[str, Any]) -> dict[str, str]:
-    return dataset_json.get("channel_names") or dataset_json.get("modality") or {}
-
-
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("tsrt", "torch", "nnunetv2", "onnx", "onnxruntime", "dynamic_network_architectures"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _split_folder_name(model_folder: Path) -> tuple[str, str, str]:
-    """Trainer, plans and configuration from a `Trainer__Plans__Configuration` folder name."""
-    parts = model_folder.resolve().name.split("__")
-    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else ("", "", "")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"{path} does not exist: pass a complete nnU-Net v2 result folder.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path} is not valid JSON ({err}): copy it again from the training machine.") from None
 
 
 #: Loggers that report the dynamo exporter's routine steps (opset choice, version conversion) as warnings.

@@ -82,17 +82,6 @@ def check_graph(graph_path: Path, expected_output_shape: Sequence[int | str]) ->
         )
 
 
-def run_onnxruntime(graph_path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Run the graph on ONNX Runtime's CPU provider, the provider every tsrt install has."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False  # one run per session: return the memory of big tiles at once
-    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
-
-
 def compare_logits(
     name: str, reference: np.ndarray, candidate: np.ndarray, *, tolerance_fraction: float, has_regions: bool
 ) -> CaseReport:

@@ -17,7 +17,7 @@ __all__ = ["__version__", "contrast_phase", "image_modality", "measure_evans_ind
 #: Lazily imported public functions: name -> module.
 #: (Named for what they return, not like their modules, so no module attribute is shadowed.)
 _LAZY = {
-    "segment": "tsrt.totalseg",
+    "segment": "tsrt.totalseg.task",
     "contrast_phase": "tsrt.companions.phase",
     "image_modality": "tsrt.companions.modality",
     "measure_evans_index": "tsrt.companions.evans_index",
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tsrt.companions.evans_index import measure_evans_index
     from tsrt.companions.modality import image_modality
     from tsrt.companions.phase import contrast_phase
-    from tsrt.totalseg.runner import segment
+    from tsrt.totalseg.task import segment
 
 
 def __getattr__(name: str) -> Any:

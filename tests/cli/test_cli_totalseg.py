@@ -223,7 +223,9 @@ class _ConstantRunner:
 
 
 def test_an_empty_crop_gives_an_empty_result_without_running_the_task(ct: Path) -> None:
-    from tsrt.totalseg.runner import build_request, read_source, run_task
+    from tsrt.totalseg.request import build_request
+    from tsrt.totalseg.runner import run_task
+    from tsrt.totalseg.source import read_source
 
     runner = _ConstantRunner(0)  # the coarse model finds nothing
     request = build_request("total", fast=True, roi_subset=["liver"])
@@ -234,7 +236,9 @@ def test_an_empty_crop_gives_an_empty_result_without_running_the_task(ct: Path) 
 
 
 def test_roi_subset_runs_only_the_parts_holding_the_classes(ct: Path) -> None:
-    from tsrt.totalseg.runner import build_request, read_source, run_task
+    from tsrt.totalseg.request import build_request
+    from tsrt.totalseg.runner import run_task
+    from tsrt.totalseg.source import read_source
 
     task = get_task("total")
     runner = _ConstantRunner(1, {task.roi_subset_crop.source_model.name: 5})  # the coarse model sees liver
@@ -249,7 +253,7 @@ def test_roi_subset_runs_only_the_parts_holding_the_classes(ct: Path) -> None:
 
 
 def test_mr_roi_subset_always_crops_with_the_3mm_model_and_ignores_body_seg(ct: Path) -> None:
-    from tsrt.totalseg.runner import build_request, models_to_run
+    from tsrt.totalseg.request import build_request, models_to_run
 
     request = build_request("total_mr", roi_subset=["liver"], body_seg=True)
     assert request.robust_roi_crop and not request.body_seg
@@ -265,7 +269,8 @@ def test_mr_roi_subset_always_crops_with_the_3mm_model_and_ignores_body_seg(ct: 
 
 def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -> None:
     from tsrt.cohort.cases import find_cases, run_cohort
-    from tsrt.totalseg.runner import OutputOptions, build_request
+    from tsrt.totalseg.outputs import OutputOptions
+    from tsrt.totalseg.request import build_request
 
     cases_dir = tmp_path / "cases"
     cases_dir.mkdir()
@@ -295,7 +300,8 @@ def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -
 
 def test_cohort_list_file_and_per_class_completeness(tmp_path: Path) -> None:
     from tsrt.cohort.cases import expected_outputs, find_cases, run_cohort
-    from tsrt.totalseg.runner import OutputOptions, build_request
+    from tsrt.totalseg.outputs import OutputOptions
+    from tsrt.totalseg.request import build_request
 
     image = _write_ct(tmp_path / "a.nii.gz", 0)
     (tmp_path / "list.txt").write_text(f"# cohort\n{image}\n\nsub/b.nii.gz\n")
@@ -327,7 +333,9 @@ def test_single_images_are_not_cohorts(tmp_path: Path, ct: Path) -> None:
 def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(
     ct: Path, body_label: int, kept: bool
 ) -> None:
-    from tsrt.totalseg.runner import build_request, read_source, run_task
+    from tsrt.totalseg.request import build_request
+    from tsrt.totalseg.runner import run_task
+    from tsrt.totalseg.source import read_source
 
     task = get_task("vertebrae_pp_refined")
     helper = task.helpers[0].model.name
@@ -338,7 +346,8 @@ def test_vertebrae_pp_refined_clips_to_the_helper_models_vertebral_bodies(
 
 
 def test_remove_small_blobs_drops_small_components_of_every_class() -> None:
-    from tsrt.totalseg.runner import ImageRun, build_request, postprocess_lowres
+    from tsrt.totalseg.request import build_request
+    from tsrt.totalseg.runner import ImageRun, postprocess_lowres
 
     labels = np.zeros((10, 10, 10), dtype=np.uint8)
     labels[1:6, 1:6, 1:6] = 5  # 125 voxels of 27 mm3 = 3375 mm3: kept
@@ -356,7 +365,7 @@ def test_remove_small_blobs_drops_small_components_of_every_class() -> None:
 
 def test_roi_subset_accepts_one_name_and_rejects_none() -> None:
     from tsrt.models.registry import TaskError
-    from tsrt.totalseg.runner import build_request
+    from tsrt.totalseg.request import build_request
 
     assert build_request("total", roi_subset="liver").roi_subset == ("liver",)
     with pytest.raises(TaskError, match="at least one class"):

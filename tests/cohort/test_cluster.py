@@ -245,7 +245,7 @@ def test_a_worker_killed_mid_case_is_retried_and_leaves_no_partial_output(
 #: The single-process path: tsrt.totalseg.segment on each image, one process.
 _SEGMENT_EACH = """
 import sys
-from tsrt.totalseg.runner import segment
+from tsrt.totalseg.task import segment
 for image, output in zip(sys.argv[1::2], sys.argv[2::2]):
     segment(image, output, task="total", fastest=True, ml=True, statistics=True, quiet=True, device="cpu")
 """

@@ -123,7 +123,7 @@ def ants_overlay() -> Path:
 def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """Each phantom's CT and its masks as TotalSegmentator's models would write them (label tables included)."""
     from tsrt.pipeline.read import Image
-    from tsrt.totalseg.runner import label_image
+    from tsrt.totalseg.outputs import label_image
 
     folder = tmp_path_factory.mktemp("head_phantoms")
     files = {}
@@ -293,7 +293,7 @@ def _evans_store(ts_home: Path, evans_home: Path, home: Path) -> Path:
     """A tsrt home with the imported atlas and the models the Evans index runs, exported from `ts_home`."""
     from tsrt_export.import_totalseg import import_models, results_root
 
-    from tsrt.totalseg.runner import build_request, models_to_run
+    from tsrt.totalseg.request import build_request, models_to_run
 
     shutil.copytree(evans_home / "models", home / "models")
     needed = {m.name: m for request in (build_request("total", roi_subset=["brain", "skull"]),

@@ -122,7 +122,7 @@ def store(ts_home: Path, official, modality_home: Path, tmp_path_factory: pytest
 def test_intensity_way_matches_official(name: str, modality_home: Path, official, shared_data: Path) -> None:
     from tsrt.companions.modality import ModalityClassifier, intensity_features
     from tsrt.totalseg.options import RuntimeOptions
-    from tsrt.totalseg.runner import read_source
+    from tsrt.totalseg.source import read_source
 
     classifier = ModalityClassifier(runtime=RuntimeOptions(models_dir=modality_home / "models"))
     features = intensity_features(read_source(shared_data / name).values)
@@ -142,7 +142,8 @@ def test_region_way_matches_official(name: str, store: Path, official, shared_da
     assert result.exit_code == 0, (result.output, result.exception)
     theirs = official.result()["regions"][name]
 
-    from tsrt.totalseg.runner import read_source, segment_source
+    from tsrt.totalseg.source import read_source
+    from tsrt.totalseg.task import segment_source
     from tsrt.companions.modality import ModalityClassifier
     from tsrt.totalseg.options import RuntimeOptions
 

@@ -308,7 +308,7 @@ def test_end_to_end_statistics_and_phase_match_official(
 ) -> None:
     from tsrt.companions.phase import PhaseEstimator, phase_features, predict_phase
     from tsrt.totalseg.options import RuntimeOptions
-    from tsrt.totalseg.runner import read_source
+    from tsrt.totalseg.source import read_source
 
     estimator = PhaseEstimator(RuntimeOptions(models_dir=e2e_store / "models", device="cpu", quiet=True))
     source = read_source(e2e_inputs[kind])

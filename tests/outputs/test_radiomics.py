@@ -92,7 +92,7 @@ def test_missing_pyradiomics_is_one_line_before_any_work(
     tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tsrt.errors import TsrtError
-    from tsrt.totalseg.runner import segment
+    from tsrt.totalseg.task import segment
 
     monkeypatch.setitem(sys.modules, "radiomics", None)  # as if the extra were not installed
     output = tmp_path / "masks"

@@ -338,7 +338,7 @@ def test_v1_order_renumbers_like_totalsegmentator(
 
     from tsrt.totalseg import ops
     from tsrt.totalseg.v1_classes import TOTAL_V1_CLASSES
-    from tsrt.totalseg.runner import segment
+    from tsrt.totalseg.task import segment
 
     assert dict(TOTAL_V1_CLASSES) == class_map["total_v1"]
     monkeypatch.setenv("TSRT_HOME", str(tsrt_home))

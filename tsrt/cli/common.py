@@ -7,7 +7,7 @@ import sys
 
 #: Modules only the export extra installs; a missing one means that extra is not installed.
 EXPORT_EXTRA_MODULES = (
-    "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxscript", "tsrt_export"
+    "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnxscript", "tsrt_export"
 )
 
 

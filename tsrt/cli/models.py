@@ -1,7 +1,9 @@
 """`tsrt models ...`: list, import and download TotalSegmentator models into tsrt's store.
 
 Registered in tsrt/cli/root.py as `app.add_typer(models_app, name="models")`. Heavy modules (the
-export toolchain, rich tables) are imported inside the commands so `tsrt --help` stays fast.
+importer, which loads onnx; rich tables) are imported inside the commands so `tsrt --help` stays fast.
+Import and download convert checkpoints torch-free (tsrt.models.totalseg_import); `--verify-with-torch`
+uses the torch exporter of the export extra instead, which compares every graph with the torch network.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from tsrt.cli.common import EXPORT_EXTRA_MODULES
-from tsrt.errors import TsrtError, is_missing, missing_extra
+from tsrt.errors import is_missing, missing_extra
 from tsrt.models.store import human_size
 
 if TYPE_CHECKING:
     from tsrt.models.registry import Task
+    from tsrt.models.totalseg_import import Exporter
 
 models_app = typer.Typer(
     help="List, import and download TotalSegmentator models into tsrt's store ($TSRT_HOME/models).",
@@ -29,17 +32,21 @@ _OPTIONAL = typer.Option(
     False, "--with-optional", help="Also the models only some options use (--roi_subset, --robust_crop, --body_seg)."
 )
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+_VERIFY_WITH_TORCH = typer.Option(
+    False, "--verify-with-torch",
+    help="Export with the torch exporter, comparing every graph with the torch network (needs the export extra).",
+)
 
 
-def _import_toolchain():
-    """The export toolchain's importer, or one actionable error when the export extra is missing."""
+def torch_exporter(feature: str) -> "Exporter":
+    """The torch exporter of the export extra, or one actionable line when that extra is missing."""
     try:
-        from tsrt_export import import_totalseg
+        from tsrt_export.onnx_export import export_model
     except ModuleNotFoundError as err:
         if not is_missing(err, EXPORT_EXTRA_MODULES):
             raise
-        raise missing_extra("Converting TotalSegmentator checkpoints to ONNX", str(err.name), "export") from None
-    return import_totalseg
+        raise missing_extra(feature, str(err.name), "export") from None
+    return export_model
 
 
 def _report(outcomes: list, quiet: bool) -> None:
@@ -132,8 +139,9 @@ def import_models(
         "(default: the installed totalsegmentator package's)."
     ),
     quiet: bool = _QUIET,
+    verify_with_torch: bool = _VERIFY_WITH_TORCH,
 ) -> None:
-    """Export the models a task needs from an existing TotalSegmentator install into the store.
+    """Export the models a task needs from an existing TotalSegmentator install into the store (no torch needed).
 
     `phase`, `modality` and `evans-index` import the classifiers / atlas of TotalSegmentator's
     companion tools instead (converted to xgboost JSON; no torch needed).
@@ -147,9 +155,14 @@ def import_models(
         if not quiet:
             typer.echo(f"{task}: imported into {folder}")
         return
+    from tsrt.models.exporter import export_result_folder
+    from tsrt.models.totalseg_import import import_task
+
     resolved = _task(task, fast, fastest)
-    importer = _import_toolchain()
-    outcomes = importer.import_task(resolved, totalseg_home, with_optional=with_optional, progress=not quiet)
+    exporter = torch_exporter("--verify-with-torch") if verify_with_torch else export_result_folder
+    outcomes = import_task(
+        resolved, totalseg_home, with_optional=with_optional, progress=not quiet, exporter=exporter
+    )
     _report(outcomes, quiet)
 
 
@@ -160,13 +173,15 @@ def download(
     fastest: bool = _FASTEST,
     with_optional: bool = _OPTIONAL,
     quiet: bool = _QUIET,
+    verify_with_torch: bool = _VERIFY_WITH_TORCH,
 ) -> None:
-    """Download TotalSegmentator's weights for a task and import them into the store."""
+    """Download TotalSegmentator's weights for a task and import them into the store (no torch needed)."""
     from tsrt.models.download import download_task
 
     resolved = _task(task, fast, fastest)
-    _import_toolchain()  # fail before downloading gigabytes that could not be converted
-    outcomes = download_task(resolved, with_optional=with_optional, progress=not quiet)
+    # Resolved before downloading: a missing export extra must not cost gigabytes first.
+    exporter = torch_exporter("--verify-with-torch") if verify_with_torch else None
+    outcomes = download_task(resolved, with_optional=with_optional, progress=not quiet, exporter=exporter)
     _report(outcomes, quiet)
 
 

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from tsrt.cli.common import EXPORT_EXTRA_MODULES, configure_logging
-from tsrt.errors import TsrtError, is_missing, missing_extra
+from tsrt.cli.common import configure_logging
+from tsrt.errors import TsrtError
 
 app = typer.Typer(
     name="tsrt",
@@ -44,27 +44,49 @@ def version() -> None:
     typer.echo(__version__)
 
 
+#: The torch exporter's default opset, which the torch-free builder always writes (tsrt.models.onnx_graph.OPSET;
+#: not imported here, since that loads onnx and `tsrt --help` should stay fast).
+_EXPORT_OPSET = 17
+
+
 @app.command()
 def export(
     model_folder: Path = typer.Argument(..., help="nnU-Net v2 result folder (Trainer__Plans__Configuration)."),
     out_dir: Path = typer.Argument(..., help="Folder to write fold_N.onnx + fold_N.plan.json into."),
     fold: Optional[list[str]] = typer.Option(None, "--fold", "-f", help="Fold to export (repeat); default: all."),
     checkpoint: str = typer.Option("checkpoint_final.pth", help="Checkpoint file name inside each fold_N folder."),
+    verify_with_torch: bool = typer.Option(
+        False, "--verify-with-torch",
+        help="Export with torch instead (the export extra): nnU-Net's own network, traced by torch.onnx, every "
+        "graph compared with it. Needed for --fp16, --opset and --verify-image.",
+    ),
     fp16: bool = typer.Option(False, "--fp16", help="Half-precision graph (InstanceNorm kept in float32)."),
-    opset: int = typer.Option(17, help="ONNX opset version."),
+    opset: int = typer.Option(_EXPORT_OPSET, help="ONNX opset version."),
     verify_image: Optional[Path] = typer.Option(None, help="Also verify on a centre patch of this image."),
 ) -> None:
-    """Export trained nnU-Net v2 folds to verified ONNX graphs (needs the export extra)."""
-    try:
-        from tsrt_export.onnx_export import export_model
-    except ModuleNotFoundError as err:
-        if not is_missing(err, EXPORT_EXTRA_MODULES):
-            raise
-        raise missing_extra("`tsrt export`", str(err.name), "export") from None
-    plan_paths = export_model(
-        model_folder, out_dir, folds=fold or None, checkpoint=checkpoint, fp16=fp16, opset=opset,
-        verify_image=verify_image,
-    )
+    """Export trained nnU-Net v2 folds to ONNX graphs, torch-free (checkpoints read without unpickling code)."""
+    if not verify_with_torch:
+        torch_only = [
+            flag for flag, given in (
+                ("--fp16", fp16), ("--opset", opset != _EXPORT_OPSET), ("--verify-image", verify_image is not None)
+            ) if given
+        ]
+        if torch_only:
+            raise TsrtError(
+                f"{torch_only[0]} is an option of the torch exporter: add --verify-with-torch "
+                "(needs pip install 'tsrt[export]'), or leave it out."
+            )
+        from tsrt.models.exporter import export_result_folder
+
+        plan_paths = export_result_folder(model_folder, out_dir, folds=fold or None, checkpoint=checkpoint)
+    else:
+        from tsrt.cli.models import torch_exporter
+
+        export_model = torch_exporter("`tsrt export --verify-with-torch`")
+        plan_paths = export_model(
+            model_folder, out_dir, folds=fold or None, checkpoint=checkpoint, fp16=fp16, opset=opset,
+            verify_image=verify_image,
+        )
     for plan_path in plan_paths:
         typer.echo(plan_path)
 

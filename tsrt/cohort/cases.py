@@ -35,7 +35,11 @@ from typing import Any, Protocol
 from tsrt.progress import progress
 from tsrt.errors import InputError, TsrtError
 from tsrt.totalseg.options import SegmentOptions
-from tsrt.totalseg.runner import ModelRunner, OutputOptions, TaskRequest, output_label_map, read_source, segment_source
+from tsrt.totalseg.outputs import OutputOptions
+from tsrt.totalseg.request import TaskRequest
+from tsrt.totalseg.runner import ModelRunner, output_label_map
+from tsrt.totalseg.source import read_source
+from tsrt.totalseg.task import segment_source
 from tsrt.pipeline.nifti_header import read_list_text
 from tsrt.pipeline.write import atomic_output
 
@@ -259,7 +263,7 @@ class TaskSegmenter:
         return expected_outputs(case, self.request, self.options)
 
     def warm_up(self) -> None:
-        from tsrt.totalseg.runner import models_to_run
+        from tsrt.totalseg.request import models_to_run
 
         for part in models_to_run(self.request)[0]:
             self.runner.model(part)
@@ -286,7 +290,7 @@ class TaskJob:
         return self.options.device
 
     def open(self, threads: int | None = None) -> TaskSegmenter:
-        from tsrt.totalseg.runner import prepare_run
+        from tsrt.totalseg.task import prepare_run
 
         options = self.options if threads is None else self.options.replace(threads=threads)
         request, runner, output_options = prepare_run(options)

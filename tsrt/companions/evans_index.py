@@ -273,7 +273,7 @@ class EvansIndexer:
     """Measures one image or a cohort: atlas checked and models prepared once."""
 
     def __init__(self, runtime: RuntimeOptions | None = None) -> None:
-        from tsrt.totalseg.runner import prepare_run
+        from tsrt.totalseg.task import prepare_run
 
         from tsrt.totalseg.options import RuntimeOptions
 
@@ -284,7 +284,7 @@ class EvansIndexer:
 
     def head_masks(self, source: Any) -> HeadMasks:
         """brain and skull (task total, roi_subset) and ventricle_parts on the input grid."""
-        from tsrt.totalseg.runner import segment_source
+        from tsrt.totalseg.task import segment_source
 
         log.info("Segmenting brain and skull...")
         request, runner, options = self._brain_skull
@@ -296,7 +296,7 @@ class EvansIndexer:
         return HeadMasks(result.labels == by_name["brain"], result.labels == by_name["skull"], ventricles.labels)
 
     def measure(self, input: Any) -> EvansMeasurement:
-        from tsrt.totalseg.runner import read_source
+        from tsrt.totalseg.source import read_source
 
         source = read_source(input)
         masks = self.head_masks(source)

@@ -85,7 +85,7 @@ class ModalityClassifier:
         self.classifiers = load_modality_classifiers("normalized" if normalized else "intensity", runtime.models_dir)
         self._prepared = None
         if normalized:
-            from tsrt.totalseg.runner import prepare_run
+            from tsrt.totalseg.task import prepare_run
 
             self._prepared = prepare_run(runtime.segment_options(
                 "total_mr", fast=True, statistics=True, statistics_exclude_masks_at_border=False,
@@ -93,7 +93,8 @@ class ModalityClassifier:
             ))
 
     def features(self, input: Any) -> list[float]:
-        from tsrt.totalseg.runner import read_source, segment_source
+        from tsrt.totalseg.source import read_source
+        from tsrt.totalseg.task import segment_source
 
         source = read_source(input)
         if self._prepared is None:

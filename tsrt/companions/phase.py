@@ -153,7 +153,7 @@ class PhaseEstimator:
         )
 
     def _prepared(self, task: str) -> tuple:
-        from tsrt.totalseg.runner import prepare_run
+        from tsrt.totalseg.task import prepare_run
 
         if task == "total":
             if self._total is None:
@@ -165,7 +165,7 @@ class PhaseEstimator:
 
     def task_statistics(self, source: Any, task: str) -> dict[str, dict[str, float]]:
         """Median-intensity statistics of `task` (total: --fast) on a read image."""
-        from tsrt.totalseg.runner import segment_source
+        from tsrt.totalseg.task import segment_source
 
         request, runner, options = self._prepared(task)
         _, stats = segment_source(source, request, runner, None, options)
@@ -176,7 +176,7 @@ class PhaseEstimator:
 
     def predict(self, input: Any, existing_stats: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The phase of `input` (path, DICOM folder/zip, nibabel image); `existing_stats` skips task total."""
-        from tsrt.totalseg.runner import read_source
+        from tsrt.totalseg.source import read_source
 
         source = None
         name = str(input) if isinstance(input, (str, Path)) else "the image"

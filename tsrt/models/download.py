@@ -5,7 +5,9 @@ licensed models come from TotalSegmentator's license server, asked the way Total
 (POST with the license key, task and version). Only the standard library talks HTTP, so the runtime
 needs no extra dependency. Downloads go to $TSRT_HOME/downloads/NAME.zip.part and resume with an
 HTTP Range request when a previous attempt stopped; a complete zip is unpacked into a temporary
-folder and imported (exported to ONNX, which needs the export extra) before it is deleted.
+folder and imported (exported to ONNX torch-free, see tsrt.models.totalseg_import) before it is deleted.
+A zip already on disk from an earlier run is re-checked (every member's CRC, and the sha256 where
+models.toml records one) before it is reused; a corrupt one is deleted and downloaded again.
 
 Environment overrides (for mirrors and tests): TSRT_WEIGHTS_URL replaces the release base URL,
 TSRT_LICENSE_URL the license server URL.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,8 +34,10 @@ from tsrt.config import LICENSE_URL_ENV, WEIGHTS_URL_ENV, default_totalseg_home,
 from tsrt.models.registry import ModelPart, Registry, Task, load_registry
 from tsrt.models.store import model_status, sha256_file
 
-if TYPE_CHECKING:  # the import step lives in the export toolchain
-    from tsrt_export.import_totalseg import ImportOutcome
+if TYPE_CHECKING:  # imported when used: it loads onnx, which `tsrt models set-license` does not need
+    from tsrt.models.totalseg_import import Exporter, ImportOutcome
+
+LOG = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHUNK_BYTES = 1 << 16
@@ -338,7 +343,11 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
     registry = registry or load_registry()
     dest = downloads_dir() / f"{model.name}.zip"
     if dest.is_file():
-        return dest
+        problem = zip_problem(dest, model.zip_sha256)
+        if problem is None:
+            return dest
+        LOG.warning("%s from an earlier download %s; it was deleted and is downloaded again.", dest.name, problem)
+        dest.unlink()
     if not model.license:
         url = model_url(model, registry)
         return fetch(url, dest, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
@@ -354,6 +363,30 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
     )
     url = license_server_url(registry) + registry.license.download_endpoint
     return fetch(url, dest, json_body=body, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
+
+
+#: What reading a damaged zip can raise (RuntimeError: encrypted members; NotImplementedError: unknown compression).
+_UNREADABLE_ZIP = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError
+)
+
+
+def zip_problem(path: Path, expected_sha256: str | None = None) -> str | None:
+    """What is wrong with a zip on disk (None: intact), checked before an earlier download is reused.
+
+    A zip can be damaged after its download was checked (disk errors, a copy cut short, a file replaced
+    by hand): every member is read and its CRC checked, and the sha256 compared where models.toml has one.
+    """
+    if expected_sha256 and sha256_file(path) != expected_sha256.lower():
+        return "does not have the expected sha256"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except _UNREADABLE_ZIP as err:
+        return f"is not a readable zip archive ({' '.join(str(err).split()) or type(err).__name__})"
+    if bad_member is not None:
+        return f"has a corrupt member {bad_member} (CRC mismatch)"
+    return None
 
 
 def _license_body(keys: Sequence[str], **values: Any) -> dict[str, Any]:
@@ -383,10 +416,15 @@ def unpack(zip_path: Path, into: Path) -> None:
 
 
 def download_models(
-    models: Sequence[ModelPart], *, store_root: Path | None = None, progress: bool = True
+    models: Sequence[ModelPart],
+    *,
+    store_root: Path | None = None,
+    progress: bool = True,
+    exporter: "Exporter | None" = None,
 ) -> list["ImportOutcome"]:
-    """Download and import each model that is not complete in the store (needs the export extra)."""
-    from tsrt_export.import_totalseg import ImportOutcome, import_models
+    """Download and import each model that is not complete in the store (torch-free unless `exporter` is given)."""
+    from tsrt.models.exporter import export_result_folder
+    from tsrt.models.totalseg_import import ImportOutcome, import_models
 
     registry = load_registry()
     outcomes: list[ImportOutcome] = []
@@ -404,17 +442,27 @@ def download_models(
                     f"The zip for {model.name} does not hold {model.result_folder}; it was deleted: check "
                     f"{WEIGHTS_URL_ENV}/{LICENSE_URL_ENV} if set, else report this to tsrt."
                 )
-            outcomes.extend(import_models([model], results, store_root=store_root, progress=progress))
+            outcomes.extend(
+                import_models(
+                    [model], results, store_root=store_root, progress=progress,
+                    exporter=exporter or export_result_folder,
+                )
+            )
         archive.unlink()
     return outcomes
 
 
 def download_task(
-    task: Task, *, with_optional: bool = False, store_root: Path | None = None, progress: bool = True
+    task: Task,
+    *,
+    with_optional: bool = False,
+    store_root: Path | None = None,
+    progress: bool = True,
+    exporter: "Exporter | None" = None,
 ) -> list["ImportOutcome"]:
     """Download and import every model the task's mode runs (and those of its options, if asked)."""
     models = list(task.required_models) + (list(task.optional_models) if with_optional else [])
-    return download_models(models, store_root=store_root, progress=progress)
+    return download_models(models, store_root=store_root, progress=progress, exporter=exporter)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ TorchScript path) writes for the same network, so both give the same logits on O
 Every tensor of the checkpoint is checked against what the plans' arch_kwargs imply (missing, extra
 or wrongly shaped keys are one ModelError line naming the key), including the aliases torch's
 state_dict holds for shared modules (`...conv.weight` = `...all_modules.0.weight`, `encoder.*` =
-`decoder.encoder.*`). An architecture it does not know is one line pointing at `tsrt export`.
+`decoder.encoder.*`). An architecture it does not know is one line pointing at `tsrt export
+--verify-with-torch` (the torch exporter).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def network_spec(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], conf
     if unknown:
         raise ModelError(
             f"plans.json gives {kind} the argument {unknown[0]!r}, which it does not take: use the plans.json the "
-            "model was trained with, or `tsrt export` (with torch) for a custom architecture."
+            "model was trained with, or `tsrt export --verify-with-torch` (with torch) for a custom architecture."
         )
     patch_size = _int_list(config.get("patch_size"), "patch_size")
     ndim = len(patch_size)
@@ -195,7 +196,8 @@ def network_spec(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], conf
         if block is not None and str(block).rsplit(".", 1)[-1] != "BasicBlockD":
             raise ModelError(
                 f"plans.json builds ResidualEncoderUNet with block {block}, which the torch-free builder does not "
-                "know (it builds BasicBlockD): export it with `tsrt export` in an install with torch."
+                "know (it builds BasicBlockD): export it with `tsrt export --verify-with-torch` in an install with "
+                "torch."
             )
         stem_channels = (
             None if kwargs.get("stem_channels") is None else _positive_int(kwargs["stem_channels"], "stem_channels")
@@ -718,8 +720,8 @@ def _known_architecture(class_name: str) -> str:
         return name
     raise ModelError(
         f"plans.json names architecture {class_name or '(none)'}, which the torch-free graph builder does not know "
-        f"(it builds {' and '.join(SUPPORTED_ARCHITECTURES)}): export it with `tsrt export` in an install with torch "
-        "(pip install 'tsrt[export]')."
+        f"(it builds {' and '.join(SUPPORTED_ARCHITECTURES)}): export it with `tsrt export --verify-with-torch` in an "
+        "install with torch (pip install 'tsrt[export]')."
     )
 
 
@@ -793,7 +795,7 @@ def _torch_nn_name(value: Any, what: str) -> str | None:
     if module != "torch.nn" and not module.startswith("torch.nn.modules"):
         raise ModelError(
             f"plans.json's {what} is {text}, which the torch-free graph builder does not know: export the model "
-            "with `tsrt export` in an install with torch (pip install 'tsrt[export]')."
+            "with `tsrt export --verify-with-torch` in an install with torch (pip install 'tsrt[export]')."
         )
     return name
 
@@ -814,13 +816,13 @@ def _instance_norm(norm_op: Any, norm_kwargs: Any, ndim: int) -> tuple[float | N
     if name != f"InstanceNorm{ndim}d":
         raise ModelError(
             f"plans.json's norm_op is {norm_op}, which the torch-free graph builder does not build (it builds "
-            f"InstanceNorm{ndim}d): export the model with `tsrt export` in an install with torch."
+            f"InstanceNorm{ndim}d): export the model with `tsrt export --verify-with-torch` in an install with torch."
         )
     kwargs = dict(norm_kwargs or {})
     if kwargs.get("track_running_stats"):
         raise ModelError(
             "plans.json's InstanceNorm tracks running statistics, which the torch-free graph builder does not build: "
-            "export the model with `tsrt export` in an install with torch."
+            "export the model with `tsrt export --verify-with-torch` in an install with torch."
         )
     unknown = sorted(set(kwargs) - {"eps", "affine", "momentum", "track_running_stats"})
     if unknown:
@@ -850,7 +852,7 @@ def _nonlin_slope(nonlin: Any, nonlin_kwargs: Any) -> float | None:
         return 0.0
     raise ModelError(
         f"plans.json's nonlin is {nonlin}, which the torch-free graph builder does not build (it builds LeakyReLU "
-        "and ReLU): export the model with `tsrt export` in an install with torch."
+        "and ReLU): export the model with `tsrt export --verify-with-torch` in an install with torch."
     )
 
 

@@ -25,6 +25,11 @@ from tsrt.errors import ModelError
 
 PLAN_FORMAT_VERSION = 1
 PLAN_SUFFIX = ".plan.json"
+#: `graph_builder` of graphs written by torch's ONNX exporter (tsrt_export.onnx_export), and of every plan
+#: written before the field existed: until then only that exporter wrote graphs.
+TORCH_GRAPH_BUILDER = "torch.onnx"
+#: Fields a plan may lack (added after format version 1 shipped); they take their default.
+_OPTIONAL_FIELDS = frozenset({"graph_builder"})
 
 #: Fields that must be equal across the folds of one model, since the folds share one
 #: preprocessing pass and their logits are averaged.
@@ -108,6 +113,8 @@ class RecordedPlan:
     checkpoint_file: str
     checkpoint_sha256: str
     versions: dict[str, str] = field(default_factory=dict)
+    #: Which path built the graph: TORCH_GRAPH_BUILDER, or tsrt.models.onnx_graph.BUILDER_NAME (torch-free).
+    graph_builder: str = TORCH_GRAPH_BUILDER
     path: Path | None = None
 
     @property
@@ -158,10 +165,10 @@ class RecordedPlan:
         for key in ("resampling_data", "resampling_probabilities", "resampling_seg"):
             values[key] = Resampling(values[key]["function"], dict(values[key]["kwargs"]))
         known = set(cls.__dataclass_fields__) - {"path"}
-        missing = known - set(values)
+        missing = known - set(values) - _OPTIONAL_FIELDS
         if missing:
             raise ModelError(f"Recorded plan {path or ''} lacks {sorted(missing)}: re-export the model.")
-        return cls(**{k: values[k] for k in known}, path=path)
+        return cls(**{k: values[k] for k in known if k in values}, path=path)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tsrt.progress import progress as show_progress
-from tsrt.errors import TsrtError
+from tsrt.errors import TsrtError, missing_extra
 
 if TYPE_CHECKING:
     from tsrt.pipeline.read import Image

@@ -4,8 +4,9 @@ Why this exists: nibabel trusts the header. A damaged header makes it allocate w
 (MemoryError on 32767^3 voxels), raise its own HeaderDataError, or load an image whose spacing or
 header size is invalid with only a warning. Cohort lists were recognised by extension, so a gzip
 named `.txt` ended in UnicodeDecodeError. Here the header is read with `struct` — for `.nii.gz` only
-the first bytes are inflated, and the payload is counted in bounded chunks, never held in memory —
-and every field is checked before nibabel sees the file. Each problem is one `InputError` line that
+the first bytes are inflated; the payload size comes from the gzip trailer or, when that disagrees,
+from counting the inflated bytes in bounded chunks, never held in memory — and every field is
+checked before nibabel sees the file. Each problem is one `InputError` line that
 says what is wrong and what to do, phrased for the person who exported the scan.
 
 Only what makes a file unusable or ambiguous is refused here. What the image *means* (2D, several
@@ -432,7 +433,8 @@ def check_nifti_file(path: str | Path, *, memory_limit: int | None = None) -> Ni
 
     `memory_limit` (bytes) is what the image may need: its voxels as stored plus the float32 copy
     every nnU-Net reader makes. Default: this machine's memory (or the container's limit).
-    A .nii.gz is inflated in bounded chunks only to count its bytes and verify its checksum.
+    A .nii.gz whose gzip trailer gives the announced size is not inflated at all; otherwise it is
+    inflated in bounded chunks only to count its bytes (and verify its checksum).
     """
     path = Path(path)
     try:
@@ -447,11 +449,15 @@ def check_nifti_file(path: str | Path, *, memory_limit: int | None = None) -> Ni
     if size == 0:
         raise InputError(f"{path} is empty (0 bytes); the copy or export did not finish — copy or export it again.")
     if gzipped and not raw:
-        raise InputError(f"{path} cannot be read as NIfTI: it is a damaged gzip file (nothing can be unpacked); copy or export it again.")
+        raise InputError(
+            f"{path} cannot be read as NIfTI: it is a damaged gzip file (nothing can be unpacked); copy or export it again."
+        )
     version = _nifti_version(raw)
     if not version:
-        raise InputError(f"{path} cannot be read as NIfTI: it is not a NIfTI file ({_what_it_is(sniff_file_kind(path))}); "
-            "export it again as NIfTI, or pass the DICOM series instead.")
+        raise InputError(
+            f"{path} cannot be read as NIfTI: it is not a NIfTI file ({_what_it_is(sniff_file_kind(path))}); "
+            "export it again as NIfTI, or pass the DICOM series instead."
+        )
     header_size = _NIFTI1_SIZE if version == 1 else _NIFTI2_SIZE
     if len(raw) < header_size:
         raise InputError(
@@ -461,7 +467,8 @@ def check_nifti_file(path: str | Path, *, memory_limit: int | None = None) -> Ni
     header = parse_nifti_header(raw)
     problems = header_problems(header)
     if problems:
-        more = f" (and {len(problems) - 1} more header problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        others = len(problems) - 1
+        more = f" (and {others} more header problem{'s' if others > 1 else ''})" if others else ""
         raise InputError(f"{path} has a damaged NIfTI header: {problems[0]}{more}; {_REEXPORT}.")
 
     offset, needed = int(header.vox_offset), int(header.vox_offset) + header.data_bytes
@@ -487,8 +494,10 @@ def check_nifti_file(path: str | Path, *, memory_limit: int | None = None) -> Ni
         available, complete = _gunzipped_size(path, stop_after=needed)
         _check_payload_size(path, offset, needed, available, claimed)
         if not complete:
-            raise InputError(f"{path} cannot be read as NIfTI: it is cut short (its gzip stream does not end properly); "
-                "copy or export it again.")
+            raise InputError(
+                f"{path} cannot be read as NIfTI: it is cut short (its gzip stream does not end properly); "
+                "copy or export it again."
+            )
     return header
 
 
@@ -497,14 +506,12 @@ def _check_payload_size(path: Path, offset: int, needed: int, available: int, cl
     if offset > available:
         raise InputError(
             f"{path} cannot be read as NIfTI: its voxel data would start at byte {offset}, beyond the end of the file "
-            f"({available} bytes); "
-            "the file is incomplete or its header is damaged — copy or export it again."
+            f"({available} bytes); the file is incomplete or its header is damaged — copy or export it again."
         )
     if needed > available:
         raise InputError(
             f"{path} cannot be read as NIfTI: it holds only {_bytes(available - offset)} of the {claimed} its header "
-            "announces; "
-            "the file is incomplete or its header is damaged — copy or export it again."
+            "announces; the file is incomplete or its header is damaged — copy or export it again."
         )
 
 

@@ -4,6 +4,6 @@ geometry and postprocessing steps, and the files `TotalSegmentator` writes.
 `tsrt.totalseg.segment` is the task-level entry point (`tsrt.segment`, like TotalSegmentator's python API).
 """
 
-from tsrt.totalseg.runner import segment
+from tsrt.totalseg.task import segment
 
 __all__ = ["segment"]

@@ -15,9 +15,6 @@ reader; here the same array and header geometry go to `tsrt.pipeline.read.to_nnu
 gives nnU-Net's reader result without the disk round trip (float32 of the int32 voxels, spacing
 from the header nibabel would write). One `ImageRun` is one nnUNet_predict_image call: the coarse
 crop models (`--roi_subset`, tasks with a crop, `--body_seg`) go through the same function.
-
-    from tsrt.totalseg.runner import segment
-    seg = segment("ct.nii.gz", "out_dir", task="total", fast=True)   # nibabel image, like upstream
 """
 
 from __future__ import annotations
@@ -25,46 +22,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from tsrt.totalseg import ops
-from tsrt.errors import InputError, ModelError, TsrtError
-from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
-from tsrt.models.plan import load_model_plans
-from tsrt.pipeline.predict import predict_array
 from tsrt.engines.providers import ProviderChoice, choose_provider
-from tsrt.pipeline.read import Image, from_nnunet_array, read_image, to_nnunet_array
-from tsrt.models.registry import ModelPart, PostprocessStep, Task, TaskError, get_task, load_registry
+from tsrt.errors import ModelError
+from tsrt.models.plan import load_model_plans
+from tsrt.models.registry import ModelPart, PostprocessStep, Task, TaskError, load_registry
+from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
+from tsrt.pipeline.predict import predict_array
+from tsrt.pipeline.read import Image, from_nnunet_array, to_nnunet_array
+from tsrt.pipeline.write import write_probabilities
+from tsrt.totalseg import ops
+from tsrt.totalseg.request import TaskRequest, build_request, coarse_model, parts_for_roi_subset
+from tsrt.totalseg.source import SourceImage, header_zooms
 from tsrt.totalseg.v1_classes import TOTAL_V1_CLASSES
-from tsrt.pipeline.write import atomic_output, write_probabilities
-from tsrt.outputs.dicom import require_dicom_extra, require_dicom_input
-from tsrt.totalseg.options import SegmentOptions
 
 log = logging.getLogger("tsrt")
 
 #: TotalSegmentator resamples the input with this spline order (its --resampling_order default).
 INPUT_RESAMPLING_ORDER = 1
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class SourceImage:
-    """The input as TotalSegmentator holds it: geometry/header for the outputs, voxel values for the models.
-
-    `values` equals upstream's `img_in_orig.get_fdata()`: the stored integers when the file is
-    unscaled (float64 of them is exact, so we skip the copy), float64 of the scaled values otherwise.
-    """
-
-    image: Image
-    values: np.ndarray
-    path: Path | None = None  # the file, DICOM folder or zip it was read from (DICOM outputs reference it)
 
 
 @dataclass
@@ -74,7 +55,6 @@ class CropMask:
     mask: np.ndarray
     margin_mm: tuple[float, float, float]
 
-
 @dataclass
 class RemoveOutside:
     """After prediction, zero labels farther than `dilation_mm` from `mask` (heartchambers_highres)."""
@@ -82,14 +62,12 @@ class RemoveOutside:
     mask: np.ndarray
     dilation_mm: float
 
-
 @dataclass
 class BodyMask:
     """vertebrae_pp_refined: vertebra labels are dilated by `dilation_mm` and kept where `labels == 1`."""
 
     labels: np.ndarray  # the vertebrae_body model's map on the input grid (1 = vertebral body)
     dilation_mm: float
-
 
 @dataclass
 class ImageRun:
@@ -119,7 +97,6 @@ class ImageRun:
     def label_map(self) -> dict[int, str]:
         return output_label_map(self.task_name, self.classes, v1_order=self.v1_order, roi_subset=self.roi_subset)
 
-
 def output_label_map(
     task_name: str, classes: Mapping[int, str], *, v1_order: bool = False, roi_subset: Sequence[str] | None = None
 ) -> dict[int, str]:
@@ -128,7 +105,6 @@ def output_label_map(
     if roi_subset is not None:
         label_map = {k: v for k, v in label_map.items() if v in roi_subset}
     return label_map
-
 
 @dataclass
 class LowRes:
@@ -142,28 +118,11 @@ class LowRes:
     def zooms(self) -> tuple[np.float32, np.float32, np.float32]:
         return ops.nifti_zooms(self.affine)
 
-
 @dataclass
 class ImageRunResult:
     labels: np.ndarray  # uint8 on the input grid
     label_map: dict[int, str]
     lowres: LowRes | None  # None when the crop was empty (nothing was predicted)
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """A validated TotalSegmentator call: the task in its mode and the options that change masks."""
-
-    task: Task
-    roi_subset: tuple[str, ...] | None = None
-    robust_roi_crop: bool = False  # the 3 mm crop model for roi_subset (--roi_subset_robust, always for MR)
-    robust_crop: bool = False
-    body_seg: bool = False
-    force_split: bool = False
-    v1_order: bool = False
-    fast: bool = False  # upstream computes statistics on the resampled image only for --fast
-    remove_small_blobs_mm3: float | None = None
-
 
 @dataclass
 class TaskResult:
@@ -172,66 +131,6 @@ class TaskResult:
     source: SourceImage
     lowres: LowRes | None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------- input
-
-
-def read_source(source: str | Path | nib.Nifti1Image | Image) -> SourceImage:
-    """Read a NIfTI path, DICOM folder/zip, a nibabel image or a tsrt Image as TotalSegmentator would."""
-    if isinstance(source, Image):
-        return SourceImage(source, _float64_if_not_integer(source.array))
-    if isinstance(source, nib.spatialimages.SpatialImage):
-        return _source_from_nifti(source, "<nibabel image>")
-    path = Path(source)
-    image = read_image(path)
-    if image.array.ndim != 3:
-        raise InputError(f"{path} holds several channels; TotalSegmentator tasks take one 3D image.")
-    values = image.array
-    if image.header is not None and _is_scaled(image.header) and path.name.lower().endswith((".nii", ".nii.gz")):
-        values = np.asarray(nib.load(path).get_fdata(dtype=np.float64)).reshape(image.spatial_shape)
-    return SourceImage(image, _float64_if_not_integer(values), path)
-
-
-def _source_from_nifti(nifti: nib.spatialimages.SpatialImage, name: str) -> SourceImage:
-    """A nibabel image as upstream takes it (first volume of 4D data, with a warning)."""
-    shape = nifti.shape
-    if len(shape) < 3 or min(shape[:3]) <= 1:
-        raise InputError(f"{name} is a 2D image ({'x'.join(map(str, shape))}); TotalSegmentator needs a 3D volume.")
-    if nifti.get_data_dtype().fields is not None:
-        raise InputError(f"{name} stores structured (e.g. RGB) voxels; pass a greyscale CT/MR volume.")
-    values = np.asanyarray(nifti.dataobj)  # scaled proxies come back as floats
-    if values.dtype.kind not in "iub":
-        values = nifti.get_fdata(dtype=np.float64)
-    if values.ndim > 3:
-        log.warning("%s has %d dimensions; only the first volume is used (like TotalSegmentator).", name, values.ndim)
-        values = values[(...,) + (0,) * (values.ndim - 3)]
-    header = nifti.header.copy() if isinstance(nifti.header, nib.Nifti1Header) else None
-    if header is not None:
-        header.set_data_shape(values.shape)
-    image = Image(values, np.array(nifti.affine, dtype=np.float64), header, name)
-    return SourceImage(image, values)
-
-
-def header_zooms(image: Image) -> tuple[np.float32, np.float32, np.float32]:
-    """`img_in_orig.header.get_zooms()`: the float32 voxel sizes upstream's statistics and postprocessing use."""
-    if image.header is not None:
-        return tuple(np.float32(z) for z in image.header.get_zooms()[:3])  # type: ignore[return-value]
-    return ops.nifti_zooms(image.affine)
-
-
-def _is_scaled(header: nib.Nifti1Header) -> bool:
-    slope, inter = header.get_slope_inter()
-    return slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0)
-
-
-def _float64_if_not_integer(values: np.ndarray) -> np.ndarray:
-    """Integers stay as they are (float64 of them is exact); anything else becomes float64 like get_fdata."""
-    return values if values.dtype.kind in "iub" else values.astype(np.float64, copy=False)
-
-
-# --------------------------------------------------------------------------------------------- models
-
 
 class ModelRunner:
     """Opens stored models and runs them like TotalSegmentator's nnUNetv2_predict call.
@@ -319,7 +218,6 @@ class ModelRunner:
     def _add_seconds(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
-
 def _nifti_header_for(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Header:
     """The header nibabel writes for Nifti1Image(data, affine): sform 'aligned', pixdim = float32 column norms."""
     header = nib.Nifti1Header()
@@ -327,147 +225,6 @@ def _nifti_header_for(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1H
     header.set_sform(affine, code="aligned")
     header.set_qform(affine, code="unknown")
     return header
-
-
-def missing_models(models: Sequence[ModelPart], store_root: Path | None = None) -> list[ModelPart]:
-    """The models of `models` that are not complete in the store."""
-    from tsrt.models.store import model_status
-
-    return [model for model in models if not model_status(model, store_root).complete]
-
-
-def models_to_run(request: TaskRequest) -> tuple[list[ModelPart], list[ModelPart]]:
-    """(models this request runs, those among them that are optional for the task's mode)."""
-    task = request.task
-    needed: list[ModelPart] = list(_parts_for_roi_subset(task, request.roi_subset))
-    if request.roi_subset is not None or task.crop is not None:
-        source = _coarse_model(request)
-        if source is not None:
-            needed.append(source)
-        elif task.crop is not None and task.crop.source_task is not None:
-            needed.extend(get_task(task.crop.source_task).required_models)
-    elif request.body_seg and task.body_seg is not None:
-        needed.append(task.body_seg.model)
-    needed.extend(helper.model for helper in task.helpers)
-    unique = list({model.name: model for model in needed}.values())
-    required = {model.name for model in task.required_models}
-    return unique, [model for model in unique if model.name not in required]
-
-
-def check_models_installed(request: TaskRequest, store_root: Path | None = None) -> None:
-    """Fail before any work when a model is missing, naming the command that installs it."""
-    needed, optional = models_to_run(request)
-    missing = missing_models(needed, store_root)
-    if not missing:
-        return
-    task = request.task
-    mode = {"fast": " --fast", "fastest": " --fastest"}.get(task.mode, "")
-    with_optional = " --with-optional" if any(m.name in {o.name for o in optional} for m in missing) else ""
-    names = ", ".join(m.name for m in missing)
-    licensed = ""
-    if any(m.license for m in missing):
-        licensed = " (licensed: set your key with `tsrt models set-license KEY` first)"
-    raise ModelError(
-        f"Task {task.name}{mode} needs models that are not in the store ({names}): run "
-        f"`tsrt models import {task.name}{mode}{with_optional} --totalseg-home DIR` with a TotalSegmentator "
-        f"home, or `tsrt models download {task.name}{mode}{with_optional}`{licensed}."
-    )
-
-
-# --------------------------------------------------------------------------------------------- request
-
-
-def build_request(
-    task: str = "total",
-    *,
-    fast: bool = False,
-    fastest: bool = False,
-    roi_subset: Sequence[str] | None = None,
-    roi_subset_robust: Sequence[str] | None = None,
-    robust_crop: bool = False,
-    body_seg: bool = False,
-    force_split: bool = False,
-    v1_order: bool = False,
-    remove_small_blobs: bool | float = False,
-) -> TaskRequest:
-    """Validate the options the way `totalsegmentator()` does and resolve the task's mode.
-
-    `remove_small_blobs`: True drops blobs of 200 mm3 or less from every class (upstream's default), a
-    number sets the threshold in mm3.
-    """
-    resolved = get_task(task, fast=fast, fastest=fastest)
-    if resolved.note:
-        log.info("%s", resolved.note)
-    robust_roi = roi_subset_robust is not None
-    if roi_subset_robust is not None:
-        roi_subset = roi_subset_robust
-    if roi_subset is not None:
-        roi_subset = (roi_subset,) if isinstance(roi_subset, str) else tuple(roi_subset)
-        if not roi_subset:
-            raise TaskError("--roi_subset needs at least one class name (e.g. liver).")
-        if not task.startswith("total") or resolved.roi_subset_crop is None:
-            raise TaskError(f"--roi_subset works with the tasks total, total_mr and total_v3, not {task}: drop it.")
-        unknown = [name for name in roi_subset if name not in resolved.classes.values()]
-        if unknown:
-            raise TaskError(
-                f"--roi_subset: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} "
-                f"not a class of task {task}: "
-                f"`tsrt tasks {task}` lists its classes."
-            )
-        if task.endswith("_mr"):
-            robust_roi = True  # upstream: the 6 mm MR model is too coarse, always crop with 3 mm
-    if body_seg and task.endswith("_mr"):
-        log.info("For MR models --body_seg is not supported and is ignored (as in TotalSegmentator).")
-        body_seg = False
-    return TaskRequest(
-        task=resolved,
-        roi_subset=roi_subset,
-        robust_roi_crop=robust_roi,
-        robust_crop=robust_crop,
-        body_seg=body_seg,
-        force_split=force_split,
-        v1_order=v1_order,
-        fast=fast,
-        remove_small_blobs_mm3=_blob_threshold(remove_small_blobs),
-    )
-
-
-#: TotalSegmentator's --remove_small_blobs threshold when given without a value (mm3).
-DEFAULT_SMALL_BLOB_MM3 = 200.0
-
-
-def _blob_threshold(remove_small_blobs: bool | float) -> float | None:
-    if remove_small_blobs is True:
-        return DEFAULT_SMALL_BLOB_MM3
-    if remove_small_blobs is False or remove_small_blobs is None:
-        return None
-    threshold = float(remove_small_blobs)
-    if threshold <= 0:
-        raise TsrtError(f"--remove_small_blobs needs a positive volume in mm3, not {remove_small_blobs}.")
-    return threshold
-
-
-def _parts_for_roi_subset(task: Task, roi_subset: Sequence[str] | None) -> tuple[ModelPart, ...]:
-    """Upstream runs only the parts holding a requested class (multi-part tasks only)."""
-    if roi_subset is None or len(task.parts) == 1:
-        return task.parts
-    return tuple(part for part in task.parts if any(name in roi_subset for name in part.classes.values()))
-
-
-def _coarse_model(request: TaskRequest) -> ModelPart | None:
-    """The model whose segmentation gives the crop: roi_subset's (robust: 3 mm) or the task's crop model."""
-    task = request.task
-    if task.crop is not None:
-        robust = request.robust_crop or request.robust_roi_crop
-        if robust and task.crop.robust_source_model is not None:
-            return task.crop.robust_source_model
-        return task.crop.source_model
-    spec = task.roi_subset_crop
-    if spec is None:
-        return None
-    robust = request.robust_crop or request.robust_roi_crop
-    return spec.robust_source_model if robust and spec.robust_source_model is not None else spec.source_model
-
 
 def _task_running(model: ModelPart) -> Task:
     """The task TotalSegmentator names when it runs `model` alone (its postprocessing and step size apply)."""
@@ -479,17 +236,12 @@ def _task_running(model: ModelPart) -> Task:
                 return task
     raise TaskError(f"No task runs {model.name} on its own: the registry is inconsistent; reinstall tsrt.")
 
-
 def _single_model_run(model: ModelPart, **options: Any) -> ImageRun:
     task = _task_running(model)
     return ImageRun(
         task_name=task.name, parts=(model,), multimodel=False, classes=task.classes,
         auxiliary_labels=task.remove_auxiliary_labels, postprocess=task.postprocess, **options,
     )
-
-
-# --------------------------------------------------------------------------------------------- task
-
 
 def run_task(
     source: SourceImage, request: TaskRequest, runner: ModelRunner, *, probabilities: Path | None = None
@@ -509,7 +261,7 @@ def run_task(
     body_mask = vertebrae_body_mask(source, task, runner)
     run = ImageRun(
         task_name=task.name,
-        parts=_parts_for_roi_subset(task, request.roi_subset),
+        parts=parts_for_roi_subset(task, request.roi_subset),
         multimodel=len(task.parts) > 1,
         classes=task.classes,
         auxiliary_labels=task.remove_auxiliary_labels,
@@ -527,7 +279,6 @@ def run_task(
     seconds = {"total": time.perf_counter() - started, **runner.seconds}
     return TaskResult(result.labels, result.label_map, source, result.lowres, seconds)
 
-
 def coarse_crop(
     source: SourceImage, request: TaskRequest, runner: ModelRunner
 ) -> tuple[CropMask, RemoveOutside | None]:
@@ -539,7 +290,7 @@ def coarse_crop(
         assert task.roi_subset_crop is not None and request.roi_subset is not None
         classes, margin = request.roi_subset, task.roi_subset_crop.margin_mm
     log.info("Generating rough segmentation for cropping...")
-    model = _coarse_model(request)
+    model = coarse_model(request)
     if model is not None:
         coarse = predict_image(source, _single_model_run(model), runner)
         labels, class_map = coarse.labels, coarse.label_map
@@ -556,7 +307,6 @@ def coarse_crop(
         )
     return crop, remove_outside
 
-
 def body_crop(source: SourceImage, request: TaskRequest, runner: ModelRunner) -> CropMask:
     """--body_seg: the 6 mm body model (with the body task's cleaning) as a binary crop mask."""
     spec = request.task.body_seg
@@ -564,7 +314,6 @@ def body_crop(source: SourceImage, request: TaskRequest, runner: ModelRunner) ->
     log.info("Generating rough body segmentation...")
     body = predict_image(source, _single_model_run(spec.model, binary=True), runner)
     return CropMask(body.labels, spec.margin_mm)
-
 
 def vertebrae_body_mask(source: SourceImage, task: Task, runner: ModelRunner) -> BodyMask | None:
     """The vertebrae_body helper model's map, which vertebrae_pp_refined clips its instances to."""
@@ -576,17 +325,12 @@ def vertebrae_body_mask(source: SourceImage, task: Task, runner: ModelRunner) ->
         return BodyMask(helper_run.labels, float(helper.params.get("dilation_mm", 2.0)))
     return None
 
-
 def _class_mask(labels: np.ndarray, class_map: Mapping[int, str], classes: Sequence[str]) -> np.ndarray:
     inverse = {name: label for label, name in class_map.items()}
     missing = [name for name in classes if name not in inverse]
     if missing:
         raise TaskError(f"The crop model has no class {missing[0]!r}: the registry is inconsistent; reinstall tsrt.")
     return np.isin(labels, [inverse[name] for name in classes]).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------------------------- one image run
-
 
 def predict_image(source: SourceImage, run: ImageRun, runner: ModelRunner) -> ImageRunResult:
     """nnUNet_predict_image: crop, canonical, resample, predict, clean, and back onto the input grid."""
@@ -608,7 +352,6 @@ def predict_image(source: SourceImage, run: ImageRun, runner: ModelRunner) -> Im
     labels = finalize_labels(labels, source, run)
     return ImageRunResult(labels, run.label_map, lowres)
 
-
 def crop_input(source: SourceImage, crop: CropMask | None) -> tuple[np.ndarray, np.ndarray, ops.Bbox | None]:
     """cropping.crop_to_mask with TotalSegmentator's int32 cast; the whole image when there is no crop."""
     affine = np.array(source.image.affine, dtype=np.float64)
@@ -619,7 +362,6 @@ def crop_input(source: SourceImage, crop: CropMask | None) -> tuple[np.ndarray, 
     )
     log.info("  cropping from %s to %s", "x".join(map(str, crop.mask.shape)), "x".join(map(str, data.shape)))
     return data, cropped_affine, bbox
-
 
 def resample_input(
     data: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float] | None
@@ -633,7 +375,6 @@ def resample_input(
     )
     log.debug("Resampled %s -> %s in %.2fs", data.shape, resampled.shape, time.perf_counter() - started)
     return resampled, new_affine
-
 
 def predict_parts(values: np.ndarray, affine: np.ndarray, run: ImageRun, runner: ModelRunner) -> np.ndarray:
     """Every part model on the resampled image (in three z pieces when upstream splits), merged into task labels."""
@@ -652,7 +393,6 @@ def predict_parts(values: np.ndarray, affine: np.ndarray, run: ImageRun, runner:
         predicted.append(_predict_piece(piece, affine, run, runner, probabilities))
     return ops.combine_three_parts(predicted, shape) if split else predicted[0]
 
-
 def _predict_piece(
     values: np.ndarray, affine: np.ndarray, run: ImageRun, runner: ModelRunner, probabilities: Path | None = None
 ) -> np.ndarray:
@@ -670,7 +410,6 @@ def _predict_piece(
         mapped = lookup[part_labels]
         np.copyto(combined, mapped, where=mapped != 0)
     return combined
-
 
 def postprocess_lowres(labels: np.ndarray, affine: np.ndarray, run: ImageRun) -> np.ndarray:
     """Auxiliary labels off, then the task's label-map cleaning, at the model resolution like upstream."""
@@ -698,7 +437,6 @@ def postprocess_lowres(labels: np.ndarray, affine: np.ndarray, run: ImageRun) ->
         labels = ops.remove_small_blobs_multilabel(labels, run.classes, list(run.classes.values()), interval)
     return labels
 
-
 def restore_input_grid(
     labels: np.ndarray,
     lowres_affine: np.ndarray,
@@ -720,7 +458,6 @@ def restore_input_grid(
         labels = ops.undo_crop(labels, source.image.spatial_shape, bbox, dtype=np.uint8)
     return np.array(labels, dtype=np.uint8, order="C")  # a copy: later steps edit in place, LowRes keeps its own
 
-
 def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> np.ndarray:
     """Binary for crop masks, vertebrae refinement, v1 numbering, roi_subset, remove_outside - upstream's order."""
     if run.binary:
@@ -740,149 +477,6 @@ def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> n
         labels = ops.remove_outside_of_mask(labels, run.remove_outside.mask, addon=dilation_voxels)
     return labels
 
-
-# --------------------------------------------------------------------------------------------- outputs
-
-
-def statistics_for(
-    result: TaskResult,
-    request: TaskRequest,
-    *,
-    exclude_masks_at_border: bool = True,
-    metric: str = "mean",
-    normalized_intensities: bool = False,
-) -> dict[str, dict[str, float]]:
-    """statistics.json as TotalSegmentator computes it: on the resampled image for --fast, else on the input.
-
-    Class names are the task's (v2 numbering even with --v1_order, as upstream), limited to roi_subset.
-    `normalized_intensities`: intensities of the image min-max scaled to 0..1 (upstream's option).
-    """
-    from tsrt.outputs.statistics import structure_statistics
-
-    names = dict(request.task.classes)
-    if request.roi_subset is not None:
-        names = {k: v for k, v in names.items() if v in request.roi_subset}
-    if request.fast:
-        if result.lowres is None:
-            return {}
-        labels, values, zooms = result.lowres.labels, result.lowres.values, result.lowres.zooms
-    else:
-        labels, values = result.labels, result.source.values
-        zooms = header_zooms(result.source.image)
-    return structure_statistics(
-        labels, values, zooms, names, exclude_masks_at_border=exclude_masks_at_border, metric=metric,
-        normalized_intensities=normalized_intensities,
-    )
-
-
-def label_image(labels: np.ndarray, image: Image, label_map: Mapping[int, str]) -> nib.Nifti1Image:
-    """The multilabel nibabel image upstream returns: input header, uint8, label table extension."""
-    from tsrt.pipeline.label_table import caret_label_table
-    from tsrt.pipeline.write import output_header
-
-    data = np.asarray(labels, dtype=np.uint8)
-    header = output_header(image, data.shape, data.dtype)
-    header.set_intent("label")
-    if label_map:
-        header.extensions.append(nib.nifti1.Nifti1Extension(0, caret_label_table(dict(label_map))))
-    return nib.Nifti1Image(data, image.affine, header)
-
-
-def write_task_outputs(
-    result: TaskResult,
-    request: TaskRequest,
-    output: Path,
-    *,
-    multilabel: bool = False,
-    statistics: bool = False,
-    stats: dict[str, dict[str, float]] | None = None,
-    preview: bool = False,
-    derived_masks: bool = True,
-    output_types: Sequence[str] = ("nifti",),
-) -> list[Path]:
-    """Masks (one per class, or one --ml file), derived masks, statistics.json and preview, laid out as upstream.
-
-    With DICOM output types the label map goes into DICOM SEG / RTSTRUCT files (and, when nifti is
-    among several types, one multilabel NIfTI) named as upstream names them; upstream then treats
-    the output as multilabel, so statistics.json and the preview go next to OUTPUT.
-    """
-    from tsrt.outputs.files import output_folder, write_segmentation_outputs
-    from tsrt.outputs.statistics import write_statistics
-
-    output = Path(output)
-    if tuple(output_types) == ("nifti",):
-        written = write_segmentation_outputs(
-            result.labels, result.source.image, result.label_map, output, multilabel=multilabel
-        )
-        paths = list(written.masks) + ([written.multilabel] if written.multilabel else [])
-        folder = output_folder(output, multilabel)
-        if not multilabel and derived_masks and any(step.step == "derived_masks" for step in request.task.postprocess):
-            paths.extend(_write_body_derived_masks(result, output))
-    else:
-        paths = _write_typed_outputs(result, request, output, output_types)
-        folder = output.parent
-    if statistics and stats is not None:
-        paths.append(write_statistics(stats, folder / "statistics.json"))
-    if preview and result.lowres is not None:
-        from tsrt.outputs.preview import write_preview
-
-        lowres = result.lowres
-        paths.append(write_preview(
-            folder / f"preview_{request.task.name}.png", lowres.values, lowres.labels, lowres.affine, result.label_map
-        ))
-    return paths
-
-
-def _write_typed_outputs(
-    result: TaskResult, request: TaskRequest, output: Path, output_types: Sequence[str]
-) -> list[Path]:
-    """--output_type with DICOM types: the files of `tsrt.outputs.dicom.dicom_output_paths`."""
-    from tsrt.pipeline.write import write_label_map
-    from tsrt.outputs.dicom import dicom_output_paths, write_dicom_outputs
-
-    source = result.source
-    require_dicom_input(source.path, output_types)
-    assert source.path is not None
-    paths = dicom_output_paths(output, output_types, request.task.name)
-    written = []
-    if "nifti" in paths:
-        written.append(write_label_map(result.labels, source.image, paths["nifti"], label_names=dict(result.label_map)))
-    written += write_dicom_outputs(
-        result.labels, result.label_map, source.image, source.path, paths,
-        algorithm_version=load_registry().totalsegmentator_version,
-    )
-    return written
-
-
-def _write_body_derived_masks(result: TaskResult, output: Path) -> list[Path]:
-    """body.nii.gz (trunc + extremities) and skin.nii.gz, which upstream derives for the body task."""
-    from tsrt.pipeline.write import write_label_map
-
-    body = ops.combine_masks_from_labels(result.labels, result.label_map, "body")
-    skin = ops.extract_skin(result.source.values, body)
-    image = result.source.image
-    return [write_label_map(body, image, output / "body.nii.gz"), write_label_map(skin, image, output / "skin.nii.gz")]
-
-
-# --------------------------------------------------------------------------------------------- API
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What to write besides the masks, and how (TotalSegmentator's output flags)."""
-
-    multilabel: bool = False
-    statistics: bool = False
-    preview: bool = False
-    exclude_masks_at_border: bool = True
-    stats_aggregation: str = "mean"
-    normalized_intensities: bool = False
-    radiomics: bool = False  # statistics_radiomics.json from the written masks (the radiomics extra)
-    derived_masks: bool = True
-    output_types: tuple[str, ...] = ("nifti",)
-    probabilities: Path | None = None  # --save_probabilities: nnU-Net's .npz (+ .pkl) of the task's last model
-
-
 def make_runner(
     store_root: Path | None, provider: str = "auto", device: str | None = None, *, threads: int | None = None,
     quiet: bool = False,
@@ -891,157 +485,3 @@ def make_runner(
     if device in ("cpu", "mps"):
         provider, device = ("cpu" if provider == "auto" else provider), None
     return ModelRunner(store_root, provider=provider, device=device, threads=threads, progress=not quiet)
-
-
-def segment_source(
-    source: SourceImage, request: TaskRequest, runner: ModelRunner, output: Path | None, options: OutputOptions
-) -> tuple[TaskResult, dict[str, dict[str, float]] | None]:
-    """Run the task on one read image and write its outputs (nothing when `output` is None)."""
-    if output is not None:
-        require_dicom_input(source.path, options.output_types)  # before any work
-    result = run_task(source, request, runner, probabilities=options.probabilities)
-    stats = None
-    if options.statistics:
-        stats = statistics_for(
-            result, request, exclude_masks_at_border=options.exclude_masks_at_border, metric=options.stats_aggregation,
-            normalized_intensities=options.normalized_intensities,
-        )
-    if output is not None:
-        started = time.perf_counter()
-        # Upstream writes no statistics.json when --fast met an empty crop (nothing was resampled).
-        write_stats = options.statistics and not (request.fast and result.lowres is None)
-        write_task_outputs(
-            result, request, Path(output), multilabel=options.multilabel, statistics=write_stats, stats=stats,
-            preview=options.preview, derived_masks=options.derived_masks, output_types=options.output_types,
-        )
-        result.seconds["write"] = time.perf_counter() - started
-        if options.radiomics:
-            started = time.perf_counter()
-            from tsrt.outputs.radiomics_features import write_source_radiomics
-
-            write_source_radiomics(source.image, source.path, Path(output), progress=runner.progress)
-            result.seconds["radiomics"] = time.perf_counter() - started
-    return result, stats
-
-
-def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, OutputOptions]:
-    """Resolve the request and check what it needs (extras, installed models) once, before any image is read.
-
-    Shared by `segment`, cohorts, the companion tools and the UI, so one image and a whole cohort are
-    checked alike.
-    """
-    require_dicom_extra(options.output_type)
-    if options.radiomics:
-        from tsrt.outputs.radiomics_features import check_radiomics
-
-        check_radiomics(multilabel=options.ml)
-    request = build_request(
-        options.task, fast=options.fast, fastest=options.fastest, roi_subset=options.roi_subset,
-        roi_subset_robust=options.roi_subset_robust, robust_crop=options.robust_crop, body_seg=options.body_seg,
-        force_split=options.force_split, v1_order=options.v1_order, remove_small_blobs=options.remove_small_blobs,
-    )
-    check_models_installed(request, options.models_dir)
-    runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
-                         quiet=options.quiet)
-    output_options = OutputOptions(
-        multilabel=options.ml, statistics=options.statistics, preview=options.preview,
-        exclude_masks_at_border=options.statistics_exclude_masks_at_border,
-        stats_aggregation=options.stats_aggregation,
-        normalized_intensities=options.statistics_normalized_intensities, radiomics=options.radiomics,
-        derived_masks=not options.no_derived_masks, output_types=options.output_type,
-        probabilities=options.save_probabilities,
-    )
-    return request, runner, output_options
-
-
-def segment(
-    input: str | Path | nib.Nifti1Image,
-    output: str | Path | None = None,
-    task: str = "total",
-    fast: bool = False,
-    fastest: bool = False,
-    roi_subset: Sequence[str] | None = None,
-    ml: bool = False,
-    statistics: bool = False,
-    preview: bool = False,
-    body_seg: bool = False,
-    force_split: bool = False,
-    robust_crop: bool = False,
-    v1_order: bool = False,
-    provider: str = "auto",
-    device: str | None = None,
-    quiet: bool = False,
-    *,
-    roi_subset_robust: Sequence[str] | None = None,
-    output_type: str | Sequence[str] = "nifti",
-    statistics_exclude_masks_at_border: bool = True,
-    stats_aggregation: str = "mean",
-    statistics_normalized_intensities: bool = False,
-    radiomics: bool = False,
-    no_derived_masks: bool = False,
-    skip_saving: bool = False,
-    remove_small_blobs: bool | float = False,
-    models_dir: str | Path | None = None,
-    threads: int | None = None,
-    save_probabilities: str | Path | None = None,
-) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
-    """Run a TotalSegmentator task like `totalsegmentator.python_api.totalsegmentator`, torch-free.
-
-    `input` is a NIfTI path, a DICOM folder or zip, or a nibabel image; `output` is a folder of
-    per-class masks, or with `ml=True` one label file (None: write nothing). `output_type` "dicom_seg"
-    / "dicom_rtstruct" (or a list, with "nifti") writes DICOM for a DICOM input instead (the `dicom`
-    extra). `save_probabilities` is a file for nnU-Net's probability export of the task's last model.
-    Returns the multilabel nibabel image (with its label table), and the statistics too when
-    `statistics=True` - exactly what TotalSegmentator returns. Models come from tsrt's store
-    (`models_dir`, default $TSRT_HOME/models); a missing one raises ModelError naming the command
-    that installs it.
-    """
-    options = SegmentOptions(
-        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust, ml=ml,
-        statistics=statistics, statistics_exclude_masks_at_border=statistics_exclude_masks_at_border,
-        stats_aggregation=stats_aggregation, statistics_normalized_intensities=statistics_normalized_intensities,
-        radiomics=radiomics, preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop,
-        v1_order=v1_order, remove_small_blobs=remove_small_blobs, no_derived_masks=no_derived_masks,
-        output_type=output_type, save_probabilities=save_probabilities, provider=provider, device=device,
-        threads=threads, quiet=quiet, models_dir=models_dir,
-    )
-    return segment_with_options(input, None if skip_saving else output, options)
-
-
-def segment_with_options(
-    input: str | Path | nib.Nifti1Image, output: str | Path | None, options: SegmentOptions
-) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
-    """`segment` for a request already built (the CLI builds one `SegmentOptions` and passes it here)."""
-    target = None if output is None else Path(output)
-    if options.radiomics and target is None:
-        raise TsrtError("radiomics=True reads the written masks: give an output folder (as TotalSegmentator needs).")
-    if target is not None:
-        require_dicom_input(input, options.output_type)  # the input's kind first, as upstream
-    request, runner, output_options = prepare_run(options)
-    source = read_source(input)
-    result, stats = segment_source(source, request, runner, target, output_options)
-    image = label_image(result.labels, source.image, result.label_map)
-    return (image, stats or {}) if options.statistics else image
-
-
-__all__ = [
-    "ImageRun",
-    "ModelRunner",
-    "OutputOptions",
-    "SourceImage",
-    "TaskRequest",
-    "TaskResult",
-    "build_request",
-    "check_models_installed",
-    "predict_image",
-    "read_source",
-    "make_runner",
-    "prepare_run",
-    "SegmentOptions",
-    "run_task",
-    "segment",
-    "segment_source",
-    "segment_with_options",
-    "statistics_for",
-    "write_task_outputs",
-]

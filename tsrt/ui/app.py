@@ -153,7 +153,7 @@ def _open(key: str, name: str, locate) -> OpenedImage | None:
         return opened
     st.session_state.pop("opened", None)
     st.session_state.pop("result", None)
-    from tsrt.totalseg.runner import read_source
+    from tsrt.totalseg.source import read_source
 
     started = time.perf_counter()
     try:

@@ -176,7 +176,9 @@ def _segment_with_task(
 ) -> Segmentation:
     from tsrt.engines.providers import choose_provider
     from tsrt.totalseg.options import SegmentOptions
-    from tsrt.totalseg.runner import build_request, missing_models, models_to_run, prepare_run, run_task
+    from tsrt.totalseg.request import build_request, missing_models, models_to_run
+    from tsrt.totalseg.runner import run_task
+    from tsrt.totalseg.task import prepare_run
 
     reporter.stage("Checking the installed models")
     started = time.perf_counter()
