@@ -208,7 +208,7 @@ def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
     run = write_model_segmentation(image, model, Path(job["output"]), settings)
     CLOCK.seconds.update({stage: run.seconds[stage] for stage in ("preprocess", "inference", "postprocess", "write")})
     CLOCK.tiles = model.tiles_run
-    return {"network_s": run.seconds["network"], "provider": model.provider.name}
+    return {"network_s": run.seconds["network"], "provider": model.provider_used}
 
 
 RUNNERS = {"official": run_official, "nnunet": run_nnunet, "tsrt": run_tsrt, "tsrt-model": run_tsrt_model}

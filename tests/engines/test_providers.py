@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -129,3 +130,98 @@ def test_cpu_sessions_give_activation_memory_back_after_each_run(tmp_path):
         kept_mb[mode] = float(done.stdout.strip().splitlines()[-1])
     assert kept_mb["plain"] > 500, f"the probe did not allocate its 512 MB of intermediates: {kept_mb}"
     assert kept_mb["tsrt"] < kept_mb["plain"] / 3, f"tsrt's session kept its activations reserved: {kept_mb}"
+
+
+# --------------------------------------------------------------------------------------------- what actually ran
+
+#: Makes this onnxruntime (a CPU build) *list* CUDA, as onnxruntime-gpu does on a machine whose CUDA libraries
+#: are missing: the session is then created for real and ONNX Runtime drops CUDA by itself.
+_CUDA_LISTED_BUT_BROKEN = (
+    "import sys, onnxruntime as ort\n"
+    "listed = ort.get_available_providers()\n"
+    "ort.get_available_providers = lambda: ['CUDAExecutionProvider', *listed]\n"
+    "from tsrt.cli import main\n"
+    "sys.argv[0] = 'tsrt'\n"
+    "main()\n"
+)
+
+
+def _demo_graph():
+    from tsrt.demo.run import demo_model_dir
+
+    return next(demo_model_dir().glob("fold_*.onnx"))
+
+
+def test_a_provider_ort_could_not_start_is_an_error_naming_the_libraries():
+    from tsrt.engines.providers import ProviderChoice, create_session
+
+    # A real session asked for CUDA whose provider list ends up CPU-only: what ORT does when CUDA fails to load.
+    choice = ProviderChoice("cuda", [("CPUExecutionProvider", {})], requested="cuda")
+    with pytest.raises(ProviderError) as raised:
+        create_session(_demo_graph(), choice)
+    message = str(raised.value)
+    assert "\n" not in message and "cuDNN" in message and "--provider cpu" in message and "would run on cpu" in message
+
+
+def test_auto_may_fall_back_but_says_so_and_records_what_ran(caplog):
+    from tsrt.engines.providers import ProviderChoice, create_session
+
+    choice = ProviderChoice("cuda", [("CPUExecutionProvider", {})], requested="auto")
+    with caplog.at_level("WARNING", logger="tsrt"):
+        session = create_session(_demo_graph(), choice)
+    assert session.provider_name == "cpu"
+    assert any("falls back" in record.getMessage() for record in caplog.records)
+
+
+def test_cli_refuses_a_silent_cpu_fallback_and_writes_nothing(tmp_path, shared_data):
+    from tsrt.demo.run import demo_model_dir
+
+    output = tmp_path / "out" / "seg.nii.gz"
+    args = ["segment", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "--model", str(demo_model_dir()),
+            "-q"]
+    run = subprocess.run(
+        [sys.executable, "-c", _CUDA_LISTED_BUT_BROKEN, *args, "--provider", "cuda"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", env={**os.environ, "PYTHONUTF8": "1"},
+    )
+    assert run.returncode == ProviderError.exit_code, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tsrt: error: ONNX Runtime could not start the cuda provider")
+    assert not output.exists() and not list(tmp_path.rglob("*.nii.gz"))
+    # auto: the same broken CUDA falls back to the CPU, with a warning even under -q, and the run completes.
+    run = subprocess.run(
+        [sys.executable, "-c", _CUDA_LISTED_BUT_BROKEN, *args, "--provider", "auto"],
+        capture_output=True, text=True, encoding="utf-8", errors="replace", env={**os.environ, "PYTHONUTF8": "1"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "could not start the cuda provider" in run.stderr and output.is_file()
+
+
+def test_a_tampered_optimised_graph_cache_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    import numpy as np
+
+    from tsrt.engines.providers import ProviderChoice, create_session, optimized_cache_path
+    from tsrt.models.store import sha256_file
+
+    monkeypatch.setenv("TSRT_HOME", str(tmp_path))
+    graph = _demo_graph()
+    choice = choose_provider("cpu")
+    first = create_session(graph, choice)
+    cached = optimized_cache_path(sha256_file(graph), graph, choice)
+    assert cached.is_file()
+    tile = np.random.default_rng(0).normal(size=(1, 1, 64, 64, 64)).astype(np.float32)
+    expected = first.run(None, {"input": tile})[0]
+    # Same size, same mtime, different bytes: flip one byte inside the largest initializer's data.
+    stat = cached.stat()
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    os.utime(cached, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached.stat().st_size == stat.st_size
+    second = create_session(graph, choice)
+    np.testing.assert_array_equal(second.run(None, {"input": tile})[0], expected)
+    assert sha256_file(cached) != hashlib.sha256(bytes(data)).hexdigest()  # rebuilt from the source graph
+    # Another source graph (other bytes) never shares the cache entry.
+    other = tmp_path / graph.name
+    other.write_bytes(graph.read_bytes() + b"\0")
+    assert optimized_cache_path(sha256_file(other), other, choice) != cached
+    assert isinstance(choice, ProviderChoice)

@@ -197,6 +197,9 @@ def build_corpus(folder: Path) -> dict[str, BadInput]:
         middle.chmod(0o644)
         middle.write_bytes(middle.read_bytes()[:-20000])  # pixel data cut short
         corpus["DICOM folder with a corrupt slice"] = BadInput(series, "read", "missing slices")
+        single = folder / "one_slice.dcm"
+        single.write_bytes(slices[0].read_bytes())
+        corpus["single DICOM file"] = BadInput(single, "header", "is a single DICOM file; pass the folder")
     return corpus
 
 
@@ -219,9 +222,9 @@ CASES = [
     "empty file", "gzip damaged mid-stream", "gzip (NIfTI) named .txt", "gzip (other) named .txt", "NIfTI named .csv",
     "binary named .txt", "Latin-1 list named .csv", "PNG named .nii.gz", "random bytes named .nii",
     "text named .nii.gz", "uncompressed NIfTI named .nii.gz", "gzip-compressed NIfTI named .nii", "NIfTI named .zip",
-    "zip without DICOM", "DICOM folder with a corrupt slice",
+    "zip without DICOM", "DICOM folder with a corrupt slice", "single DICOM file",
 ]
-MACHINE_DEPENDENT = {"more voxels than memory", "DICOM folder with a corrupt slice"}
+MACHINE_DEPENDENT = {"more voxels than memory", "DICOM folder with a corrupt slice", "single DICOM file"}
 
 
 def _get(corpus: dict[str, BadInput], name: str) -> BadInput:

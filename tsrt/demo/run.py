@@ -60,7 +60,7 @@ def run_demo(
 
     image = read_image(ct_path)
     model = load_model(demo_model_dir(), provider=provider)
-    say(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {model.provider.name}")
+    say(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {model.provider_used}")
     run = segment_image_with_model(image, model, InferenceSettings(progress=progress))
     outputs = write_segmentation_outputs(
         run.labels, image, run.label_names, output / MULTILABEL_FILE, multilabel=True, statistics=True, preview=True

@@ -2,7 +2,8 @@
 
 `auto` takes the best provider this onnxruntime build offers and says which in one line; an
 explicitly requested provider that is missing is an error with what to install, never a silent
-CPU fallback. Sessions cache ONNX Runtime's optimised graph on disk so a repeat start is fast.
+CPU fallback: ONNX Runtime quietly drops a GPU provider whose libraries (CUDA, cuDNN, TensorRT) fail
+to load, so every new session is checked for the provider it actually runs (`provider_in_use`). Sessions cache ONNX Runtime's optimised graph on disk so a repeat start is fast.
 
 `openvino` (opt-in, the `openvino` extra) runs the same ONNX graph on Intel's OpenVINO CPU runtime
 in float32; `openvino-bf16` asks it for bfloat16 arithmetic, which is fast only on CPUs with native
@@ -15,12 +16,15 @@ import hashlib
 import logging
 import os
 import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from tsrt.config import tsrt_home
 from tsrt.errors import ProviderError, missing_extra
+from tsrt.models.store import sha256_file
 
 log = logging.getLogger("tsrt")
 
@@ -58,6 +62,8 @@ class ProviderChoice:
     name: str  # cpu | cuda | tensorrt | openvino | openvino-bf16
     providers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
+    requested: str = ""  # what the user asked for ("auto" may fall back, with a warning; nothing else may)
+    precision: str = "fp32"  # the arithmetic asked for: fp32, or fp16 (TensorRT) / bf16 (OpenVINO) when asked
 
     @property
     def uses_gpu(self) -> bool:
@@ -84,7 +90,8 @@ def choose_provider(
         raise ProviderError(f"Unknown provider {requested!r}: choose {choices}.")
     if requested in OPENVINO_PRECISIONS:
         _check_openvino(requested)
-        return ProviderChoice(name=requested, threads=threads)
+        precision = "bf16" if OPENVINO_PRECISIONS[requested] == "bf16" else "fp32"
+        return ProviderChoice(name=requested, threads=threads, requested=requested, precision=precision)
     available = available_providers()
     if requested == "auto":
         name = next(p for p in _PREFERENCE if PROVIDER_NAMES[p] in available or p == "cpu")
@@ -129,7 +136,36 @@ def choose_provider(
             )
         )
     chain.append((PROVIDER_NAMES["cpu"], cpu_options))
-    return ProviderChoice(name=name, providers=chain, threads=threads)
+    precision = "fp16" if fp16 and name == "tensorrt" else "fp32"
+    return ProviderChoice(name=name, providers=chain, threads=threads, requested=requested, precision=precision)
+
+
+#: What ONNX Runtime needs to start a GPU provider, for the error that says why it could not.
+PROVIDER_LIBRARIES = {
+    "cuda": "the CUDA and cuDNN libraries (libcudart, libcublas, libcudnn) of the versions onnxruntime-gpu was built for",
+    "tensorrt": "the TensorRT libraries (libnvinfer, libnvonnxparser) besides CUDA and cuDNN",
+}
+
+
+def provider_in_use(session_providers: Sequence[str], choice: ProviderChoice) -> str:
+    """The provider a new session actually runs on (tsrt's name), checked against what was asked.
+
+    A provider asked for by name that ONNX Runtime could not start is an error naming what is missing;
+    with `auto` the fallback is allowed but said at warning level (visible under -q too).
+    """
+    actual_ort = session_providers[0] if session_providers else PROVIDER_NAMES["cpu"]
+    actual = next((name for name, ort_name in PROVIDER_NAMES.items() if ort_name == actual_ort), actual_ort)
+    wanted = PROVIDER_NAMES.get(choice.name)
+    if wanted is None or wanted in session_providers:
+        return choice.name
+    problem = (
+        f"ONNX Runtime could not start the {choice.name} provider (it needs "
+        f"{PROVIDER_LIBRARIES.get(choice.name, 'its libraries')}) and would run on {actual}"
+    )
+    if choice.requested == "auto":
+        log.warning("%s instead: --provider auto falls back; install those libraries to use the GPU.", problem)
+        return actual
+    raise ProviderError(f"{problem}: install what is missing, or run on the CPU with --provider cpu.")
 
 
 def _check_openvino(requested: str) -> None:
@@ -154,8 +190,10 @@ class OpenVinoSession:
     buffers (its default), because callers may keep one tile's logits while running the next.
     """
 
-    def __init__(self, graph: Path, precision: str, threads: int | None = None) -> None:
+    def __init__(self, graph: Path, precision: str, threads: int | None = None, *, provider_name: str = "openvino") -> None:
         import openvino
+
+        self.provider_name = provider_name  # OpenVINO compiles for the CPU device only
 
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -180,25 +218,54 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _optimized_cache_path(graph: Path, choice: ProviderChoice) -> Path:
+def optimized_cache_path(graph_sha256: str, graph: Path, choice: ProviderChoice) -> Path:
+    """Where ORT's optimised form of a graph is cached: keyed by the source graph's content (sha256), the
+    ONNX Runtime version and the CPU, so an edited graph or another runtime never loads a stale cache."""
     import onnxruntime as ort
 
-    stat = graph.stat()
-    key = f"{graph.resolve()}:{stat.st_mtime_ns}:{stat.st_size}:{_cpu_signature()}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return tsrt_home() / "cache" / "ort" / f"{graph.stem}-{digest}-ort{ort.__version__}-{choice.name}.onnx"
+    key = f"{graph_sha256}:{ort.__version__}:{_cpu_signature()}:{choice.name}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return tsrt_home() / "cache" / "ort" / f"{graph.stem}-{digest}.onnx"
+
+
+def _cache_seal(cached: Path) -> Path:
+    """The sha256 of a cached optimised graph, written when tsrt made it: it is loaded only if it still matches."""
+    return cached.with_name(cached.name + ".sha256")
+
+
+def _intact_cache(cached: Path) -> bool:
+    """Whether a cached optimised graph exists and is byte for byte what tsrt wrote (else it is removed)."""
+    if not cached.exists():
+        return False
+    seal = _cache_seal(cached)
+    try:
+        if seal.read_text().strip() == sha256_file(cached):
+            return True
+    except OSError:
+        pass
+    log.warning("The cached optimised graph %s does not match what tsrt wrote; rebuilding it.", cached)
+    cached.unlink(missing_ok=True)
+    seal.unlink(missing_ok=True)
+    return False
+
+
+def _seal_cache(temp: Path, cached: Path) -> None:
+    """Move a freshly optimised graph into the cache with its seal (seal first, so no unsealed file is trusted)."""
+    _cache_seal(cached).write_text(sha256_file(temp))
+    os.replace(temp, cached)
 
 
 def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None = None):
     """An InferenceSession for `graph` on the chosen providers.
 
     On CPU, ONNX Runtime's fully optimised graph is saved once and loaded on later runs with
-    optimisation switched off, which removes most of the start-up cost. GPU providers fuse
-    differently per device, so for them the cache is the TensorRT engine cache instead.
+    optimisation switched off, which removes most of the start-up cost; the cache is keyed by the
+    graph's sha256 and sealed with its own, so a changed source or a tampered cache is rebuilt, never
+    loaded. GPU providers fuse differently per device, so for them the cache is TensorRT's engine cache.
     """
     threads = threads or choice.threads
     if choice.uses_openvino:
-        return OpenVinoSession(graph, OPENVINO_PRECISIONS[choice.name], threads)
+        return OpenVinoSession(graph, OPENVINO_PRECISIONS[choice.name], threads, provider_name=choice.name)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -210,9 +277,10 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     # 128^3 TotalSegmentator tile from the second tile on, and no faster here (see _ArenaReleasingSession).
     options.enable_mem_pattern = False
     source = graph
+    cached = None
     if choice.name == "cpu":
-        cached = _optimized_cache_path(graph, choice)
-        if cached.exists():
+        cached = optimized_cache_path(sha256_file(graph), graph, choice)
+        if _intact_cache(cached):
             source = cached
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         else:
@@ -224,11 +292,17 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     names = [name for name, _ in choice.providers]
     provider_options = [opts for _, opts in choice.providers]
-    session = ort.InferenceSession(str(source), sess_options=options, providers=names, provider_options=provider_options)
+    ort.set_default_logger_severity(3)  # ORT's own fallback messages: provider_in_use says it in tsrt's words
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        session = ort.InferenceSession(
+            str(source), sess_options=options, providers=names, provider_options=provider_options
+        )
+    used = provider_in_use(session.get_providers(), choice)
     temp = getattr(options, "optimized_model_filepath", "")
-    if temp and Path(temp).exists():
-        os.replace(temp, _optimized_cache_path(graph, choice))
-    return _ArenaReleasingSession(session)
+    if cached is not None and temp and Path(temp).exists():
+        _seal_cache(Path(temp), cached)
+    return _ArenaReleasingSession(session, used)
 
 
 class _ArenaReleasingSession:
@@ -239,10 +313,11 @@ class _ArenaReleasingSession:
     costs no measurable time on this machine (6.3 s per tile either way).
     """
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, provider_name: str) -> None:
         import onnxruntime as ort
 
         self._session = session
+        self.provider_name = provider_name  # what ONNX Runtime actually runs (checked at creation)
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 

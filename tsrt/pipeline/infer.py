@@ -53,6 +53,11 @@ class LoadedModel:
     def plan(self) -> RecordedPlan:
         return self.plans[0]
 
+    @property
+    def provider_used(self) -> str:
+        """The provider the sessions actually run on (`auto` may have fallen back)."""
+        return self.sessions[0].provider_name if self.sessions else self.provider.name
+
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """Logits of every fold for a batch of tiles: (N, C_in, *patch) -> (F, N, C_out, *patch)."""
         started = time.perf_counter()
@@ -91,13 +96,12 @@ def load_model(
 
 
 def _with_engine_cache(choice: ProviderChoice, model_dir: Path, provider: str, device: str | None, threads: int | None) -> ProviderChoice:
-    """Point TensorRT at this model's engine cache, preferring fp16 engines when `tsrt engine build --fp16` made them."""
+    """Point TensorRT at this model's engine cache for the precision asked for (never switched by what is cached)."""
     from tsrt.engines.tensorrt import EngineKey, engine_cache_dir, gpu_name, tensorrt_version
 
     name, version = gpu_name(parse_device(device)), tensorrt_version()
-    fp16_cache = engine_cache_dir(model_dir, EngineKey(name, version, "fp16"))
-    fp16 = fp16_cache.is_dir() and any(fp16_cache.iterdir())
-    cache = fp16_cache if fp16 else engine_cache_dir(model_dir, EngineKey(name, version, "fp32"))
+    fp16 = choice.precision == "fp16"
+    cache = engine_cache_dir(model_dir, EngineKey(name, version, choice.precision))
     log.info("TensorRT engine cache: %s", cache)
     return choose_provider(provider, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads)
 

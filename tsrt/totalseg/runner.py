@@ -174,7 +174,7 @@ class ModelRunner:
                 folder, folds=part.fold_names, provider=self._provider(folder, part), threads=self.threads
             )
             self._open = (part.name, loaded)
-            self.provider_used = loaded.provider.name
+            self.provider_used = loaded.provider_used
             self._add_seconds("load models", started)
         return self._open[1]
 

@@ -156,11 +156,11 @@ def _segment_with_demo_model(source, provider: str, reporter: StageReporter) -> 
     started = time.perf_counter()
     model = load_model(demo_model_dir(), provider=provider)
     loaded = time.perf_counter()
-    reporter.stage(f"Segmenting ({model.provider.name})")
+    reporter.stage(f"Segmenting ({model.provider_used})")
     run = segment_image_with_model(source.image, model, InferenceSettings(progress=False, on_tiles=reporter.tiles))
     seconds = {"load model": loaded - started, "segment": time.perf_counter() - loaded}
     return Segmentation(
-        source.image, source.values, run.labels, dict(run.label_names), DEMO_LABEL, "CT", model.provider.name,
+        source.image, source.values, run.labels, dict(run.label_names), DEMO_LABEL, "CT", model.provider_used,
         seconds=seconds,
     )
 
@@ -197,7 +197,7 @@ def _segment_with_task(
     checked = time.perf_counter()
     reporter.stage("Segmenting")
     result = run_task(source, request, runner)
-    used_provider = choose_provider(provider).name  # what `auto` resolved to, as the runner chose it
+    used_provider = runner.provider_used or choose_provider(provider).name  # what the sessions actually ran on
     label = f"{choice.key}{' --fast' if fast else ''}"
     return Segmentation(
         source.image, source.values, result.labels, dict(result.label_map), label, choice.modality,
