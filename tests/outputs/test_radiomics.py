@@ -165,3 +165,20 @@ def test_segment_radiomics_end_to_end(
     _assert_same_features(ours, theirs)
     computed = [name for name, features in ours.items() if "shape_MeshVolume" in features and len(features) == 32]
     assert len(computed) >= 3, f"too few non-empty masks to prove anything: {computed}"
+
+
+def test_a_failed_extraction_is_null_with_its_reason_never_zero(reference_masks: Path, shared_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """PyRadiomics refuses a mask whose grid differs from the image's: that mask's features are null, with why."""
+    from tsrt.outputs.radiomics_features import FAILURE_KEY, STANDARD_FEATURES, write_radiomics
+
+    folder = tmp_path / "masks"
+    shutil.copytree(reference_masks, folder)
+    liver = nib.load(folder / "liver.nii.gz")
+    shifted = liver.affine.copy()
+    shifted[:3, 3] += 500.0  # half a metre away: no overlap with the image
+    nib.save(nib.Nifti1Image(np.asanyarray(liver.dataobj), shifted), folder / "liver.nii.gz")
+    written = json.loads(write_radiomics(shared_data / "example_ct_sm.nii.gz", folder).read_text())
+    failed = written["liver"]
+    assert all(failed[name] is None for name in STANDARD_FEATURES) and failed[FAILURE_KEY]
+    assert written["spleen"]["shape_VoxelVolume"] > 0  # the other masks keep their real features

@@ -299,6 +299,24 @@ def build_graph_from_weights(
     return model
 
 
+def weight_shapes(spec: NetworkSpec) -> dict[str, tuple[int, ...]]:
+    """The distinct tensors the network of `spec` needs, with their shapes.
+
+    Lets a benchmark or a GPU check make a network of any size (seeded weights) without torch;
+    `state_dict_for` then adds the other names torch's state_dict gives the same tensors.
+    """
+    writer = _GraphWriter(spec)
+    writer.write_network()
+    return {key: param.shape for key, param in writer.params.items()}
+
+
+def state_dict_for(spec: NetworkSpec, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`tensors` (one per `weight_shapes` key) under every name a checkpoint of this network holds."""
+    writer = _GraphWriter(spec)
+    writer.write_network()
+    return {name: tensors[key] for key, param in writer.params.items() for name in [key, *param.aliases]}
+
+
 def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     """Check the graph (ONNX checker, strict shape inference: the output must be (batch, heads, *patch))
     and write it; a failure is a builder bug, reported as one ModelError line."""

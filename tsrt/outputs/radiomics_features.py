@@ -97,20 +97,28 @@ def _extractor(featureextractor: Any) -> Any:
     return extractor
 
 
-def mask_features(image_path: Path, mask_path: Path, extractor: Any) -> dict[str, float]:
-    """One mask's features, rounded like TotalSegmentator; zeros for an empty mask or a failed extraction."""
+#: The key that explains why a mask's features are null.
+FAILURE_KEY = "failure_reason"
+
+
+def mask_features(image_path: Path, mask_path: Path, extractor: Any) -> dict[str, float | str | None]:
+    """One mask's features, rounded like TotalSegmentator; zeros for an empty mask (as upstream).
+
+    A failed extraction gives null features and the reason (upstream writes zeros there, which a reader
+    cannot tell from real zeros).
+    """
     import nibabel as nib
 
-    zeros = {name: 0.0 for name in STANDARD_FEATURES}
     try:
         mask = np.asanyarray(nib.load(mask_path).dataobj)
         if mask.size == 0 or mask.min() == mask.max():
             log.warning("%s is empty (or full): its radiomics features are all 0, as upstream.", mask_path.name)
-            return zeros
+            return {name: 0.0 for name in STANDARD_FEATURES}
         computed = extractor.execute(str(image_path), str(mask_path))
-    except Exception as err:  # noqa: BLE001 - upstream turns any PyRadiomics failure into zeros, so do we
-        log.warning("PyRadiomics failed on %s (%s): its features are all 0, as upstream.", mask_path.name, err)
-        return zeros
+    except Exception as err:  # noqa: BLE001 - one mask's failure must not lose the others' features
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        log.warning("PyRadiomics failed on %s (%s): its features are null.", mask_path.name, reason)
+        return {**{name: None for name in STANDARD_FEATURES}, FAILURE_KEY: reason}
     prefix = "original_"
     return {
         key[len(prefix):]: round(float(value), DECIMALS) for key, value in computed.items() if key.startswith(prefix)
