@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import struct
+import json
 import subprocess
 import sys
 import zipfile
@@ -340,16 +341,58 @@ def _demo_model() -> Path:
     return demo_model_dir()
 
 
+#: Runs tsrt's real entry point once per job in one interpreter (imports are paid once, not per case):
+#: the exit code main() gives, everything written to stderr (log handlers re-made per job), or "traceback".
+_CLI_DRIVER = r"""
+import contextlib, io, json, logging, sys, traceback
+from tsrt.cli.root import main
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    logging.root.handlers.clear()
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        sys.argv = ["tsrt", *argv]
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = "traceback"
+    results[name] = {"code": code, "stderr": stderr.getvalue()}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_results(corpus: dict[str, BadInput], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every corpus case through `tsrt segment` (one interpreter for all of them), with its own output path."""
+    root = tmp_path_factory.mktemp("cli_outputs")
+    jobs = {
+        name: ["segment", str(_get(corpus, name).path), "-o", str(root / f"case{index}" / "out" / "seg.nii.gz"),
+               "--model", str(_demo_model()), "-q"]
+        for index, name in enumerate(CASES)
+    }
+    env = {**os.environ, "TSRT_HOME": os.environ.get("TSRT_HOME", "/tmp/tsrt-test-home"), "PYTHONUTF8": "1"}
+    run = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(jobs)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, argv in jobs.items():
+        results[name]["output"] = Path(argv[3])
+    return results
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_cli_refuses_in_one_line_and_writes_nothing(name: str, corpus: dict[str, BadInput], tmp_path: Path):
-    case = _get(corpus, name)
-    output = tmp_path / "out" / "seg.nii.gz"
-    result = _tsrt("segment", str(case.path), "-o", str(output), "--model", str(_demo_model()), "-q")
-    assert result.returncode != 0, f"{name}: exit 0\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, f"{name}:\n{result.stderr}"
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tsrt: error: "), f"{name}:\n{result.stderr}"
+def test_cli_refuses_in_one_line_and_writes_nothing(name: str, corpus: dict[str, BadInput], cli_results: dict):
+    case, result = _get(corpus, name), cli_results[name]
+    assert result["code"] not in (0, "traceback"), f"{name}: exit {result['code']}\n{result['stderr']}"
+    assert "Traceback" not in result["stderr"], f"{name}:\n{result['stderr']}"
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tsrt: error: "), f"{name}:\n{result['stderr']}"
     assert case.reason in lines[0], f"{name}: {lines[0]}"
+    output = result["output"]
     assert not output.exists()
     leftovers = sorted(output.parent.rglob("*")) if output.parent.exists() else []
     assert leftovers == [], f"{name}: partial files {leftovers}"
