@@ -124,6 +124,23 @@ def totalseg_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_task_store(totalseg_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TSRT_HOME with `total --fast`, `total --fastest` and `body --fast` imported from totalseg_home:
+    the cheap models (3 and 6 mm) for tests that run real tasks end to end. Read-only for tests."""
+    from typer.testing import CliRunner
+
+    from tsrt.cli.models import models_app
+
+    home = tmp_path_factory.mktemp("small_task_store")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TSRT_HOME", str(home))
+        for task in (["total", "--fast"], ["total", "--fastest"], ["body", "--fast"]):
+            result = CliRunner().invoke(models_app, ["import", *task, "--totalseg-home", str(totalseg_home), "-q"])
+            assert result.exit_code == 0, (task, result.output, result.exception)
+    return home
+
+
+@pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
     """The bundled trained demo checkpoint, or skip while it has not been trained/committed yet."""
     fixtures = _fixtures()

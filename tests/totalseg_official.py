@@ -137,7 +137,7 @@ def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
         position = volume.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in {
             "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series,
-            "0020|000d": series + ".1", "0020|0037": orientation, "0020|0013": str(k + 1),
+            "0020|000d": series + ".1", "0020|0052": series + ".0", "0020|0037": orientation, "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0008|0018": f"{series}.{k + 2}",
             "0028|1052": "0", "0028|1053": "1", "0018|0050": f"{volume.GetSpacing()[2]:.6f}",
         }.items():

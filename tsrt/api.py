@@ -10,8 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
 from tsrt.outputs.files import WrittenOutputs, write_segmentation_outputs
+from tsrt.outputs.manifest import (
+    InputRecord, RunFacts, RunManifest, RunRecorder, RunRequest, manifest_path, plan_graph_records,
+)
 from tsrt.pipeline.predict import predict_array
 from tsrt.pipeline.read import Image, from_nnunet_array, read_image, to_nnunet_array
 from tsrt.pipeline.write import write_label_map, write_probabilities
@@ -28,6 +32,7 @@ class SegmentationRun:
     label_names: dict[int, str]
     outputs: WrittenOutputs | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    manifest: RunManifest | None = None  # what `segment` wrote beside the label file
 
 
 def segment_image_with_model(
@@ -61,15 +66,51 @@ def segment(
     save_probabilities: bool = False,
     progress: bool = True,
 ) -> SegmentationRun:
-    """Segment one image file with an exported nnU-Net model and write the label map (nnUNetv2_predict's defaults)."""
+    """Segment one image file with an exported nnU-Net model and write the label map (nnUNetv2_predict's defaults).
+
+    The run manifest is written last, beside the label file (`tsrt.outputs.manifest`).
+    """
+    recorder = RunRecorder()
     started = time.perf_counter()
     image = read_image(input_path)
     read_seconds = time.perf_counter() - started
     model = load_model(Path(model_dir), folds=folds, provider=provider, device=device)
     settings = InferenceSettings(step_size=step_size, use_mirroring=tta, batch_size=batch_size, progress=progress)
-    run = write_model_segmentation(image, model, Path(output_path), settings, save_probabilities=save_probabilities)
+    output_path = Path(output_path)
+    run = write_model_segmentation(image, model, output_path, settings, save_probabilities=save_probabilities)
     run.seconds = {"read": read_seconds, **run.seconds}
+    request = model_run_request(Path(model_dir), model.plans, settings, save_probabilities=save_probabilities)
+    run.manifest = recorder.write(
+        manifest_path(output_path, folder=False), request, InputRecord.of(Path(input_path), image),
+        model_facts(image, model), model_outputs(output_path, save_probabilities),
+    )
     return run
+
+
+def model_run_request(
+    model_dir: Path, plans: list[RecordedPlan], settings: InferenceSettings, *, save_probabilities: bool
+) -> RunRequest:
+    """What the run manifest records of an exported model's request: the folds' graphs and the options
+    that change the labels (folds, mirroring, tile step, batch size) or add files (probabilities)."""
+    options = {
+        "folds": [plan.fold for plan in plans], "tta": settings.use_mirroring, "step_size": settings.step_size,
+        "batch_size": settings.batch_size, "save_probabilities": save_probabilities,
+    }
+    plan = plans[0]  # nnU-Net's result folder the folds were exported from names the model
+    name = f"{plan.dataset_name}/{plan.trainer}__{plan.plans_name}__{plan.configuration}"
+    return RunRequest("model", name, options, plan_graph_records(name, plans), str(Path(model_dir).resolve()))
+
+
+def model_facts(image: Image, model: LoadedModel) -> RunFacts:
+    return RunFacts(image, model.provider_used, model.precision_used)
+
+
+def model_outputs(output_path: Path, save_probabilities: bool) -> list[Path]:
+    """The files an exported model's run writes: the label file (and nnU-Net's probability files)."""
+    if not save_probabilities:
+        return [output_path]
+    probabilities = probabilities_path(output_path)
+    return [output_path, probabilities, probabilities.with_suffix(".pkl")]
 
 
 def probabilities_path(output_path: Path) -> Path:
@@ -121,6 +162,10 @@ class ModelSegmenter:
         self.settings = InferenceSettings(
             step_size=job.step_size, use_mirroring=job.tta, batch_size=job.batch_size, progress=False
         )
+        plans = load_model_plans(Path(job.model_dir), None if job.folds is None else list(job.folds))
+        self.request = model_run_request(
+            Path(job.model_dir), plans, self.settings, save_probabilities=job.save_probabilities
+        )
 
     def warm_up(self) -> None:
         if self._model is None:
@@ -130,16 +175,15 @@ class ModelSegmenter:
             )
 
     def expected_outputs(self, case) -> list[Path]:
-        if not self.job.save_probabilities:
-            return [case.output]
-        probabilities = probabilities_path(case.output)
-        return [case.output, probabilities, probabilities.with_suffix(".pkl")]
+        return model_outputs(case.output, self.job.save_probabilities)
 
     def read(self, case) -> Image:
         return read_image(case.input)
 
-    def segment(self, image: Image, output: Path) -> None:
+    def segment(self, image: Image, output: Path) -> RunFacts:
         self.warm_up()
+        assert self._model is not None
         write_model_segmentation(
             image, self._model, output, self.settings, save_probabilities=self.job.save_probabilities
         )
+        return model_facts(image, self._model)

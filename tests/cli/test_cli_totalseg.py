@@ -98,6 +98,40 @@ def test_argv_rewriting_keeps_other_commands() -> None:
     assert totalsegmentator_argv(["-i", "a", "-rmb", "50.5"]) == ["segment", "-i", "a", "-rmb", "50.5"]
     # -f is --fast (a flag), so it must not swallow the input that follows it
     assert totalsegmentator_argv(["segment", "-f", "ct.nii.gz", "-o", "x"]) == ["segment", "-f", "ct.nii.gz", "-o", "x"]
+    # -s [PATH] (TotalSegmentator 2.18): any value in its own call (-i); beside tsrt's INPUT only a .json name
+    assert totalsegmentator_argv(["-i", "a", "-o", "b", "-s"]) == ["segment", "-i", "a", "-o", "b", "-s", ""]
+    assert totalsegmentator_argv(["-i", "a", "-s", "st", "-o", "b"]) == ["segment", "-i", "a", "-s", "st", "-o", "b"]
+    assert totalsegmentator_argv(["segment", "-s", "ct.nii.gz", "-o", "x"]) == [
+        "segment", "-s", "", "ct.nii.gz", "-o", "x"
+    ]
+    assert totalsegmentator_argv(["segment", "ct.nii.gz", "--statistics", "st.json"])[-1] == "st.json"
+    assert totalsegmentator_argv(["phase", "ct.nii.gz", "-s", "stats"]) == ["phase", "ct.nii.gz", "-s", "stats"]
+
+
+def test_statistics_path_and_skip_saving_reach_the_task(captured: dict, ct: Path, tmp_path: Path) -> None:
+    result = _invoke("-i", str(ct), "-o", str(tmp_path / "out"), "-s", str(tmp_path / "st"), "-ss")
+    assert result.exit_code == 0, result.output
+    assert captured["statistics"] == str(tmp_path / "st") and captured["skip_saving"] is True
+    result = _invoke("segment", str(ct), "-o", str(tmp_path / "out"), "--statistics")
+    assert result.exit_code == 0, result.output
+    assert captured["statistics"] is True and captured["skip_saving"] is False
+
+
+def test_an_ml_output_named_for_no_nifti_file_is_refused_before_the_models(ct: Path, tmp_path: Path) -> None:
+    """`-o x.001 --ml`: TotalSegmentator (nibabel) fails when saving; tsrt says so before any work."""
+    result = _main("segment", str(ct), "-o", str(tmp_path / "x.001"), "--ml", home=tmp_path / "empty_home")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "end its name in .nii.gz or .nii" in lines[0] and not list(tmp_path.glob("x.001*"))
+
+
+@pytest.mark.parametrize("flags", [("-s", "stats.json"), ("--skip_saving",)])
+def test_one_image_options_are_refused_for_cohorts(tmp_path: Path, flags: tuple) -> None:
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    _write_ct(cases / "a.nii.gz", 0)
+    result = _main("segment", str(cases), "-o", str(tmp_path / "out"), *flags, home=tmp_path / "home")
+    assert result.returncode != 0 and "works on one image, not a cohort" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -216,6 +250,8 @@ class _ConstantRunner:
     def __init__(self, value: int, per_model: dict[str, int] | None = None) -> None:
         self.value, self.per_model, self.calls = value, per_model or {}, []
         self.seconds: dict[str, float] = {}
+        self.provider = self.provider_used = "cpu"
+        self.precision_used = "fp32"
 
     def predict(self, part, values, affine, *, probabilities=None):
         self.calls.append((part.name, values.shape))
@@ -267,6 +303,13 @@ def test_mr_roi_subset_always_crops_with_the_3mm_model_and_ignores_body_seg(ct: 
 # --------------------------------------------------------------------------------------------- cohorts
 
 
+def _stub_request(value: int, **options):
+    """The run manifest's request of a stub runner that predicts `value` (another value: another request)."""
+    from tsrt.outputs.manifest import GraphRecord, RunRequest
+
+    return RunRequest("task", "total", options, (GraphRecord("stub", "0", f"{value:064x}", "0" * 64),))
+
+
 def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -> None:
     from tsrt.cohort.cases import find_cases, run_cohort
     from tsrt.totalseg.outputs import OutputOptions
@@ -284,16 +327,16 @@ def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -
     assert [case.name for case in cases] == ["broken", "case0", "case1"]
     assert cases[1].output == tmp_path / "out" / "case0" / "case0.nii.gz"
 
-    summary = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    summary = run_cohort(cases, request, _ConstantRunner(5), options, _stub_request(5), progress=False)
     assert summary.done == ["case0", "case1"] and [name for name, _ in summary.failed] == ["broken"]
     assert "cannot be read as NIfTI" in summary.failed[0][1] and "1 failed" in summary.line()
     written = nib.load(tmp_path / "out" / "case1" / "case1.nii.gz")
     assert np.all(np.asanyarray(written.dataobj) == 5)  # the stub's liver everywhere
     assert (tmp_path / "out" / "case1" / "statistics.json").is_file()
 
-    again = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    again = run_cohort(cases, request, _ConstantRunner(5), options, _stub_request(5), progress=False)
     assert again.skipped == ["case0", "case1"] and again.done == [] and len(again.failed) == 1
-    redone = run_cohort(cases[1:], request, _ConstantRunner(7), options, overwrite=True, progress=False)
+    redone = run_cohort(cases[1:], request, _ConstantRunner(7), options, _stub_request(5), overwrite=True, progress=False)
     assert redone.done == ["case0", "case1"]
     assert np.all(np.asanyarray(nib.load(tmp_path / "out" / "case1" / "case1.nii.gz").dataobj) == 7)
 
@@ -312,11 +355,12 @@ def test_cohort_list_file_and_per_class_completeness(tmp_path: Path) -> None:
     request = build_request("total", fast=True, roi_subset=["liver", "spleen"])
     options = OutputOptions()
     assert sorted(p.name for p in expected_outputs(cases[0], request, options)) == ["liver.nii.gz", "spleen.nii.gz"]
-    summary = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    summary = run_cohort(cases, request, _ConstantRunner(5), options, _stub_request(5), progress=False)
     assert summary.done == ["a", "b"]
-    (tmp_path / "out" / "b" / "spleen.nii.gz").unlink()  # an interrupted case is not finished
-    again = run_cohort(cases, request, _ConstantRunner(5), options, progress=False)
+    (tmp_path / "out" / "b" / "spleen.nii.gz").unlink()  # a case missing an output is not finished
+    again = run_cohort(cases, request, _ConstantRunner(5), options, _stub_request(5), progress=False)
     assert again.skipped == ["a"] and again.done == ["b"]
+    assert [record.changes for record in again.records] == ["", "spleen.nii.gz is missing"]
 
 
 def test_single_images_are_not_cohorts(tmp_path: Path, ct: Path) -> None:

@@ -7,6 +7,7 @@ of every case must equal those of the single-process path (`tsrt.api.segment`) v
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from tsrt.demo.phantom import make_phantom
+from tsrt.models.plan import read_plan
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO_ROOT / "tsrt" / "demo" / "model"
@@ -185,13 +187,23 @@ def test_two_node_cluster_matches_one_process_reports_the_corrupt_case_and_resum
     assert len({case["node"] for case in done}) == 2  # both nodes segmented
     _assert_same_as_single_process(out, references, cases.parent / "single")
     assert not _leftovers(out) and not (out / "corrupt").exists()
+    graph = read_plan(DEMO_MODEL / "fold_0.plan.json").graph_sha256
+    for name in GOOD_CASES:  # each Ray case's run manifest, written by its worker into the case folder
+        manifest = json.loads((out / name / f"{name}.tsrt.json").read_text())
+        assert manifest["request"] == summary["request"] and manifest["request"]["kind"] == "model"
+        assert [entry["sha256"] for entry in manifest["request"]["graphs"]] == [graph]
+        assert manifest["input"]["sha256"] == hashlib.sha256((cases / f"{name}.nii.gz").read_bytes()).hexdigest()
+        assert (manifest["provider"], manifest["outputs"]) == ("cpu", [f"{name}.nii.gz"])
+        assert manifest["peak_memory_mb"] == pytest.approx(by_name[name]["peak_memory_mb"], abs=0.051)  # rounded
 
-    written = {path: path.stat().st_mtime_ns for path in out.rglob("*.nii.gz")}
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.parent != out}
     again = _tsrt("segment", str(cases), "-o", str(out), "--model", str(DEMO_MODEL), "--ray", ray_cluster)
     assert again.returncode != 0, again.stdout + again.stderr
     rerun = json.loads((out / "cohort_summary.json").read_text())
     assert (rerun["done"], rerun["skipped"], rerun["failed"]) == (0, 5, 1)  # only the corrupt case is tried again
-    assert {path: path.stat().st_mtime_ns for path in out.rglob("*.nii.gz")} == written
+    states = {case["name"]: case["manifest"] for case in rerun["cases"]}
+    assert states == {**{name: "matched" for name in GOOD_CASES}, "corrupt": "missing"}
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.parent != out} == written
 
 
 #: A driver that SIGKILLs a worker process in the middle of a case: after the first case finishes,

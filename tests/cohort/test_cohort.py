@@ -5,11 +5,17 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from tsrt.cohort.cases import Case, CaseWorker, run_here
+from tsrt.outputs.manifest import RunFacts, RunRequest
+from tsrt.pipeline.read import Image
 
 
 class _HandshakeSegmenter:
     """Segmenting case k waits until case k+1's read has begun: only an overlapping loop can finish in time."""
+
+    request = RunRequest("model", "handshake", {}, ())
 
     def __init__(self, cases: list[Case]) -> None:
         self.names = [case.name for case in cases]
@@ -26,15 +32,18 @@ class _HandshakeSegmenter:
         self.read_started[case.name].set()
         return case.name
 
-    def segment(self, loaded: str, output: Path) -> None:
+    def segment(self, loaded: str, output: Path) -> RunFacts:
         index = self.names.index(loaded)
         if index + 1 < len(self.names) and self.read_started[self.names[index + 1]].wait(timeout=30):
             self.overlapped.append(loaded)
         output.mkdir(parents=True, exist_ok=True)
         (output / "done.txt").write_text(loaded)
+        return RunFacts(Image(np.zeros((2, 2, 2)), np.eye(4), None, loaded), "cpu", "fp32")
 
 
 def _cases(tmp_path: Path, count: int) -> list[Case]:
+    for i in range(count):
+        (tmp_path / f"case{i}.nii.gz").write_bytes(b"case %d" % i)  # hashed for the run manifest
     return [Case(f"case{i}", tmp_path / f"case{i}.nii.gz", tmp_path / "out" / f"case{i}") for i in range(count)]
 
 

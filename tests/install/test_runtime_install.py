@@ -1,8 +1,9 @@
-"""The runtime-only install: `pip install .` in a fresh venv has no torch and still segments.
+"""The runtime-only install: `pip install .` in a fresh venv has no torch, still exports, imports and segments.
 
-This is what a hospital workstation or an edge box gets. It builds a real venv (pip takes the
-wheels from its cache or the package index), so it is slower than a unit test, and it is the
-only proof that nothing in the runtime pulls torch in.
+This is what a hospital workstation or an edge box gets: it converts nnU-Net and TotalSegmentator
+checkpoints itself (restricted reader, torch-free graph builder) and its masks equal the dev venv's.
+It builds a real venv (pip takes the wheels from its cache or the package index), so it is slower
+than a unit test, and it is the only proof that nothing in the runtime pulls torch in.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def runtime_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def _run(venv: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+def _run(venv: Path, *args: str, env_extra: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
+    env.update(env_extra or {})
     return subprocess.run(list(args), capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, **kwargs)
 
 
@@ -63,28 +65,69 @@ def test_runtime_imports_every_runtime_module(runtime_venv):
     assert int(result.stdout.strip()) >= 8
 
 
-def test_runtime_install_segments_an_image(runtime_venv, tiny_result_folder, tmp_path):
-    """A full segmentation in the torch-free venv, on a graph exported by the dev toolchain."""
+def _phantom_ct(path: Path) -> Path:
+    import nibabel as nib
+
+    from tsrt.demo.phantom import make_phantom
+
+    phantom = make_phantom(shape=(48, 40, 32), spacing=(3.0, 3.0, 3.0))
+    nib.save(nib.Nifti1Image(phantom.image, phantom.affine), path)
+    return path
+
+
+def _labels(path: Path):
     import nibabel as nib
     import numpy as np
 
-    from tsrt.demo.phantom import make_phantom
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_runtime_install_exports_imports_and_segments_like_the_dev_venv(
+    runtime_venv, tiny_result_folder, totalseg_home, tmp_path
+):
+    """Without torch: `tsrt export` an nnU-Net result folder and `tsrt models import` a TotalSegmentator home
+    (both made by the fixtures), then segment with the imported task.
+
+    The exported graph gives the dev venv's torch export's logits, and the masks equal the dev venv's
+    (tests/models/test_torch_free_import.py shows that the dev venv's import equals the torch exporter's).
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from typer.testing import CliRunner
+
+    from tsrt.cli.root import app, totalsegmentator_argv
+    from tsrt.models.exporter import random_verification_input
+    from tsrt.models.registry import get_task
+    from tsrt.models.totalseg_import import import_task
     from tsrt_export.onnx_export import export_model
 
-    model = tmp_path / "model"
-    export_model(tiny_result_folder, model, progress=False)
-    phantom = make_phantom(shape=(48, 40, 32), spacing=(3.0, 3.0, 3.0))
-    source = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(phantom.image, phantom.affine), source)
-    output = tmp_path / "seg.nii.gz"
-    result = _run(
-        runtime_venv, str(runtime_venv / "bin" / "tsrt"), "segment", str(source), "-o", str(output),
-        "--model", str(model), "--no-tta", "-q", cwd=str(tmp_path),
-    )
-    assert result.returncode == 0, result.stderr
-    labels = np.asarray(nib.load(output).dataobj)
-    assert labels.shape == phantom.image.shape
-    assert len(np.unique(labels)) > 1, "the tiny model's seeded weights give more than one label"
+    source = _phantom_ct(tmp_path / "ct.nii.gz")
+    tsrt = str(runtime_venv / "bin" / "tsrt")
+    steps = [
+        [tsrt, "export", str(tiny_result_folder), str(tmp_path / "model")],
+        [tsrt, "models", "import", "total", "--fast", "--totalseg-home", str(totalseg_home), "-q"],
+        [tsrt, "-i", str(source), "-o", str(tmp_path / "runtime_seg.nii.gz"), "--fast", "--ml", "-q"],
+    ]
+    for step in steps:
+        result = _run(runtime_venv, *step, cwd=str(tmp_path), env_extra={"TSRT_HOME": str(tmp_path / "runtime_home")})
+        assert result.returncode == 0, f"{step[1:3]}: {result.stderr}"
+
+    export_model(tiny_result_folder, tmp_path / "torch_model", progress=False, folds=["0"])
+    x = random_verification_input(1, (32, 32, 32))
+    logits = {}
+    for name in ("model", "torch_model"):
+        session = ort.InferenceSession(str(tmp_path / name / "fold_0.onnx"), providers=["CPUExecutionProvider"])
+        logits[name] = session.run(None, {"input": x})[0]
+    np.testing.assert_array_equal(logits["model"], logits["torch_model"])
+
+    dev_home = tmp_path / "dev_home"
+    import_task(get_task("total", fast=True), totalseg_home, store_root=dev_home / "models", progress=False)
+    argv = totalsegmentator_argv(["-i", str(source), "-o", str(tmp_path / "dev_seg.nii.gz"), "--fast", "--ml", "-q"])
+    dev = CliRunner().invoke(app, argv, env={"TSRT_HOME": str(dev_home)})
+    assert dev.exit_code == 0, (dev.output, dev.exception)
+    runtime_labels, dev_labels = _labels(tmp_path / "runtime_seg.nii.gz"), _labels(tmp_path / "dev_seg.nii.gz")
+    assert len(np.unique(dev_labels)) > 1, "the seeded fixture weights give more than one label"
+    np.testing.assert_array_equal(runtime_labels, dev_labels)
     probe = _run(runtime_venv, str(runtime_venv / "bin" / "python"), "-c", "import torch")
     assert probe.returncode != 0
 

@@ -29,7 +29,7 @@ from tsrt.models.download import DownloadError, LicenseError, download_model_zip
 from tsrt.errors import ModelError, TsrtError
 from tsrt.models.registry import get_model, get_task
 
-pytest.importorskip("nnunetv2", reason="importing converts checkpoints with the export extra")
+pytest.importorskip("nnunetv2", reason="the fixture TotalSegmentator home needs the export extra")
 
 from tsrt.cli.models import models_app  # noqa: E402
 
@@ -233,7 +233,9 @@ def test_import_of_a_task_missing_from_the_home_names_the_model(totalseg_home: P
     assert isinstance(result.exception, ModelError) and "not a TotalSegmentator home" in str(result.exception)
 
 
-def test_import_without_the_export_extra_says_how_to_install_it(totalseg_home: Path, tmp_path: Path) -> None:
+def test_import_needs_no_torch_but_verify_with_torch_needs_the_export_extra(
+    totalseg_home: Path, tmp_path: Path
+) -> None:
     code = f"""
 import importlib.abc, sys
 class NoTorch(importlib.abc.MetaPathFinder):
@@ -243,15 +245,19 @@ class NoTorch(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTorch())
 from typer.testing import CliRunner
 from tsrt.cli.models import models_app
-result = CliRunner().invoke(models_app, ['import', 'total', '--fast', '--totalseg-home', {str(totalseg_home)!r}])
-print(type(result.exception).__name__)
-print(result.exception)
+for extra in (['--verify-with-torch'], []):
+    args = ['import', 'total', '--fast', '--totalseg-home', {str(totalseg_home)!r}, '-q', *extra]
+    result = CliRunner().invoke(models_app, args)
+    print(type(result.exception).__name__, '|', result.exception)
 """
     env = {**os.environ, "TSRT_HOME": str(tmp_path / "home")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    kind, message = done.stdout.strip().split("\n")
-    assert kind == "TsrtError" and "pip install 'tsrt[export]'" in message
-    assert not (tmp_path / "home" / "models" / MODEL.name).exists()
+    with_torch, without = done.stdout.strip().split("\n")
+    assert with_torch.startswith("TsrtError |") and "pip install 'tsrt[export]'" in with_torch
+    assert without == "NoneType | None"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TSRT_HOME", str(tmp_path / "home"))
+        assert store.model_status(MODEL, verify=True).complete
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +367,70 @@ def test_download_of_a_truncated_zip_leaves_nothing_behind(server: _Server, tsrt
     assert "not a complete zip archive" in str(result.exception) and "run the command again" in str(result.exception)
     assert list((tsrt_home / "downloads").iterdir()) == []
     assert _store_files(tsrt_home / "models") == []
+
+
+def _damaged(release_zip: bytes) -> bytes:
+    """The zip with one byte of a checkpoint's stored data flipped: the archive opens, a member fails its CRC."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(release_zip)) as archive:
+        member = max(archive.infolist(), key=lambda info: info.compress_size)
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data = bytearray(release_zip)
+    data[start + member.compress_size // 2] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.fixture
+def left_zip(server: _Server, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where an earlier `tsrt models download` left the zip (the test writes it), served from /good."""
+    monkeypatch.setenv("TSRT_WEIGHTS_URL", f"{server.url}/good")
+    left = tsrt_home / "downloads" / f"{MODEL.name}.zip"
+    left.parent.mkdir(parents=True)
+    return left
+
+
+def test_a_corrupt_zip_left_on_disk_is_deleted_and_fetched_again(
+    server: _Server, release_zip: bytes, tsrt_home: Path, left_zip: Path
+) -> None:
+    from tsrt.models.download import zip_problem
+
+    left = left_zip
+    left.write_bytes(_damaged(release_zip))
+    assert "CRC" in zip_problem(left) or "not a readable zip" in zip_problem(left)
+    asked = len(server.requests)
+    result = runner.invoke(models_app, ["download", "total", "--fast", "-q"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert [r[1] for r in server.requests[asked:]] == [f"/good/v2.0.0-weights/{MODEL.name}.zip"]
+    assert store.model_status(MODEL, verify=True).complete
+    assert list((tsrt_home / "downloads").iterdir()) == []
+
+
+def test_an_intact_zip_on_disk_is_reused_and_a_recorded_sha256_is_checked(
+    server: _Server, release_zip: bytes, left_zip: Path
+) -> None:
+    import dataclasses
+    import hashlib
+    import zipfile
+
+    from tsrt.models.download import zip_problem
+
+    left = left_zip
+    left.write_bytes(release_zip)
+    asked = len(server.requests)
+    assert download_model_zip(MODEL, progress=False) == left
+    assert len(server.requests) == asked, "an intact zip is not downloaded again"
+
+    # A valid zip that is not the release models.toml records: its sha256 gives it away.
+    with_sha = dataclasses.replace(MODEL, zip_sha256=hashlib.sha256(release_zip).hexdigest())
+    with zipfile.ZipFile(left, "w") as archive:
+        archive.writestr(f"{MODEL.name}/other.txt", "a valid zip, but not the release")
+    assert zip_problem(left) is None and zip_problem(left, with_sha.zip_sha256) is not None
+    assert download_model_zip(with_sha, progress=False).read_bytes() == release_zip
+    assert [r[1] for r in server.requests[asked:]] == [f"/good/v2.0.0-weights/{MODEL.name}.zip"]
+    assert download_model_zip(with_sha, progress=False) == left  # now it matches: reused
+    assert len(server.requests) == asked + 1
 
 
 def test_download_404_names_the_override(server: _Server, tsrt_home: Path, monkeypatch) -> None:

@@ -162,6 +162,18 @@ def test_masks_of_both_stores_are_voxel_equal(stores: dict[str, Path], shared_da
     np.testing.assert_array_equal(labels["free"], labels["torch"])
 
 
+def test_plans_written_before_graph_builder_existed_still_load(tmp_path: Path) -> None:
+    """The bundled demo model's plan predates the field: it reads as the torch exporter's, which wrote it."""
+    demo = REPO / "tsrt" / "demo" / "model" / "fold_0.plan.json"
+    assert "graph_builder" not in json.loads(demo.read_text())
+    assert read_plan(demo).graph_builder == TORCH_GRAPH_BUILDER
+    data = json.loads(demo.read_text())
+    data.pop("versions")
+    (tmp_path / "fold_0.plan.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"lacks \['versions'\]"):  # other fields stay required
+        read_plan(tmp_path / "fold_0.plan.json")
+
+
 # --------------------------------------------------------------------------------------------
 # tsrt export without torch
 # --------------------------------------------------------------------------------------------
@@ -187,14 +199,20 @@ def test_cli_export_without_torch_equals_the_torch_export(tiny_result_folder: Pa
 def test_cli_export_options_of_the_torch_exporter_need_verify_with_torch(
     tiny_result_folder: Path, tmp_path: Path
 ) -> None:
-    result = _cli(["export", str(tiny_result_folder), str(tmp_path / "out"), "--fp16"], tmp_path)
-    assert result.returncode != 0 and not (tmp_path / "out").exists()
-    assert result.stderr.strip() == (
-        "tsrt: error: --fp16 is an option of the torch exporter: add --verify-with-torch "
+    from typer.testing import CliRunner
+
+    from tsrt.cli.root import app
+
+    result = CliRunner().invoke(app, ["export", str(tiny_result_folder), str(tmp_path / "out"), "--fp16"])
+    assert str(result.exception) == (
+        "--fp16 is an option of the torch exporter: add --verify-with-torch "
         "(needs pip install 'tsrt[export]'), or leave it out."
     )
-    result = _cli(["export", str(tiny_result_folder), str(tmp_path / "out"), "--verify-with-torch", "-f", "0"], tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(
+        app, ["export", str(tiny_result_folder), str(tmp_path / "out"), "--verify-with-torch", "-f", "0"]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
     assert read_plan(tmp_path / "out" / "fold_0.plan.json").graph_builder == TORCH_GRAPH_BUILDER
 
 

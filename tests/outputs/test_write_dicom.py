@@ -11,6 +11,7 @@ TotalSegmentator's .npz/.pkl on a small crop of example_ct_sm.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 from tsrt.errors import InputError, OutputError, TsrtError
 from tsrt.pipeline.read import read_image
 from tsrt.outputs.dicom import (
+    AlgorithmIdentity,
     dicom_output_paths,
     load_source_series,
     normalize_output_types,
@@ -44,6 +46,10 @@ RANDOM_MIN_AGREEMENT = 0.995
 RTSTRUCT_MIN_DICE = 0.98
 #: highdicom and TotalSegmentator convert RGB to CIELab with slightly different formulas (DICOM units of 65535).
 CIELAB_TOLERANCE = 16
+#: The model that "made" the hand-drawn label maps below, as the task layer names it.
+ALGORITHM = AlgorithmIdentity(
+    "TotalSegmentator", "2.18.0", {"task": "total", "mode": "fast", "models": "Dataset297_TotalSegmentator_total_3mm"}
+)
 
 
 def _sorted_slices(folder: Path) -> list[pydicom.Dataset]:
@@ -187,8 +193,8 @@ def test_written_segments_and_rois_hold_the_label_map(shared_data: Path, tmp_pat
     labels[100:200, 150:300, 5:9] = 7  # a box
     label_map = {3: "vertebrae_L1", 5: "liver", 7: "not_a_totalsegmentator_class", 9: "spleen"}  # 9 absent
     series = load_source_series(folder, image)
-    seg_path = write_dicom_seg(labels, label_map, series, tmp_path / "seg.dcm", algorithm_version="2.18.0")
-    rt_path = write_rtstruct(labels, {7: "box"}, series, tmp_path / "rt.dcm")
+    seg_path = write_dicom_seg(labels, label_map, series, tmp_path / "seg.dcm", algorithm=ALGORITHM)
+    rt_path = write_rtstruct(labels, {7: "box"}, series, tmp_path / "rt.dcm", algorithm=ALGORITHM)
 
     slices = _sorted_slices(folder)
     expected = np.stack([_labels_at_pixels(labels, image.affine, d) for d in slices])
@@ -202,6 +208,7 @@ def test_written_segments_and_rois_hold_the_label_map(shared_data: Path, tmp_pat
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
     assert other.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Tissue"
     assert seg.SeriesNumber == 100 and liver.SegmentAlgorithmName == "TotalSegmentator"
+    _assert_made_by_tsrt(seg, pydicom.dcmread(rt_path), task="total", mode="fast")
 
     import highdicom as hd
 
@@ -219,10 +226,32 @@ def test_an_empty_label_map_writes_no_dicom_seg(shared_data: Path, tmp_path: Pat
     series = load_source_series(folder, image)
     labels = np.zeros(image.spatial_shape, np.uint8)
     with pytest.raises(OutputError, match="needs at least one segment"):
-        write_dicom_seg(labels, {1: "spleen"}, series, tmp_path / "seg.dcm", algorithm_version="2.18.0")
+        write_dicom_seg(labels, {1: "spleen"}, series, tmp_path / "seg.dcm", algorithm=ALGORITHM)
     assert list(tmp_path.iterdir()) == []
     write_rtstruct(labels, {1: "spleen"}, series, tmp_path / "rt.dcm")  # an RTSTRUCT without ROIs, as upstream
     assert len(pydicom.dcmread(tmp_path / "rt.dcm").StructureSetROISequence) == 0
+
+
+def _assert_made_by_tsrt(
+    seg: pydicom.Dataset, rtstruct: pydicom.Dataset, *, task: str, mode: str, version: str = "2.18.0"
+) -> None:
+    """Both files name tsrt (and its version) as their maker and the task's model as the algorithm."""
+    from tsrt.version import __version__
+
+    for dataset in (seg, rtstruct):
+        assert (dataset.Manufacturer, dataset.SoftwareVersions) == ("tsrt", __version__)
+    for segment in seg.SegmentSequence:
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmSource) == ("TotalSegmentator", f"tsrt {__version__}")
+        assert algorithm.AlgorithmVersion == version
+        parameters = dict(item.split("=", 1) for item in algorithm.AlgorithmParameters.split(","))
+        assert (parameters["task"], parameters["mode"]) == (task, mode)
+        assert parameters["models"].startswith("Dataset")
+    for roi in rtstruct.StructureSetROISequence:
+        assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
+        assert roi.ROIGenerationDescription.startswith("TotalSegmentator ") and f"tsrt {__version__}" in (
+            roi.ROIGenerationDescription
+        )
 
 
 def _main(*args: str, home: Path, prelude: str = "") -> subprocess.CompletedProcess:
@@ -388,6 +417,16 @@ def test_dicom_seg_and_rtstruct_hold_tsrts_own_label_map(tsrt_outputs: Path, sha
         dice = _dice(mask, expected == inverse[name])
         print(f"RTSTRUCT {name}: Dice {dice:.5f} against tsrt's label map")
         assert dice >= RTSTRUCT_MIN_DICE, (name, dice)
+
+    from tsrt.models.registry import load_registry
+
+    seg, rtstruct = (pydicom.dcmread(tsrt_outputs / name) for name in ("seg_seg.dcm", "seg_rtstruct.dcm"))
+    _assert_made_by_tsrt(seg, rtstruct, task="total", mode="fast", version=load_registry().totalsegmentator_version)
+    manifest = json.loads((tsrt_outputs / "seg.tsrt.json").read_text())  # -o seg: beside the three files
+    assert manifest["outputs"] == ["seg.nii.gz", "seg_rtstruct.dcm", "seg_seg.dcm"]
+    assert manifest["input"]["kind"] == "dicom_folder" and manifest["request"]["options"]["output_type"] == [
+        "nifti", "dicom_seg", "dicom_rtstruct"
+    ]
 
 
 def _agreement(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> tuple[float, float]:

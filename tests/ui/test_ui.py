@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import gc
+import hashlib
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -254,14 +256,25 @@ def test_upload_segment_review_and_download_the_demo(page_env: Path):
     assert [row["structure"] for row in rows] == list(table["structure"])
     with zipfile.ZipFile(result.files.masks_zip()) as archive:
         names = sorted(archive.namelist())
-        assert names == sorted(f"segmentations/{name}.nii.gz" for name in table["structure"])
+        assert names == sorted([*(f"segmentations/{name}.nii.gz" for name in table["structure"]),
+                                "segmentations/tsrt_manifest.json"])
+        assert archive.read("segmentations/tsrt_manifest.json") == result.files.manifest.read_bytes()
         liver_label = int(table["label"][list(table["structure"]).index("liver")])
         archive.extract("segmentations/liver.nii.gz", page_env / "unzipped")
     liver = np.asarray(nib.load(page_env / "unzipped" / "segmentations" / "liver.nii.gz").dataobj)
     np.testing.assert_array_equal(liver, written == liver_label)
     assert [button.label for button in at.download_button] == [
         "Report (CSV)", "Label file (NIfTI, all structures)", "Masks (zip, one NIfTI per structure)",
+        "Run manifest (JSON: model, options, checksums)",
     ]
+    # The run manifest beside the label file: the bundled demo model, the uploaded bytes, the files offered.
+    manifest = json.loads(result.files.manifest.read_text())
+    assert result.files.manifest.name == "phantom_segmentation.tsrt.json"
+    assert manifest["request"]["kind"] == "model" and manifest["request"]["name"].startswith("Dataset900_TsrtDemo/")
+    assert manifest["input"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["outputs"] == sorted(p.name for p in (result.files.multilabel, result.files.overview,
+                                                          result.files.report))
+    assert manifest["provider"] == result.files.segmentation.provider and manifest["precision"] == "fp32"
 
     # Overlay toggles: hiding a structure changes the slices, showing it again restores them exactly.
     with_all = _image_urls(at)

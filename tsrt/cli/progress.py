@@ -17,11 +17,11 @@ def rich_bar(spec: ProgressSpec) -> Iterator[Advance]:
         TimeRemainingColumn, TransferSpeedColumn,
     )
 
+    label = TextColumn("{task.description}", markup=False)  # file and case names as written, never rich markup
     if spec.unit == "bytes":
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn())
+        columns = (label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     else:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+        columns = (label, BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}", markup=False),
                    TimeRemainingColumn() if spec.transient else TimeElapsedColumn())
     bar = Progress(*columns, transient=spec.transient, console=Console(stderr=True))
     task = bar.add_task(spec.label, total=spec.total, completed=spec.completed, note="")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from tsrt.cli.common import configure_logging
+from tsrt.cli.common import configure_logging, show_help_as_written
 from tsrt.errors import TsrtError
 
 app = typer.Typer(
@@ -139,7 +139,11 @@ def segment(
         False, "--force-split", "--force_split", "-fs", help="Predict in three z parts (less memory)."
     ),
     ml: bool = _task_option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class."),
-    statistics: bool = _task_option(False, "--statistics", "-s", help="Also write statistics.json."),
+    statistics: Optional[str] = _task_option(
+        None, "--statistics", "-s", metavar="[PATH]",
+        help="Also write statistics.json (into the mask folder, beside the --ml file, or to PATH; a PATH after "
+        "INPUT must end in .json).",
+    ),
     radiomics: bool = _task_option(
         False, "--radiomics", "-r", help="Also write statistics_radiomics.json (pip install 'tsrt[radiomics]')."
     ),
@@ -166,6 +170,9 @@ def segment(
     no_derived_masks: bool = _task_option(
         False, "--no-derived-masks", "--no_derived_masks", "-ndm", help="No body/skin masks for task body."
     ),
+    skip_saving: bool = _task_option(
+        False, "--skip-saving", "--skip_saving", "-ss", help="Write no masks, only statistics.json and the preview."
+    ),
     nr_thr_resamp: Optional[int] = typer.Option(
         None, "--nr-thr-resamp", "--nr_thr_resamp", "-nr", hidden=True, help="Accepted for compatibility; no effect."
     ),
@@ -189,7 +196,11 @@ def segment(
         "TotalSegmentator. --model: no PATH, written as OUTPUT's name with .npz.",
     ),
     overwrite: bool = _cohort_option(
-        False, "--overwrite", help="Segment finished cases again instead of skipping them."
+        False, "--overwrite", help="Segment finished cases again, even those whose run manifest matches."
+    ),
+    no_overwrite_changed: bool = _cohort_option(
+        False, "--no-overwrite-changed",
+        help="Keep cases made with other options, models, tsrt or input (reported as stale) instead of redoing them.",
     ),
     ray: Optional[str] = _cohort_option(
         None, "--ray", metavar="[auto|HOST:PORT]",
@@ -207,8 +218,15 @@ def segment(
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+    print_json: bool = typer.Option(
+        False, "--json", help="Print the run manifest (a cohort: its summary) as JSON on stdout, nothing else."
+    ),
 ) -> None:
-    """Segment an image with a TotalSegmentator task (default: total), or with any exported model (--model)."""
+    """Segment an image with a TotalSegmentator task (default: total), or with any exported model (--model).
+
+    A run manifest (what made the result) is written beside every output: OUTPUT/tsrt_manifest.json for
+    a mask folder, NAME.tsrt.json beside a file.
+    """
     configure_logging(quiet, verbose)
     source = input_path or input_option
     if source is None:
@@ -218,7 +236,10 @@ def segment(
     cases = find_cases(Path(source), output, ml or model is not None)
     if cases is None and ray is not None:
         raise TsrtError("--ray runs cohorts (a folder of NIfTI files, a .txt/.csv list, a glob); drop it for 1 image.")
-    cohort = dict(overwrite=overwrite, quiet=quiet, ray=ray, workers=ray_workers, cpus_per_worker=ray_cpus_per_worker)
+    cohort = dict(
+        overwrite=overwrite, overwrite_changed=not no_overwrite_changed, quiet=quiet, print_json=print_json, ray=ray,
+        workers=ray_workers, cpus_per_worker=ray_cpus_per_worker,
+    )
     model_probabilities = _model_probabilities(save_probabilities) if model is not None else False
     if model is not None and cases is not None:
         from tsrt.api import ModelJob
@@ -236,18 +257,21 @@ def segment(
             source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
             provider=provider, device=device, save_probabilities=model_probabilities, progress=not quiet,
         )
-        if not quiet:
+        if print_json:
+            _print_manifest(output)
+        elif not quiet:
             timings = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.seconds.items())
             typer.echo(f"wrote {output} ({timings})")
         return
     if save_probabilities == "":
         raise TsrtError("--save_probabilities needs a file for the probabilities, e.g. --save_probabilities probs.npz.")
     if cases is not None:
-        _check_single_image_options(output_type, save_probabilities)
+        _check_single_image_options(output_type, save_probabilities, statistics, skip_saving)
     from tsrt import totalseg
 
     options = dict(
-        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=statistics, preview=preview,
+        task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=_statistics(statistics),
+        preview=preview, skip_saving=skip_saving,
         radiomics=radiomics, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
         provider=provider,
         device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=_output_type(output_type),
@@ -258,12 +282,24 @@ def segment(
     )
     if cases is None:
         totalseg.segment(source, output, **options)
-        if not quiet:
+        if print_json:
+            _print_manifest(output)
+        elif not quiet:
             typer.echo(f"wrote {output}")
         return
     from tsrt.totalseg.options import SegmentOptions
 
     _segment_cohort(cases, TaskJob(SegmentOptions.from_keywords(**options)), output, **cohort)
+
+
+def _print_manifest(output: Path) -> None:
+    """The run manifest just written beside `output`, as it is on disk (so stdout and the file agree)."""
+    from tsrt.outputs.manifest import manifest_path
+
+    path = manifest_path(output)
+    if not path.is_file():
+        raise TsrtError(f"This run wrote no files, so there is no run manifest ({path}) to print: drop --json.")
+    typer.echo(path.read_text(encoding="utf-8"))
 
 
 def _output_type(values: list[str] | None) -> str | list[str]:
@@ -282,19 +318,30 @@ def _model_probabilities(value: str | None) -> bool:
     return value is not None
 
 
-def _check_single_image_options(output_type: list[str] | None, save_probabilities: str | None) -> None:
-    """DICOM outputs and a probabilities file belong to one image; a cohort would overwrite or mix them."""
+def _statistics(value: str | None) -> bool | str:
+    """--statistics alone (filled in as "") means statistics.json beside the output; with a value, that path."""
+    return False if value is None else value or True
+
+
+def _check_single_image_options(
+    output_type: list[str] | None, save_probabilities: str | None, statistics: str | None, skip_saving: bool
+) -> None:
+    """DICOM outputs and one probabilities / statistics file belong to one image; a cohort would overwrite or mix
+    them (and a case that writes no masks could never be seen as finished)."""
     from tsrt.outputs.dicom import DICOM_OUTPUT_TYPES, normalize_output_types
 
     dicom = [t for t in normalize_output_types(_output_type(output_type)) if t in DICOM_OUTPUT_TYPES]
-    if dicom or save_probabilities is not None:
-        given = " ".join(f"--output_type {t}" for t in dicom) or "--save_probabilities"
-        raise TsrtError(f"{given} works on one image, not a cohort: run tsrt segment for each series.")
+    single = [f"--output_type {t}" for t in dicom]
+    single += ["--save_probabilities"] * (save_probabilities is not None)
+    single += [f"--statistics {statistics}"] * bool(statistics) + ["--skip_saving"] * skip_saving
+    if single:
+        raise TsrtError(f"{' '.join(single)} works on one image, not a cohort: run tsrt segment for each image.")
 
 
 def cohort_table(summary, max_rows: int = 40):
     """A rich table of the cases this run worked on (failures first); skipped ones are only counted."""
     from rich.table import Table
+    from rich.text import Text
 
     from tsrt.cohort.cases import SUMMARY_FILE
 
@@ -305,26 +352,35 @@ def cohort_table(summary, max_rows: int = 40):
         table.add_column(column, justify="right" if column in ("seconds", "peak MB", "attempts") else "left")
     for record in worked[:max_rows]:
         peak = "" if record.peak_memory_mb is None else f"{record.peak_memory_mb:.0f}"
-        table.add_row(
-            record.name, record.status, f"{record.seconds:.1f}", peak, record.worker, str(record.attempts),
-            record.reason,
-        )
+        why = record.reason or (f"manifest {record.manifest}: {record.changes}" if record.changes else "")
+        cells = (record.name, record.status, f"{record.seconds:.1f}", peak, record.worker, str(record.attempts), why)
+        table.add_row(*(Text(cell) for cell in cells))  # case names and reasons as written, never rich markup
     if len(worked) > max_rows:
         table.caption = f"{len(worked) - max_rows} more cases in {SUMMARY_FILE}"
     return table
 
 
-def _segment_cohort(cases, job, output: Path, *, overwrite: bool, quiet: bool, **ray_options) -> None:
-    """Run a cohort here or on Ray, print its table, write OUTPUT/cohort_summary.json; failures exit non-zero."""
+def _segment_cohort(
+    cases, job, output: Path, *, overwrite: bool, overwrite_changed: bool, quiet: bool, print_json: bool,
+    **ray_options,
+) -> None:
+    """Run a cohort here or on Ray, print its table (or with --json the summary), write
+    OUTPUT/cohort_summary.json; failures exit non-zero."""
     from tsrt.cohort.run import run_job
 
-    summary = run_job(cases, job, overwrite=overwrite, progress=not quiet, **ray_options)
+    summary = run_job(
+        cases, job, overwrite=overwrite, overwrite_changed=overwrite_changed, progress=not quiet and not print_json,
+        **ray_options,
+    )
     path = summary.write(output)
-    if not quiet:
-        from rich.console import Console
+    if print_json:
+        typer.echo(path.read_text(encoding="utf-8"))
+    else:
+        if not quiet:
+            from rich.console import Console
 
-        Console().print(cohort_table(summary))
-    typer.echo(f"{summary.line()}; summary: {path}")
+            Console().print(cohort_table(summary))
+        typer.echo(f"{summary.line()}; summary: {path}")
     if summary.failed:
         raise TsrtError(
             f"{len(summary.failed)} of {len(cases)} cases failed; fix them and run again (finished cases are skipped)."
@@ -341,6 +397,7 @@ def demo(
 ) -> None:
     """Segment a generated CT phantom with the bundled demo model (no internet, no torch)."""
     import time
+    from functools import partial
 
     from rich.console import Console
     from rich.table import Table
@@ -350,7 +407,8 @@ def demo(
     configure_logging(quiet, False)
     console = Console(stderr=False, quiet=quiet)
     started = time.perf_counter()
-    summary = run_demo(output, provider=provider, progress=not quiet, say=console.print)
+    say = partial(console.print, markup=False)  # paths as written, never rich markup
+    summary = run_demo(output, provider=provider, progress=not quiet, say=say)
     table = Table(title=f"tsrt demo: {len(summary)} structures in {time.perf_counter() - started:.1f} s")
     for column in ("structure", "volume (ml)", "mean HU", "Dice vs truth"):
         table.add_column(column, justify="left" if column == "structure" else "right")
@@ -388,9 +446,10 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 
 
 _register_subcommands()
+show_help_as_written(app)
 
 
-def _is_ray_address(text: str) -> bool:
+def _is_ray_address(text: str, argv: list[str]) -> bool:
     return text in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.\-]+:\d+", text) is not None
 
 
@@ -402,16 +461,22 @@ def _fill_optional_values(argv: list[str]) -> list[str]:
         if token in _OPTIONAL_VALUE_OPTIONS:
             default, is_value = _OPTIONAL_VALUE_OPTIONS[token]
             following = argv[index + 1] if index + 1 < len(argv) else None
-            if following is None or not is_value(following):
+            if following is None or not is_value(following, argv):
                 filled.append(default)
     return filled
 
 
-def _is_value(text: str) -> bool:
+def _is_value(text: str, argv: list[str]) -> bool:
     return not text.startswith("-")
 
 
-def _is_number(text: str) -> bool:
+def _is_statistics_path(text: str, argv: list[str]) -> bool:
+    """`-s PATH` as TotalSegmentator's argparse reads it in its own call (-i INPUT); beside tsrt's positional
+    INPUT (`tsrt segment -s ct.nii.gz -o out`) only a .json name, so the image stays the input."""
+    return _is_value(text, argv) and ("-i" in argv or "--input" in argv or text.lower().endswith(".json"))
+
+
+def _is_number(text: str, argv: list[str]) -> bool:
     try:
         float(text)
     except ValueError:
@@ -419,7 +484,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-#: Options whose value may be left out (TotalSegmentator's argparse nargs="?"): (value it then means, test for a value).
+#: Options whose value may be left out (TotalSegmentator's argparse nargs="?"): (value it then means, test for a
+#: value given the whole command line).
 _OPTIONAL_VALUE_OPTIONS = {
     "-rmb": ("200", _is_number),
     "--remove_small_blobs": ("200", _is_number),
@@ -429,6 +495,8 @@ _OPTIONAL_VALUE_OPTIONS = {
     "--save-probabilities": ("", _is_value),
     "--save_probabilities": ("", _is_value),
     "-sp": ("", _is_value),
+    "--statistics": ("", _is_statistics_path),
+    "-s": ("", _is_statistics_path),
 }
 
 
@@ -436,7 +504,9 @@ def totalsegmentator_argv(argv: list[str]) -> list[str]:
     """`tsrt -i ct.nii.gz -o seg --fast` (TotalSegmentator's call with the program renamed) means `tsrt segment ...`."""
     if argv and argv[0].startswith("-") and argv[0] not in _TOP_LEVEL_OPTIONS:
         argv = ["segment", *argv]
-    return expand_multi_value_options(_fill_optional_values(argv))
+    if argv and argv[0] == "segment":  # its options only: `tsrt phase -s FILE` has a -s of its own
+        argv = _fill_optional_values(argv)
+    return expand_multi_value_options(argv)
 
 
 def main() -> None:

@@ -8,9 +8,13 @@ Each case gets its own output folder, OUTPUT/<case>/, with the masks (or `<case>
 or --model), statistics.json and the preview, so side files of different cases never collide.
 
 A case's folder appears only when the case is complete: it is written as OUTPUT/.tsrt-partial.<case>/
-and renamed, so a run stopped or killed mid-case leaves no partial output, and finished cases
-(every expected file present) are skipped on the next run unless `overwrite`. Models are opened
-once per process (here, or per Ray worker with tsrt.cohort.ray) and reused for every case.
+and renamed, so a run stopped or killed mid-case leaves no partial output. The run manifest
+(tsrt.outputs.manifest) is written into it last. A rerun skips a case only when that manifest matches
+the new request (tsrt version, task or model, options, graph checksums) and the input's bytes, and
+every output it lists is still there ("matched"); a case whose manifest differs ("changed") or is
+absent ("missing": never run, interrupted, or made by an older tsrt) is segmented again, or with
+`overwrite_changed=False` reported as "stale" and left as it is. `overwrite` redoes matched cases too.
+Models are opened once per process (here, or per Ray worker with tsrt.cohort.ray) and reused for every case.
 """
 
 from __future__ import annotations
@@ -34,12 +38,16 @@ from typing import Any, Protocol
 
 from tsrt.progress import progress
 from tsrt.errors import InputError, TsrtError
+from tsrt.outputs.manifest import (
+    MATCHED, InputRecord, ManifestCheck, RunFacts, RunRecorder, RunRequest, check_manifest, input_sha256,
+    manifest_path, peak_memory_mb, reset_peak_memory,
+)
 from tsrt.totalseg.options import SegmentOptions
 from tsrt.totalseg.outputs import OutputOptions
 from tsrt.totalseg.request import TaskRequest
 from tsrt.totalseg.runner import ModelRunner, output_label_map
 from tsrt.totalseg.source import read_source
-from tsrt.totalseg.task import segment_source
+from tsrt.totalseg.task import segment_source, source_facts
 from tsrt.pipeline.nifti_header import read_list_text
 from tsrt.pipeline.write import atomic_output
 
@@ -66,19 +74,26 @@ class Case:
         """OUTPUT/<case>: everything the case writes, published as a whole."""
         return self.output if self.output.name == self.name else self.output.parent
 
+    @property
+    def manifest(self) -> Path:
+        """The case's run manifest: OUTPUT/<case>/tsrt_manifest.json (masks), or <case>.tsrt.json (a label file)."""
+        return manifest_path(self.output, folder=self.output == self.folder)
+
 
 @dataclass
 class CaseRecord:
     """One case's line in the run summary."""
 
     name: str
-    status: str  # "done", "skipped" (finished before) or "failed"
+    status: str  # "done", "skipped" (its manifest matched), "stale" (changed, kept: overwrite_changed off) or "failed"
     seconds: float = 0.0
     peak_memory_mb: float | None = None  # peak resident memory of the process while it ran the case
     worker: str = ""  # host:pid that ran it
     node: str = ""  # Ray node id (cluster runs)
     attempts: int = 0  # > 1 when a worker died under it and it was retried
     reason: str = ""  # why it failed
+    manifest: str = ""  # the earlier result's manifest against this request: matched, changed or missing
+    changes: str = ""  # what changed (or why the manifest is missing)
 
 
 @dataclass
@@ -88,6 +103,7 @@ class CohortSummary:
     verb: str = "segmented"  # what was done to each finished case
     workers: int = 1
     startup_seconds: float = 0.0  # Ray runs: joining/starting Ray and opening the models in every worker
+    request: RunRequest | None = None  # what every case was asked for (once; each case's manifest repeats it)
 
     def _names(self, status: str) -> list[str]:
         return [record.name for record in self.records if record.status == status]
@@ -101,12 +117,17 @@ class CohortSummary:
         return self._names("skipped")  # already finished
 
     @property
+    def stale(self) -> list[str]:
+        return self._names("stale")  # made by another request, kept (overwrite_changed off)
+
+    @property
     def failed(self) -> list[tuple[str, str]]:
         return [(record.name, record.reason) for record in self.records if record.status == "failed"]
 
     def line(self) -> str:
+        stale = f"{len(self.stale)} stale (kept; rerun without --no-overwrite-changed to redo), " if self.stale else ""
         text = (
-            f"{len(self.done)} {self.verb}, {len(self.skipped)} already done, {len(self.failed)} failed "
+            f"{len(self.done)} {self.verb}, {len(self.skipped)} already done, {stale}{len(self.failed)} failed "
             f"({self.seconds:.0f}s)"
         )
         if self.failed:
@@ -116,10 +137,11 @@ class CohortSummary:
     def to_json(self) -> dict[str, Any]:
         minutes = self.seconds / 60
         return {
-            "done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+            "done": len(self.done), "skipped": len(self.skipped), "stale": len(self.stale), "failed": len(self.failed),
             "seconds": round(self.seconds, 3), "startup_seconds": round(self.startup_seconds, 3),
             "workers": self.workers,
             "cases_per_minute": round(len(self.done) / minutes, 3) if minutes > 0 and self.done else None,
+            "request": None if self.request is None else self.request.to_json(),
             "cases": [asdict(record) for record in self.records],
         }
 
@@ -233,6 +255,8 @@ def expected_outputs(case: Case, request: TaskRequest, options: OutputOptions) -
 class Segmenter(Protocol):
     """What a cohort runs on each case, with its models opened once (tasks here, exported models in tsrt.api)."""
 
+    request: RunRequest  # what each case's manifest records, and what a rerun compares
+
     def expected_outputs(self, case: Case) -> list[Path]: ...
 
     def warm_up(self) -> None:
@@ -240,7 +264,7 @@ class Segmenter(Protocol):
 
     def read(self, case: Case) -> Any: ...
 
-    def segment(self, loaded: Any, output: Path) -> None:
+    def segment(self, loaded: Any, output: Path) -> RunFacts:
         """Segment what `read` returned and write the case's outputs to `output` (case.output's place)."""
 
 
@@ -255,24 +279,26 @@ class CohortJob(Protocol):
 
 @dataclass
 class TaskSegmenter:
-    request: TaskRequest
+    task: TaskRequest
     runner: ModelRunner
     options: OutputOptions
+    request: RunRequest
 
     def expected_outputs(self, case: Case) -> list[Path]:
-        return expected_outputs(case, self.request, self.options)
+        return expected_outputs(case, self.task, self.options)
 
     def warm_up(self) -> None:
         from tsrt.totalseg.request import models_to_run
 
-        for part in models_to_run(self.request)[0]:
+        for part in models_to_run(self.task)[0]:
             self.runner.model(part)
 
     def read(self, case: Case) -> Any:
         return read_source(case.input)
 
-    def segment(self, loaded: Any, output: Path) -> None:
-        segment_source(loaded, self.request, self.runner, output, self.options)
+    def segment(self, loaded: Any, output: Path) -> RunFacts:
+        segment_source(loaded, self.task, self.runner, output, self.options)
+        return source_facts(loaded, self.runner)
 
 
 @dataclass(frozen=True)
@@ -290,12 +316,12 @@ class TaskJob:
         return self.options.device
 
     def open(self, threads: int | None = None) -> TaskSegmenter:
-        from tsrt.totalseg.task import prepare_run
+        from tsrt.totalseg.task import prepare_run, task_run_request
 
         options = self.options if threads is None else self.options.replace(threads=threads)
         request, runner, output_options = prepare_run(options)
         runner.progress = False  # one bar over cases, not one per model call
-        return TaskSegmenter(request, runner, output_options)
+        return TaskSegmenter(request, runner, output_options, task_run_request(options, request))
 
 
 class CaseWorker:
@@ -306,23 +332,36 @@ class CaseWorker:
         self.segmenter = segmenter
         self._compute = threading.Lock()
 
-    def finished(self, case: Case) -> bool:
-        return all(path.exists() for path in self.segmenter.expected_outputs(case))
+    def check(self, case: Case) -> ManifestCheck:
+        """The case's earlier result against this worker's request (matched means: keep it)."""
+        return check_manifest(
+            case.manifest, self.segmenter.request, case.input, self.segmenter.expected_outputs(case)
+        )
 
     def segment(self, case: Case, measured: dict[str, Any] | None = None) -> None:
-        """Read, then segment under the lock; `measured` gets the lock wait and the peak memory under it."""
+        """Read, then segment under the lock and write the manifest last; `measured` gets the lock wait and
+        the peak memory under it (the manifest's peak too)."""
+        recorder = RunRecorder(restart_memory=False)  # two cases share this process: the peak restarts under the lock
         loaded = self.segmenter.read(case)
+        digest = input_sha256(case.input)
         queued = time.perf_counter()
         with self._compute:
             if measured is not None:
                 measured["waited"] = time.perf_counter() - queued
-                _reset_peak_memory()
+            reset_peak_memory()
+            manifest = None
             try:
                 with staged_case(case) as output:
-                    self.segmenter.segment(loaded, output)
+                    facts = self.segmenter.segment(loaded, output)
+                    staging = staging_folder(case)
+                    written = [path for path in staging.rglob("*") if path.is_file()]
+                    manifest = recorder.write(
+                        staging / case.manifest.relative_to(case.folder), self.segmenter.request,
+                        InputRecord.of(case.input, facts.image, digest), facts, written,
+                    )
             finally:
-                if measured is not None:
-                    measured["peak"] = _peak_memory_mb()
+                if measured is not None:  # the summary's peak is the manifest's
+                    measured["peak"] = peak_memory_mb() if manifest is None else manifest.peak_memory_mb
 
     def run(self, case: Case) -> CaseRecord:
         """run_case for a worker two threads share: the seconds and peak memory of this case, not of the other."""
@@ -366,23 +405,6 @@ def staged_case(case: Case) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------- running cases
 
 
-def _reset_peak_memory() -> None:
-    """Restart the kernel's peak-RSS counter (VmHWM) so the next reading is this case's peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _peak_memory_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmHWM"))
-    except (OSError, StopIteration):
-        return None
-
-
 def failure_reason(err: BaseException) -> str:
     return str(err) if isinstance(err, TsrtError) else f"{type(err).__name__}: {err}"
 
@@ -392,7 +414,7 @@ def run_case(case: Case, work: Callable[[Case], object], *, measure_memory: bool
     record = CaseRecord(case.name, "done", worker=f"{socket.gethostname()}:{os.getpid()}", attempts=1)
     started = time.perf_counter()
     if measure_memory:
-        _reset_peak_memory()
+        reset_peak_memory()
     try:
         work(case)
     except Exception as err:  # noqa: BLE001 - one broken case must not stop a cohort
@@ -400,7 +422,7 @@ def run_case(case: Case, work: Callable[[Case], object], *, measure_memory: bool
         log.error("%s failed: %s", case.name, record.reason, exc_info=log.isEnabledFor(logging.DEBUG))
     record.seconds = time.perf_counter() - started
     if measure_memory:
-        record.peak_memory_mb = _peak_memory_mb()
+        record.peak_memory_mb = peak_memory_mb()
     return record
 
 
@@ -438,17 +460,45 @@ def case_progress(total: int, enabled: bool) -> Iterator[Callable[[CaseRecord], 
         yield lambda record: advance(1, f"{record.name} {record.status}")
 
 
+def triage(
+    case: Case, worker: CaseWorker, *, overwrite: bool, overwrite_changed: bool
+) -> tuple[ManifestCheck, CaseRecord | None]:
+    """The case's manifest state, and its record when it is not to be run: skipped (matched) or stale
+    (changed or missing over an existing folder, with `overwrite_changed` off). None: run it."""
+    check = worker.check(case)
+    record = None
+    if check.state == MATCHED and not overwrite:
+        record = CaseRecord(case.name, "skipped")
+    elif check.state != MATCHED and not overwrite_changed and case.folder.exists():
+        record = CaseRecord(case.name, "stale")
+        log.warning("%s is stale (%s): kept, as --no-overwrite-changed asks.", case.name, check.reason)
+    return check, None if record is None else noted(record, check)
+
+
+def noted(record: CaseRecord, check: ManifestCheck) -> CaseRecord:
+    """`record` with the manifest state its case had before this run."""
+    record.manifest, record.changes = check.state, check.reason
+    return record
+
+
+def check_cohort_options(overwrite: bool, overwrite_changed: bool) -> None:
+    if overwrite and not overwrite_changed:
+        raise TsrtError("--overwrite redoes every case and --no-overwrite-changed keeps changed ones: choose one.")
+
+
 def run_here(
     cases: list[Case],
     worker: CaseWorker,
     *,
     overwrite: bool = False,
+    overwrite_changed: bool = True,
     progress: bool = True,
     on_case: Callable[[CaseRecord], None] | None = None,
 ) -> CohortSummary:
-    """Every unfinished case on this machine, two in flight: the next case is read (decompressed, decoded)
-    while the current one is segmented; CaseWorker's lock keeps one inference at a time."""
-    summary = CohortSummary()
+    """Every case whose manifest does not match, on this machine, two in flight: the next case is read
+    (decompressed, decoded) while the current one is segmented; CaseWorker's lock keeps one inference at a time."""
+    check_cohort_options(overwrite, overwrite_changed)
+    summary = CohortSummary(request=worker.segmenter.request)
     started = time.perf_counter()
 
     def report(record: CaseRecord) -> None:
@@ -457,13 +507,17 @@ def run_here(
         if on_case is not None:
             on_case(record)
 
+    def run(case: Case, check: ManifestCheck) -> CaseRecord:
+        return noted(worker.run(case), check)
+
     with case_progress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
         in_flight: deque[Future[CaseRecord]] = deque()
         for case in cases:
-            if not overwrite and worker.finished(case):
-                report(CaseRecord(case.name, "skipped"))
+            check, kept = triage(case, worker, overwrite=overwrite, overwrite_changed=overwrite_changed)
+            if kept is not None:
+                report(kept)
                 continue
-            in_flight.append(pool.submit(worker.run, case))
+            in_flight.append(pool.submit(run, case, check))
             if len(in_flight) == 2:
                 report(in_flight.popleft().result())
         while in_flight:
@@ -479,10 +533,16 @@ def run_cohort(
     request: TaskRequest,
     runner: ModelRunner,
     options: OutputOptions,
+    run_request: RunRequest,
     *,
     overwrite: bool = False,
+    overwrite_changed: bool = True,
     progress: bool = True,
 ) -> CohortSummary:
-    """Segment every case not finished yet with an open runner; a case that fails is logged and the next one runs."""
+    """Segment every case whose manifest does not match `run_request` with an open runner; a case that
+    fails is logged and the next one runs."""
     runner.progress = False  # one bar over cases, not one per model call
-    return run_here(cases, CaseWorker(TaskSegmenter(request, runner, options)), overwrite=overwrite, progress=progress)
+    return run_here(
+        cases, CaseWorker(TaskSegmenter(request, runner, options, run_request)), overwrite=overwrite,
+        overwrite_changed=overwrite_changed, progress=progress,
+    )

@@ -27,9 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tsrt.cohort.cases import (
-    Case, CaseRecord, CaseWorker, CohortJob, CohortSummary, case_progress, discard_staging, failure_reason,
+    Case, CaseRecord, CaseWorker, CohortJob, CohortSummary, case_progress, check_cohort_options, discard_staging,
+    failure_reason, noted, triage,
 )
 from tsrt.errors import TsrtError, require_module
+from tsrt.outputs.manifest import ManifestCheck
 
 log = logging.getLogger("tsrt")
 
@@ -127,11 +129,13 @@ def run_on_ray(
     workers: int | None = None,
     cpus_per_worker: float = 1.0,
     overwrite: bool = False,
+    overwrite_changed: bool = True,
     progress: bool = True,
     max_attempts: int = MAX_ATTEMPTS,
     on_case: Callable[[CaseRecord], None] | None = None,
 ) -> CohortSummary:
-    """Segment every unfinished case on Ray workers; the summary lists every case in cohort order.
+    """Segment every case whose manifest does not match on Ray workers; the summary lists every case in
+    cohort order. The driver checks the manifests (tsrt.cohort.cases.triage) before any worker starts.
 
     Input and output paths must be the same on every node (a shared filesystem), and so must the
     models (the task's store, or the --model folder).
@@ -139,16 +143,19 @@ def run_on_ray(
     ray = import_ray()
     if cpus_per_worker <= 0:
         raise TsrtError(f"--ray-cpus-per-worker must be positive, not {cpus_per_worker:g}.")
+    check_cohort_options(overwrite, overwrite_changed)
     started = time.perf_counter()
-    driver_side = job.open()  # expected outputs; validates the options before Ray starts (no models opened)
+    driver_side = CaseWorker(job.open())  # the request and expected outputs; validates the options (no models opened)
     records: dict[str, CaseRecord] = {}
+    checks: dict[str, ManifestCheck] = {}
     todo = []
     for case in cases:
-        if not overwrite and CaseWorker(driver_side).finished(case):
-            records[case.name] = CaseRecord(case.name, "skipped")
+        checks[case.name], kept = triage(case, driver_side, overwrite=overwrite, overwrite_changed=overwrite_changed)
+        if kept is not None:
+            records[case.name] = kept
         else:
             todo.append(case)
-    summary = CohortSummary(workers=0)  # no worker starts when every case is finished
+    summary = CohortSummary(workers=0, request=driver_side.segmenter.request)  # no worker starts when none is to run
     with case_progress(len(cases), progress) as advance:
         for record in records.values():
             advance(record)
@@ -164,6 +171,8 @@ def run_on_ray(
                     discard_staging(case)
                 if started_here:
                     ray.shutdown()
+    for case in todo:
+        noted(records[case.name], checks[case.name])
     summary.records = [records[case.name] for case in cases]
     summary.seconds = time.perf_counter() - started
     return summary

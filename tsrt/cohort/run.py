@@ -14,27 +14,36 @@ def run_job(
     job: CohortJob,
     *,
     overwrite: bool = False,
+    overwrite_changed: bool = True,
     progress: bool = True,
     ray: str | None = None,
     workers: int | None = None,
     cpus_per_worker: float = 1.0,
     on_case: Callable[[CaseRecord], None] | None = None,
 ) -> CohortSummary:
-    """Run `job` over the cases here (models opened once), or with `ray` on a Ray cluster (tsrt.cohort.ray)."""
+    """Run `job` over the cases here (models opened once), or with `ray` on a Ray cluster (tsrt.cohort.ray).
+
+    A case whose run manifest matches the job is skipped; `overwrite` redoes it anyway, and
+    `overwrite_changed=False` keeps (reports as stale) a case that another request made.
+    """
     if ray is not None:
         from tsrt.cohort.ray import run_on_ray
 
         return run_on_ray(
             cases, job, address=ray, workers=workers, cpus_per_worker=cpus_per_worker, overwrite=overwrite,
-            progress=progress, on_case=on_case,
+            overwrite_changed=overwrite_changed, progress=progress, on_case=on_case,
         )
-    return run_here(cases, CaseWorker(job.open()), overwrite=overwrite, progress=progress, on_case=on_case)
+    return run_here(
+        cases, CaseWorker(job.open()), overwrite=overwrite, overwrite_changed=overwrite_changed, progress=progress,
+        on_case=on_case,
+    )
 
 
 def segment_cohort(
     cases: list[Case],
     *,
     overwrite: bool = False,
+    overwrite_changed: bool = True,
     ray: str | None = None,
     workers: int | None = None,
     cpus_per_worker: float = 1.0,
@@ -48,6 +57,6 @@ def segment_cohort(
     job = TaskJob(SegmentOptions.from_keywords(**options))
     job.open()  # validates the options and checks the store before any case (models open lazily)
     return run_job(
-        cases, job, overwrite=overwrite, progress=not job.options.quiet, ray=ray, workers=workers,
-        cpus_per_worker=cpus_per_worker,
+        cases, job, overwrite=overwrite, overwrite_changed=overwrite_changed, progress=not job.options.quiet, ray=ray,
+        workers=workers, cpus_per_worker=cpus_per_worker,
     )

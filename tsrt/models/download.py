@@ -25,6 +25,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -365,9 +366,11 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
     return fetch(url, dest, json_body=body, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
 
 
-#: What reading a damaged zip can raise (RuntimeError: encrypted members; NotImplementedError: unknown compression).
+#: What reading a damaged zip can raise (zlib.error: a damaged deflate stream; RuntimeError: encrypted members;
+#: NotImplementedError: an unknown compression method).
 _UNREADABLE_ZIP = (
-    zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError
+    zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+    NotImplementedError,
 )
 
 
@@ -408,7 +411,7 @@ def unpack(zip_path: Path, into: Path) -> None:
                         f"{Path(zip_path).name} holds a file outside its folder ({member}); it was not unpacked."
                     )
             archive.extractall(into)
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error) as err:
         Path(zip_path).unlink(missing_ok=True)
         raise DownloadError(
             f"{Path(zip_path).name} is not a complete zip archive ({err}); it was deleted: run the command again."

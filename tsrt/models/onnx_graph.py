@@ -49,8 +49,8 @@ BATCH_AXIS_NAME = "batch"
 OPSET = 17
 #: The IR version torch 2.x writes for opset 17, so both paths' graphs load in the same runtimes.
 IR_VERSION = 8
-#: Instance norms over at least this many voxels get the exporter's two-level statistics (same constant as
-#: tsrt_export.onnx_export.TWO_LEVEL_NORM_MIN_VOXELS; see _TwoLevelInstanceNorm there for the measurements).
+#: Instance norms over at least this many voxels get the exporter's two-level statistics (the torch exporter,
+#: tsrt_export.onnx_export, imports this constant; see _TwoLevelInstanceNorm there for the measurements).
 TWO_LEVEL_NORM_MIN_VOXELS = 1 << 16
 
 PLAIN_CONV_UNET = "PlainConvUNet"

@@ -1,7 +1,7 @@
 """The recorded plan: everything inference needs from a trained nnU-Net fold, without torch.
 
-The export toolchain writes one `fold_N.plan.json` next to each `fold_N.onnx` in an exported
-model folder; the runtime reads them here. All spatial lists (spacing, patch size, mirror axes)
+The exporters (tsrt.models.exporter without torch, tsrt_export.onnx_export with it) write one
+`fold_N.plan.json` next to each `fold_N.onnx` in an exported model folder; the runtime reads them here. All spatial lists (spacing, patch size, mirror axes)
 are in nnU-Net's *transposed* axis order, exactly as in nnU-Net's plans.
 
 Exported model folder layout::

@@ -4,7 +4,7 @@ Layout (one folder per nnU-Net dataset, named like TotalSegmentator's release fo
 
     $TSRT_HOME/models/
         Dataset297_TotalSegmentator_total_3mm_1559subj/
-            fold_0.onnx  fold_0.plan.json  fold_0.verify.json   (as tsrt_export writes them)
+            fold_0.onnx  fold_0.plan.json  fold_0.verify.json   (as tsrt.models.exporter writes them)
             .verified.json       graph size/mtime/sha256 recorded at install, so status checks
                                  need not re-hash gigabytes each time (--verify re-hashes)
         .staging-XXXX/           work folders of running imports (never read as models)

@@ -6,7 +6,10 @@ to --roi_subset), named by the class, in label order; SEG segments numbered 1..n
 TotalSegmentator's SNOMED CT category/type and colour (`dicom_codes.toml`; generic "Tissue" codes
 otherwise), algorithm "TotalSegmentator" of the TotalSegmentator version tsrt reproduces, type
 AUTOMATIC, family "Artificial Intelligence"; series number 100. Files are named as upstream names
-them (see `dicom_output_paths`). Manufacturer and software version say tsrt, which wrote the file.
+them (see `dicom_output_paths`). Manufacturer and software version say tsrt, which wrote the file, and
+so does the algorithm identification beyond upstream's name and version (`AlgorithmIdentity`): its
+source is tsrt and its version, its parameters the task, mode, models and options that ran. RTSTRUCT
+ROIs say the same in their generation description.
 
 Where upstream guesses the DICOM orientation from the image plane (axial/coronal/sagittal) and
 flips axes, tsrt maps each source slice onto the label grid from the slice's own geometry
@@ -302,13 +305,46 @@ def _frames(labels: np.ndarray, series: Sequence[SourceSlice]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- writers
 
 
+@dataclass(frozen=True)
+class AlgorithmIdentity:
+    """What made the segmentation, for DICOM's algorithm identification: the model (upstream's name and
+    version, so viewers show what TotalSegmentator's own files show) run by tsrt, with its parameters."""
+
+    name: str  # "TotalSegmentator"
+    version: str  # the TotalSegmentator version of the tasks and weights
+    parameters: Mapping[str, str]  # task, mode, models, options (key=value, comma-joined by highdicom)
+
+    @property
+    def source(self) -> str:
+        from tsrt.version import __version__
+
+        return f"tsrt {__version__}"
+
+    def description(self) -> str:
+        """One line (DICOM LO: at most 64 characters) for an RTSTRUCT ROI's generation description."""
+        mode = self.parameters.get("mode", "")
+        model = " ".join(part for part in (self.name, self.version, self.parameters.get("task", ""), mode) if part)
+        return f"{model}, {self.source}"[:64]
+
+    def sequence(self) -> Any:
+        """highdicom's AlgorithmIdentificationSequence of a SEG segment."""
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+
+        parameters = {key: str(value).replace(",", " ") for key, value in self.parameters.items()}
+        return hd.AlgorithmIdentificationSequence(
+            name=self.name, version=self.version, family=codes.DCM.ArtificialIntelligence, source=self.source,
+            parameters=parameters,
+        )
+
+
 def write_dicom_seg(
     labels: np.ndarray,
     label_map: Mapping[int, str],
     series: Sequence[SourceSlice],
     path: Path,
     *,
-    algorithm_version: str,
+    algorithm: AlgorithmIdentity,
 ) -> Path:
     """A binary DICOM SEG with one segment per present class (segment numbers 1..n in label order).
 
@@ -341,9 +377,7 @@ def write_dicom_seg(
             segmented_property_category=category,
             segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="TotalSegmentator", version=algorithm_version, family=codes.DCM.ArtificialIntelligence
-            ),
+            algorithm_identification=algorithm.sequence(),
             display_color=hd.color.CIELabColor.from_rgb(*class_colour(label, name)),
         ))
     series_uid = hd.UID()
@@ -377,11 +411,21 @@ def _coded(code: Sequence[str]) -> Any:
 
 
 def write_rtstruct(
-    labels: np.ndarray, label_map: Mapping[int, str], series: Sequence[SourceSlice], path: Path
+    labels: np.ndarray,
+    label_map: Mapping[int, str],
+    series: Sequence[SourceSlice],
+    path: Path,
+    *,
+    algorithm: AlgorithmIdentity | None = None,
 ) -> Path:
-    """An RTSTRUCT with one ROI (contours per slice) per present class, in label order."""
+    """An RTSTRUCT with one ROI (contours per slice) per present class, in label order.
+
+    With `algorithm`, the file names tsrt as its maker (not rt-utils) and each ROI the model that drew it.
+    """
     from rt_utils import ds_helper
     from rt_utils.rtstruct import RTStruct
+
+    from tsrt.version import __version__
 
     datasets = [source.dataset for source in series]
     frames = _frames(labels, series)
@@ -390,6 +434,11 @@ def write_rtstruct(
         for label, name in _present_classes(frames, label_map):
             mask = np.ascontiguousarray((frames == label).transpose(1, 2, 0))  # rt-utils: (rows, columns, slices)
             rtstruct.add_roi(mask=mask, name=name, color=list(class_colour(label, name)))
+        if algorithm is not None:
+            rtstruct.ds.Manufacturer = rtstruct.ds.ManufacturerModelName = "tsrt"
+            rtstruct.ds.SoftwareVersions = __version__
+            for roi in rtstruct.ds.StructureSetROISequence:
+                roi.ROIGenerationDescription = algorithm.description()
         with atomic_output(Path(path)) as temp:
             rtstruct.ds.save_as(temp)
     return Path(path)
@@ -415,7 +464,7 @@ def write_dicom_outputs(
     source: Path,
     paths: Mapping[str, Path],
     *,
-    algorithm_version: str,
+    algorithm: AlgorithmIdentity,
 ) -> list[Path]:
     """The DICOM files among `paths` (output type -> path) for the series at `source` (folder or zip)."""
     wanted = {t: p for t, p in paths.items() if t in DICOM_OUTPUT_TYPES}
@@ -425,13 +474,14 @@ def write_dicom_outputs(
     written = []
     for output_type, path in wanted.items():
         if output_type == "dicom_seg":
-            written.append(write_dicom_seg(labels, label_map, series, path, algorithm_version=algorithm_version))
+            written.append(write_dicom_seg(labels, label_map, series, path, algorithm=algorithm))
         else:
-            written.append(write_rtstruct(labels, label_map, series, path))
+            written.append(write_rtstruct(labels, label_map, series, path, algorithm=algorithm))
     return written
 
 
 __all__ = [
+    "AlgorithmIdentity",
     "DICOM_OUTPUT_TYPES",
     "OUTPUT_TYPES",
     "SourceSlice",

@@ -1,7 +1,8 @@
 """The files a segmentation run leaves behind, named and laid out as TotalSegmentator does.
 
 - without `multilabel`: OUTPUT is a folder with one binary mask per class (`liver.nii.gz`, ...);
-- with `multilabel` (`--ml`): OUTPUT is one label file whose NIfTI extension carries the label map;
+- with `multilabel` (`--ml`): OUTPUT is one label file whose NIfTI extension carries the label map
+  (OUTPUT without an ending: OUTPUT.nii, as TotalSegmentator writes it; see `multilabel_path`);
 - `statistics.json` and the preview PNG go into the output folder (next to the file for `--ml`).
 
 Each file is written to a temporary name and renamed, so an interrupted run never leaves a
@@ -39,9 +40,22 @@ def output_folder(output: Path, multilabel: bool) -> Path:
     return output.parent if multilabel else output
 
 
-def _multilabel_path(output: Path) -> Path:
+def multilabel_path(output: Path) -> Path:
+    """The file an --ml OUTPUT names, as TotalSegmentator (nibabel's save) names it.
+
+    OUTPUT ending .nii or .nii.gz is the file; OUTPUT without an ending gets .nii (uncompressed, as
+    nibabel appends). Other endings are refused in one line before any work: upstream would write
+    another format (.mgz, .img/.hdr) or fail only after the run (an unknown ending such as .001).
+    """
+    output = Path(output)
     name = output.name
-    return output if name.endswith((".nii", ".nii.gz")) else output.with_name(name + ".nii.gz")
+    if name.lower().endswith((".nii", ".nii.gz")):
+        return output
+    if "." not in name:
+        return output.with_name(name + ".nii")
+    raise OutputError(
+        f"Output {output} with --ml is one NIfTI file: end its name in .nii.gz or .nii (e.g. {name}.nii.gz)."
+    )
 
 
 def write_segmentation_outputs(
@@ -64,7 +78,8 @@ def write_segmentation_outputs(
     except OSError as err:
         raise OutputError(f"Cannot create the output folder {folder} ({err.strerror}); choose a writable location.") from None
     if multilabel:
-        written.multilabel = write_label_map(labels, image, _multilabel_path(output), label_names=dict(label_names))
+        path = multilabel_path(output)
+        written.multilabel = write_label_map(labels, image, path, label_names=dict(label_names))
     else:
         for label, name in label_names.items():
             mask = (labels == label).astype(np.uint8)

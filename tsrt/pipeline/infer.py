@@ -58,6 +58,14 @@ class LoadedModel:
         """The provider the sessions actually run on (`auto` may have fallen back)."""
         return self.sessions[0].provider_name if self.sessions else self.provider.name
 
+    @property
+    def precision_used(self) -> str:
+        """The arithmetic the sessions run (for the run manifest): an fp16 graph's own, else what the
+        provider was asked for, or fp32 when `auto` fell back to another provider."""
+        if self.plan.graph_precision == "fp16":
+            return "fp16"
+        return self.provider.precision if self.provider_used == self.provider.name else "fp32"
+
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """Logits of every fold for a batch of tiles: (N, C_in, *patch) -> (F, N, C_out, *patch)."""
         started = time.perf_counter()

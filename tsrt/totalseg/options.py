@@ -16,6 +16,9 @@ from tsrt.errors import TsrtError
 from tsrt.outputs.dicom import normalize_output_types
 
 STATS_AGGREGATIONS = ("mean", "median")
+#: Options that say where and how the models run, not what is written: a rerun that changes only these
+#: keeps earlier results (the run manifest records the provider actually used instead).
+RUNTIME_FIELDS = frozenset({"provider", "device", "threads", "quiet", "models_dir"})
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class SegmentOptions:
     roi_subset: tuple[str, ...] | None = None
     roi_subset_robust: tuple[str, ...] | None = None
     ml: bool = False  # one multilabel file instead of a folder of per-class masks
-    statistics: bool = False
+    statistics: bool | Path = False  # True: statistics.json beside the output; a path: there (upstream 2.18)
     statistics_exclude_masks_at_border: bool = True
     stats_aggregation: str = "mean"
     statistics_normalized_intensities: bool = False
@@ -43,6 +46,7 @@ class SegmentOptions:
     v1_order: bool = False
     remove_small_blobs: bool | float = False  # True: 200 mm3 (upstream's default); a number: that many mm3
     no_derived_masks: bool = False
+    skip_saving: bool = False  # no segmentation files, only statistics / preview (upstream's --skip_saving)
     output_type: tuple[str, ...] = ("nifti",)  # nifti, dicom_seg, dicom_rtstruct
     save_probabilities: Path | None = None  # nnU-Net's .npz (+ .pkl) of the task's last model
     provider: str = "auto"
@@ -60,6 +64,8 @@ class SegmentOptions:
             if value is not None:
                 set_field(name, (value,) if isinstance(value, str) else tuple(value))
         set_field("output_type", normalize_output_types(self.output_type))
+        if isinstance(self.statistics, str):
+            set_field("statistics", Path(self.statistics) if self.statistics else True)
         for name in ("save_probabilities", "models_dir"):
             value = getattr(self, name)
             if value is not None:
@@ -81,6 +87,12 @@ class SegmentOptions:
     def replace(self, **changes: Any) -> SegmentOptions:
         """A copy with some options changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def written_options(self) -> dict[str, Any]:
+        """Every option that changes what is written, by TotalSegmentator's names (the run manifest's options)."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS
+        }
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from tsrt.models.registry import load_registry
-from tsrt.outputs.dicom import require_dicom_input
+from tsrt.outputs.dicom import AlgorithmIdentity, require_dicom_input
 from tsrt.pipeline.read import Image
 from tsrt.totalseg import ops
 from tsrt.totalseg.request import TaskRequest
@@ -24,6 +24,7 @@ class OutputOptions:
 
     multilabel: bool = False
     statistics: bool = False
+    statistics_file: Path | None = None  # --statistics PATH (upstream 2.18), else statistics.json beside the output
     preview: bool = False
     exclude_masks_at_border: bool = True
     stats_aggregation: str = "mean"
@@ -32,6 +33,7 @@ class OutputOptions:
     derived_masks: bool = True
     output_types: tuple[str, ...] = ("nifti",)
     probabilities: Path | None = None  # --save_probabilities: nnU-Net's .npz (+ .pkl) of the task's last model
+    skip_saving: bool = False  # --skip_saving: no masks / label / DICOM files, side files still written
 
 def statistics_for(
     result: TaskResult,
@@ -86,30 +88,36 @@ def write_task_outputs(
     preview: bool = False,
     derived_masks: bool = True,
     output_types: Sequence[str] = ("nifti",),
+    statistics_file: Path | None = None,
+    skip_saving: bool = False,
 ) -> list[Path]:
     """Masks (one per class, or one --ml file), derived masks, statistics.json and preview, laid out as upstream.
 
     With DICOM output types the label map goes into DICOM SEG / RTSTRUCT files (and, when nifti is
     among several types, one multilabel NIfTI) named as upstream names them; upstream then treats
-    the output as multilabel, so statistics.json and the preview go next to OUTPUT.
+    the output as multilabel, so statistics.json and the preview go next to OUTPUT. `statistics_file`
+    (--statistics PATH) puts the statistics there instead; `skip_saving` writes only the side files.
     """
     from tsrt.outputs.files import output_folder, write_segmentation_outputs
     from tsrt.outputs.statistics import write_statistics
 
     output = Path(output)
-    if tuple(output_types) == ("nifti",):
+    nifti_only = tuple(output_types) == ("nifti",)
+    folder = output_folder(output, multilabel) if nifti_only else output.parent
+    paths: list[Path] = []
+    if skip_saving:
+        pass
+    elif nifti_only:
         written = write_segmentation_outputs(
             result.labels, result.source.image, result.label_map, output, multilabel=multilabel
         )
         paths = list(written.masks) + ([written.multilabel] if written.multilabel else [])
-        folder = output_folder(output, multilabel)
         if not multilabel and derived_masks and any(step.step == "derived_masks" for step in request.task.postprocess):
             paths.extend(_write_body_derived_masks(result, output))
     else:
         paths = _write_typed_outputs(result, request, output, output_types)
-        folder = output.parent
     if statistics and stats is not None:
-        paths.append(write_statistics(stats, folder / "statistics.json"))
+        paths.append(write_statistics(stats, statistics_file or folder / "statistics.json"))
     if preview and result.lowres is not None:
         from tsrt.outputs.preview import write_preview
 
@@ -118,6 +126,16 @@ def write_task_outputs(
             folder / f"preview_{request.task.name}.png", lowres.values, lowres.labels, lowres.affine, result.label_map
         ))
     return paths
+
+def check_output_name(
+    output: Path, *, multilabel: bool, output_types: Sequence[str], skip_saving: bool = False
+) -> None:
+    """Refuse an --ml OUTPUT name no NIfTI file can have, before any work (upstream fails only when saving)."""
+    from tsrt.outputs.files import multilabel_path
+
+    if multilabel and tuple(output_types) == ("nifti",) and not skip_saving:
+        multilabel_path(output)
+
 
 def _write_typed_outputs(
     result: TaskResult, request: TaskRequest, output: Path, output_types: Sequence[str]
@@ -134,10 +152,25 @@ def _write_typed_outputs(
     if "nifti" in paths:
         written.append(write_label_map(result.labels, source.image, paths["nifti"], label_names=dict(result.label_map)))
     written += write_dicom_outputs(
-        result.labels, result.label_map, source.image, source.path, paths,
-        algorithm_version=load_registry().totalsegmentator_version,
+        result.labels, result.label_map, source.image, source.path, paths, algorithm=task_algorithm(request)
     )
     return written
+
+
+def task_algorithm(request: TaskRequest) -> AlgorithmIdentity:
+    """The DICOM algorithm identification of a task: TotalSegmentator's name and version (as upstream writes
+    them), the task, its mode, the models it ran and the options that changed the masks."""
+    from tsrt.totalseg.request import models_to_run
+
+    task = request.task
+    parameters = {"task": task.name, "mode": task.mode, "models": " ".join(m.name for m in models_to_run(request)[0])}
+    optional = {
+        "roi_subset": " ".join(request.roi_subset or ()), "robust_crop": request.robust_crop,
+        "body_seg": request.body_seg, "force_split": request.force_split, "v1_order": request.v1_order,
+        "remove_small_blobs_mm3": request.remove_small_blobs_mm3,
+    }
+    parameters.update({key: str(value) for key, value in optional.items() if value})
+    return AlgorithmIdentity("TotalSegmentator", load_registry().totalsegmentator_version, parameters)
 
 def _write_body_derived_masks(result: TaskResult, output: Path) -> list[Path]:
     """body.nii.gz (trunc + extremities) and skin.nii.gz, which upstream derives for the body task."""

@@ -131,6 +131,7 @@ class TaskResult:
     source: SourceImage
     lowres: LowRes | None
     seconds: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)  # the files segment_source wrote (the manifest lists them)
 
 class ModelRunner:
     """Opens stored models and runs them like TotalSegmentator's nnUNetv2_predict call.
@@ -162,6 +163,7 @@ class ModelRunner:
         self.seconds: dict[str, float] = {}
         self.tiles_run = 0  # tiles through every model so far (for tiles/s)
         self.provider_used: str | None = None
+        self.precision_used: str | None = None  # of the last model opened (the run manifest's)
 
     def model(self, part: ModelPart) -> LoadedModel:
         if self._open is None or self._open[0] != part.name:
@@ -175,6 +177,7 @@ class ModelRunner:
             )
             self._open = (part.name, loaded)
             self.provider_used = loaded.provider_used
+            self.precision_used = loaded.precision_used
             self._add_seconds("load models", started)
         return self._open[1]
 

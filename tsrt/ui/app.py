@@ -297,6 +297,11 @@ def _show_result(result: PageResult) -> None:
         "Masks (zip, one NIfTI per structure)", data=files.masks_zip_bytes, file_name=files.masks_zip_name,
         mime="application/zip", on_click="ignore", key="download_masks", width="stretch",
     )
+    if files.manifest is not None:
+        st.download_button(
+            "Run manifest (JSON: model, options, checksums)", data=files.manifest.read_bytes(),
+            file_name=files.manifest.name, mime="application/json", on_click="ignore", key="download_manifest",
+        )
 
 
 def _structure_toggles(found: list[tuple[int, str]], viewer: SliceViewer) -> set[int]:

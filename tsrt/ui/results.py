@@ -1,12 +1,14 @@
 """What the result page offers, built once per run: the per-structure report and the files to download.
 
 Volumes and mean intensities come from `tsrt.outputs.statistics` (TotalSegmentator's rules), the label file and
-masks from `tsrt.outputs.files`, the overview from `tsrt.outputs.preview` - the same files `tsrt segment` writes.
+masks from `tsrt.outputs.files`, the overview from `tsrt.outputs.preview` - the same files `tsrt segment` writes -
+and the run manifest (what made them) from `tsrt.outputs.manifest`, beside the label file and in the masks zip.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import threading
 import zipfile
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tsrt.outputs.files import write_segmentation_outputs
+from tsrt.outputs.manifest import FOLDER_MANIFEST, manifest_path
 from tsrt.outputs.statistics import structure_statistics
 from tsrt.ui.runner import Segmentation
 from tsrt.pipeline.write import atomic_output
@@ -91,6 +94,7 @@ class ResultFiles:
     multilabel: Path
     overview: Path
     report: Path
+    manifest: Path | None = None  # the run manifest (None: the segmentation came without one)
     _masks_zip: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -113,6 +117,8 @@ class ResultFiles:
                     with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:  # .nii.gz: compressed
                         for mask in masks.masks:
                             archive.write(mask, f"segmentations/{mask.name}")
+                        if self.manifest is not None:  # beside the masks, as in a mask folder tsrt writes
+                            archive.write(self.manifest, f"segmentations/{FOLDER_MANIFEST}")
                 self._masks_zip = target
             return self._masks_zip
 
@@ -131,4 +137,9 @@ def write_result_files(segmentation: Segmentation, report: dict[str, list], fold
     with atomic_output(report_path) as temp:
         temp.write_bytes(report_csv(report))
     assert written.multilabel is not None and written.preview is not None
-    return ResultFiles(seg, Path(folder), stem, written.multilabel, written.preview, report_path)
+    manifest = None
+    if seg.manifest is not None:  # last: it names the files above
+        manifest = manifest_path(written.multilabel, folder=False)
+        names = sorted(path.name for path in (written.multilabel, written.preview, report_path))
+        dataclasses.replace(seg.manifest, outputs=tuple(names)).write(manifest)
+    return ResultFiles(seg, Path(folder), stem, written.multilabel, written.preview, report_path, manifest)

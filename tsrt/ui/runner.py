@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tsrt.outputs.manifest import InputRecord, RunFacts, RunManifest, RunRecorder, RunRequest
 from tsrt.pipeline.read import Image
 
 DEMO_KEY = "demo"
@@ -113,6 +114,7 @@ class Segmentation:
     provider: str
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    manifest: RunManifest | None = None  # what made it; the result files add their names (tsrt.ui.results)
 
 
 def segment_for_ui(
@@ -125,14 +127,22 @@ def segment_for_ui(
     reporter: StageReporter | None = None,
     store_root: Path | None = None,
 ) -> Segmentation:
-    """Segment a read image (`tsrt.totalseg.SourceImage`) with the chosen model; `structures` narrows the result."""
+    """Segment a read image (`tsrt.totalseg.SourceImage`) with the chosen model; `structures` narrows the result.
+
+    The result carries its run manifest (without output names: `tsrt.ui.results` adds them when it writes).
+    """
     reporter = reporter or SilentReporter()
+    recorder = RunRecorder()
     if choice.key == DEMO_KEY:
-        result = _segment_with_demo_model(source, provider, reporter)
+        result, request, precision = _segment_with_demo_model(source, provider, reporter)
     else:
-        result = _segment_with_task(source, choice, fast, structures, provider, reporter, store_root)
+        result, request, precision = _segment_with_task(source, choice, fast, structures, provider, reporter, store_root)
     if structures and set(result.label_names.values()) - set(structures):
         result.labels, result.label_names = keep_structures(result.labels, result.label_names, structures)
+    if structures:
+        request = request.with_options(structures=sorted(structures))
+    facts = RunFacts(source.image, result.provider, precision)
+    result.manifest = recorder.manifest(request, InputRecord.of(source.path, source.image), facts, (), Path("."))
     return result
 
 
@@ -147,8 +157,11 @@ def keep_structures(
     return keep_roi_subset(np.array(labels), list(kept)), kept
 
 
-def _segment_with_demo_model(source, provider: str, reporter: StageReporter) -> Segmentation:
-    from tsrt.api import segment_image_with_model
+def _segment_with_demo_model(
+    source, provider: str, reporter: StageReporter
+) -> tuple[Segmentation, RunRequest, str]:
+    """The demo model's segmentation, its request and the precision it ran in."""
+    from tsrt.api import model_run_request, segment_image_with_model
     from tsrt.demo.run import demo_model_dir
     from tsrt.pipeline.infer import InferenceSettings, load_model
 
@@ -157,12 +170,15 @@ def _segment_with_demo_model(source, provider: str, reporter: StageReporter) -> 
     model = load_model(demo_model_dir(), provider=provider)
     loaded = time.perf_counter()
     reporter.stage(f"Segmenting ({model.provider_used})")
-    run = segment_image_with_model(source.image, model, InferenceSettings(progress=False, on_tiles=reporter.tiles))
+    settings = InferenceSettings(progress=False, on_tiles=reporter.tiles)
+    run = segment_image_with_model(source.image, model, settings)
     seconds = {"load model": loaded - started, "segment": time.perf_counter() - loaded}
-    return Segmentation(
+    segmentation = Segmentation(
         source.image, source.values, run.labels, dict(run.label_names), DEMO_LABEL, "CT", model.provider_used,
         seconds=seconds,
     )
+    request = model_run_request(demo_model_dir(), model.plans, settings, save_probabilities=False)
+    return segmentation, request, model.precision_used
 
 
 def _segment_with_task(
@@ -173,12 +189,13 @@ def _segment_with_task(
     provider: str,
     reporter: StageReporter,
     store_root: Path | None,
-) -> Segmentation:
+) -> tuple[Segmentation, RunRequest, str]:
+    """The task's segmentation, its request and the precision it ran in."""
     from tsrt.engines.providers import choose_provider
     from tsrt.totalseg.options import SegmentOptions
     from tsrt.totalseg.request import build_request, missing_models, models_to_run
     from tsrt.totalseg.runner import run_task
-    from tsrt.totalseg.task import prepare_run
+    from tsrt.totalseg.task import prepare_run, task_run_request
 
     reporter.stage("Checking the installed models")
     started = time.perf_counter()
@@ -189,18 +206,19 @@ def _segment_with_task(
         if missing_models(models_to_run(crop_request)[0], store_root):
             notes.append("Segmented every structure and kept the chosen ones (the crop model is not installed).")
             roi_subset = None
-    request, runner, _ = prepare_run(
-        SegmentOptions(task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True,
-                       models_dir=store_root)
+    options = SegmentOptions(
+        task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True, models_dir=store_root
     )
+    request, runner, _ = prepare_run(options)
     runner.on_tiles = reporter.tiles
     checked = time.perf_counter()
     reporter.stage("Segmenting")
     result = run_task(source, request, runner)
     used_provider = runner.provider_used or choose_provider(provider).name  # what the sessions actually ran on
     label = f"{choice.key}{' --fast' if fast else ''}"
-    return Segmentation(
+    segmentation = Segmentation(
         source.image, source.values, result.labels, dict(result.label_map), label, choice.modality,
         used_provider, notes=notes,
         seconds={"check models": checked - started, "segment": time.perf_counter() - checked},
     )
+    return segmentation, task_run_request(options, request), runner.precision_used or "fp32"
