@@ -14,10 +14,11 @@ $(RUNTIME_VENV)/.installed: $(RUNTIME_SOURCES)
 	$(RUNTIME_VENV)/bin/pip install --quiet --disable-pip-version-check .
 	touch $@
 
-# Development install: runtime + export toolchain + the parity oracles (nnunetv2, TotalSegmentator).
-$(DEV_VENV)/.installed: pyproject.toml
+# Development install: runtime + the torch toolchain (export/, its own distribution, so the runtime wheel
+# carries no torch code or test fixtures) + the parity oracles (nnunetv2, TotalSegmentator).
+$(DEV_VENV)/.installed: pyproject.toml export/pyproject.toml
 	test -d $(DEV_VENV) || $(PYTHON) -m venv $(DEV_VENV)
-	$(DEV_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(DEV_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' -e ./export
 	touch $@
 
 runtime: $(RUNTIME_VENV)/.installed

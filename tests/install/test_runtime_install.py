@@ -9,6 +9,8 @@ than a unit test, and it is the only proof that nothing in the runtime pulls tor
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 def runtime_venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("runtime-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # setuptools packs whatever build/lib holds, so a module moved away since the last build would ship too.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     result = subprocess.run([*pip, str(REPO)], capture_output=True, text=True)
     assert result.returncode == 0, f"pip install . failed:\n{result.stdout}\n{result.stderr}"
@@ -32,6 +36,8 @@ def _run(venv: Path, *args: str, env_extra: dict[str, str] | None = None, **kwar
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     env.update(env_extra or {})
+    # Outside the repository: from its root, `python -c` would import the source tree's tsrt (and its egg-info).
+    kwargs.setdefault("cwd", venv.parent)
     return subprocess.run(list(args), capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, **kwargs)
 
 
@@ -41,6 +47,25 @@ def test_runtime_install_has_no_torch(runtime_venv):
         probe = _run(runtime_venv, python, "-c", f"import {forbidden}")
         assert probe.returncode != 0, f"{forbidden} is importable in the runtime-only venv"
         assert "ModuleNotFoundError" in probe.stderr
+
+
+def test_runtime_install_carries_no_torch_toolchain_or_test_fixtures(runtime_venv):
+    """The wheel is tsrt alone: the torch exporter and the fixture generator are the separate export/ package."""
+    python = str(runtime_venv / "bin" / "python")
+    probe = _run(runtime_venv, python, "-c", "import tsrt_export")
+    assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, "tsrt_export ships in the runtime wheel"
+    listing = _run(runtime_venv, python, "-c", "import importlib.metadata as m; print('\\n'.join(str(f) for f in m.files('tsrt')))")
+    files = listing.stdout.split()
+    assert files and not [f for f in files if "fixture" in f or f.startswith("tsrt_export")], files
+    sources = [f for f in files if f.endswith(".py")]
+    torch_import = re.compile(r"^\s*(?:import|from)\s+torch\b", re.M)
+    site = (runtime_venv / "lib").joinpath(*_site_packages_parts(runtime_venv))
+    torch_code = [f for f in sources if torch_import.search((site / f).read_text())]
+    assert torch_code == []
+
+
+def _site_packages_parts(venv: Path) -> tuple[str, ...]:
+    return next(p.relative_to(venv / "lib").parts for p in (venv / "lib").glob("python3*/site-packages"))
 
 
 def test_runtime_cli_help_works(runtime_venv):

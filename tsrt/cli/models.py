@@ -45,7 +45,9 @@ def torch_exporter(feature: str) -> "Exporter":
     except ModuleNotFoundError as err:
         if not is_missing(err, EXPORT_EXTRA_MODULES):
             raise
-        raise missing_extra(feature, str(err.name), "export") from None
+        raise missing_extra(
+            feature, str(err.name), "export", " and the torch toolchain from tsrt's source tree: pip install ./export"
+        ) from None
     return export_model
 
 
