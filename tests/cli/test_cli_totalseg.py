@@ -214,6 +214,11 @@ def test_combine_masks_from_a_multilabel_file_and_from_a_mask_folder(tmp_path: P
         combined = nib.load(out)
         assert np.array_equal(np.asanyarray(combined.dataobj), expected)
         assert read_label_table(combined) == {1: "lung"}
+    # No ending: combined.nii, uncompressed, as totalseg_combine_masks (nibabel's save) names it.
+    result = _invoke("combine-masks", str(folder), "-o", str(tmp_path / "combined"), "-m", "lung")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "combined.nii").read_bytes()[:2] != b"\x1f\x8b" and not (tmp_path / "combined").exists()
+    assert not list(tmp_path.glob(".*tsrt-partial*"))
 
 
 def test_combine_masks_refuses_unknown_kinds_and_missing_inputs(tmp_path: Path) -> None:
@@ -336,7 +341,9 @@ def test_cohort_folder_is_resumable_and_survives_a_broken_case(tmp_path: Path) -
 
     again = run_cohort(cases, request, _ConstantRunner(5), options, _stub_request(5), progress=False)
     assert again.skipped == ["case0", "case1"] and again.done == [] and len(again.failed) == 1
-    redone = run_cohort(cases[1:], request, _ConstantRunner(7), options, _stub_request(5), overwrite=True, progress=False)
+    redone = run_cohort(
+        cases[1:], request, _ConstantRunner(7), options, _stub_request(5), overwrite=True, progress=False
+    )
     assert redone.done == ["case0", "case1"]
     assert np.all(np.asanyarray(nib.load(tmp_path / "out" / "case1" / "case1.nii.gz").dataobj) == 7)
 

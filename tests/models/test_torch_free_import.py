@@ -41,9 +41,12 @@ from tsrt_export.onnx_export import export_model  # noqa: E402
 from tsrt_export.verify import FP32_TOLERANCE_FRACTION, compare_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-#: The tasks imported both ways: total's five parts, total --fast, total_mr --fast.
+#: The tasks imported both ways: total's five parts, total --fast, total_mr --fast, and a sub-task with a crop
+#: model (heartchambers_highres: its own model, cropped to the heart found by total --fast's model).
 TASKS = {"total": get_task("total"), "total --fast": get_task("total", fast=True),
-         "total_mr --fast": get_task("total_mr", fast=True)}
+         "total_mr --fast": get_task("total_mr", fast=True), "heartchambers_highres": get_task("heartchambers_highres")}
+#: The sub-task's own model lives in a second TotalSegmentator home (its crop model is already in the store).
+SUBTASK = "heartchambers_highres"
 FAST_MODEL = get_task("total", fast=True).parts[0]
 #: What a runtime-only install lacks; the subprocesses make their import fail.
 BLOCKED = ("torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "tsrt_export", "totalsegmentator")
@@ -83,16 +86,20 @@ def _run_cli_without_torch(argv_list: list[list[str]], env: dict[str, str], cwd:
 @pytest.fixture(scope="module")
 def stores(totalseg_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """TSRT_HOMEs holding TASKS: `free` imported without torch (CLI, subprocess), `torch` by the torch exporter."""
+    from tsrt_export.fixtures import write_totalseg_home
+
     root = tmp_path_factory.mktemp("two_stores")
     free, with_torch = root / "free", root / "torch"
+    subtask_home = write_totalseg_home(root / "subtask_home", (SUBTASK,))
+    homes = {name: subtask_home if name == SUBTASK else totalseg_home for name in TASKS}
     env = {**os.environ, "TSRT_HOME": str(free), "PYTHONUTF8": "1"}
-    argv = [["models", "import", *name.split(), "--totalseg-home", str(totalseg_home), "-q"] for name in TASKS]
+    argv = [["models", "import", *name.split(), "--totalseg-home", str(homes[name]), "-q"] for name in TASKS]
     run = _run_cli_without_torch(argv, env, root)
     assert run["loaded"] == []
     started = time.perf_counter()
     torch_seconds = []
-    for task in TASKS.values():
-        import_task_with_torch(task, totalseg_home, store_root=with_torch / "models", progress=False)
+    for name, task in TASKS.items():
+        import_task_with_torch(task, homes[name], store_root=with_torch / "models", progress=False)
         torch_seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
     print(
@@ -110,8 +117,8 @@ def _store_files(home: Path) -> list[str]:
 def test_torch_free_store_has_the_same_files_and_plans(stores: dict[str, Path]) -> None:
     free, with_torch = stores["free"], stores["torch"]
     assert _store_files(free) == _store_files(with_torch)
-    models = [model for task in TASKS.values() for model in task.required_models]
-    assert len(models) == 7
+    models = list({model.name: model for task in TASKS.values() for model in task.required_models}.values())
+    assert len(models) == 8  # total's 5 parts, total --fast, total_mr --fast, heartchambers_highres
     for model in models:
         for fold in model.fold_names or ("0",):
             ours = read_plan(free / "models" / model.name / f"fold_{fold}.plan.json")
@@ -159,6 +166,24 @@ def test_masks_of_both_stores_are_voxel_equal(stores: dict[str, Path], shared_da
         assert result.returncode == 0, result.stderr[-2000:]
         labels[name] = np.asarray(nib.load(output).dataobj)
     assert len(np.unique(labels["torch"])) > 2, "the fixture net labels more than one class"
+    np.testing.assert_array_equal(labels["free"], labels["torch"])
+
+
+def test_a_cropped_subtask_segments_the_same_from_both_stores(
+    stores: dict[str, Path], shared_data: Path, tmp_path: Path
+) -> None:
+    """`tsrt -i example_ct_sm.nii.gz -o seg.nii.gz -ta heartchambers_highres --ml`: crop model, then its own model."""
+    labels = {}
+    for name, home in stores.items():
+        output = tmp_path / f"{name}.nii.gz"
+        env = {**os.environ, "TSRT_HOME": str(home), "PYTHONUTF8": "1"}
+        result = subprocess.run(
+            [sys.executable, "-c", "from tsrt.cli.root import main; main()",
+             "-i", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-ta", SUBTASK, "--ml", "-q"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        labels[name] = np.asarray(nib.load(output).dataobj)
     np.testing.assert_array_equal(labels["free"], labels["torch"])
 
 

@@ -115,7 +115,9 @@ def test_model_run_json_equals_the_manifest_beside_the_label_file(shared_data: P
     assert json.loads(run.stdout) == written
     assert written["outputs"] == ["seg.nii.gz", "seg.npz", "seg.pkl"]
     request = written["request"]
-    assert (request["kind"], request["name"]) == ("model", "Dataset900_TsrtDemo/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres")
+    assert (request["kind"], request["name"]) == (
+        "model", "Dataset900_TsrtDemo/nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
+    )
     assert request["model_dir"] == str(DEMO_MODEL.resolve())
     assert request["options"] == {
         "folds": ["0"], "tta": True, "step_size": 0.5, "batch_size": 1, "save_probabilities": True

@@ -141,8 +141,8 @@ def segment(
     ml: bool = _task_option(False, "--ml", "-ml", help="One multilabel file instead of a mask per class."),
     statistics: Optional[str] = _task_option(
         None, "--statistics", "-s", metavar="[PATH]",
-        help="Also write statistics.json (into the mask folder, beside the --ml file, or to PATH; a PATH after "
-        "INPUT must end in .json).",
+        help="Also write statistics.json (in the mask folder or beside the --ml file), or to PATH (ending .json "
+        "unless the input comes with -i).",
     ),
     radiomics: bool = _task_option(
         False, "--radiomics", "-r", help="Also write statistics_radiomics.json (pip install 'tsrt[radiomics]')."

@@ -99,7 +99,9 @@ def combine_masks(
         None, metavar="INPUT", help="tsrt/TotalSegmentator output folder, or a --ml label file."
     ),
     input_option: Optional[Path] = typer.Option(None, "-i", help="Same as INPUT (totalseg_combine_masks' spelling)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Combined mask file (.nii.gz)."),
+    output: Path = typer.Option(
+        ..., "-o", "--output", help="Combined mask file (.nii.gz, .nii; no ending: .nii, as totalseg_combine_masks)."
+    ),
     kind: str = typer.Option(
         ..., "-m", "--masks", help="lung, lung_left, lung_right, vertebrae, ribs, vertebrae_ribs, pelvis or body."
     ),
@@ -108,10 +110,12 @@ def combine_masks(
     """Merge classes into one binary mask, like totalseg_combine_masks."""
     import nibabel as nib
 
+    from tsrt.outputs.files import nifti_output_path
     from tsrt.totalseg import ops
     from tsrt.pipeline.label_table import caret_label_table, read_label_table
     from tsrt.pipeline.write import atomic_output
 
+    output = nifti_output_path(output)
     source = input_option or masks
     if source is None:
         raise TsrtError("No input given: pass the segmentation folder or --ml file as INPUT or with -i.")

@@ -341,7 +341,7 @@ class CaseWorker:
     def segment(self, case: Case, measured: dict[str, Any] | None = None) -> None:
         """Read, then segment under the lock and write the manifest last; `measured` gets the lock wait and
         the peak memory under it (the manifest's peak too)."""
-        recorder = RunRecorder(restart_memory=False)  # two cases share this process: the peak restarts under the lock
+        recorder = RunRecorder(restart_memory=False)  # two cases share the process: the peak restarts under the lock
         loaded = self.segmenter.read(case)
         digest = input_sha256(case.input)
         queued = time.perf_counter()
@@ -471,7 +471,7 @@ def triage(
         record = CaseRecord(case.name, "skipped")
     elif check.state != MATCHED and not overwrite_changed and case.folder.exists():
         record = CaseRecord(case.name, "stale")
-        log.warning("%s is stale (%s): kept, as --no-overwrite-changed asks.", case.name, check.reason)
+        log.info("%s is stale (%s): kept, as --no-overwrite-changed asks.", case.name, check.reason)
     return check, None if record is None else noted(record, check)
 
 
@@ -482,6 +482,7 @@ def noted(record: CaseRecord, check: ManifestCheck) -> CaseRecord:
 
 
 def check_cohort_options(overwrite: bool, overwrite_changed: bool) -> None:
+    """The two rerun flags contradict each other; refuse before any case runs."""
     if overwrite and not overwrite_changed:
         raise TsrtError("--overwrite redoes every case and --no-overwrite-changed keeps changed ones: choose one.")
 

@@ -2,7 +2,7 @@
 
 - without `multilabel`: OUTPUT is a folder with one binary mask per class (`liver.nii.gz`, ...);
 - with `multilabel` (`--ml`): OUTPUT is one label file whose NIfTI extension carries the label map
-  (OUTPUT without an ending: OUTPUT.nii, as TotalSegmentator writes it; see `multilabel_path`);
+  (OUTPUT without an ending: OUTPUT.nii, as TotalSegmentator writes it; see `nifti_output_path`);
 - `statistics.json` and the preview PNG go into the output folder (next to the file for `--ml`).
 
 Each file is written to a temporary name and renamed, so an interrupted run never leaves a
@@ -40,11 +40,11 @@ def output_folder(output: Path, multilabel: bool) -> Path:
     return output.parent if multilabel else output
 
 
-def multilabel_path(output: Path) -> Path:
-    """The file an --ml OUTPUT names, as TotalSegmentator (nibabel's save) names it.
+def nifti_output_path(output: Path) -> Path:
+    """The file a one-file OUTPUT (--ml, combine-masks) names, as TotalSegmentator's nibabel save names it.
 
     OUTPUT ending .nii or .nii.gz is the file; OUTPUT without an ending gets .nii (uncompressed, as
-    nibabel appends). Other endings are refused in one line before any work: upstream would write
+    nibabel appends). Other endings are refused in one line, before any work: upstream would write
     another format (.mgz, .img/.hdr) or fail only after the run (an unknown ending such as .001).
     """
     output = Path(output)
@@ -54,7 +54,7 @@ def multilabel_path(output: Path) -> Path:
     if "." not in name:
         return output.with_name(name + ".nii")
     raise OutputError(
-        f"Output {output} with --ml is one NIfTI file: end its name in .nii.gz or .nii (e.g. {name}.nii.gz)."
+        f"Output {output} is one NIfTI file: end its name in .nii.gz or .nii (e.g. {name}.nii.gz)."
     )
 
 
@@ -78,7 +78,7 @@ def write_segmentation_outputs(
     except OSError as err:
         raise OutputError(f"Cannot create the output folder {folder} ({err.strerror}); choose a writable location.") from None
     if multilabel:
-        path = multilabel_path(output)
+        path = nifti_output_path(output)
         written.multilabel = write_label_map(labels, image, path, label_names=dict(label_names))
     else:
         for label, name in label_names.items():

@@ -73,6 +73,7 @@ class GraphRecord:
 
     @property
     def identity(self) -> tuple[str, str, str]:
+        """What a rerun compares: the content, not where the model was stored."""
         return (self.fold, self.sha256, self.plan_sha256)
 
 
@@ -103,7 +104,7 @@ class RunRequest:
     """
 
     kind: str  # "task" or "model"
-    name: str  # the task (total, ...), or the model as nnU-Net's result folder names it (Dataset/Trainer__Plans__Config)
+    name: str  # the task (total, ...), or the model as nnU-Net names its result (Dataset/Trainer__Plans__Config)
     options: dict[str, Any]
     graphs: tuple[GraphRecord, ...]
     model_dir: str | None = None  # --model: where the folder was (its graphs' sha256 identify it)
@@ -259,6 +260,7 @@ def read_manifest(path: Path) -> RunManifest:
 
 
 def now() -> str:
+    """UTC with milliseconds: two runs of one case never share a start time (a rewritten manifest shows)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 

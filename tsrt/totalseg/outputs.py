@@ -131,10 +131,10 @@ def check_output_name(
     output: Path, *, multilabel: bool, output_types: Sequence[str], skip_saving: bool = False
 ) -> None:
     """Refuse an --ml OUTPUT name no NIfTI file can have, before any work (upstream fails only when saving)."""
-    from tsrt.outputs.files import multilabel_path
+    from tsrt.outputs.files import nifti_output_path
 
     if multilabel and tuple(output_types) == ("nifti",) and not skip_saving:
-        multilabel_path(output)
+        nifti_output_path(output)
 
 
 def _write_typed_outputs(

@@ -136,7 +136,9 @@ def segment_for_ui(
     if choice.key == DEMO_KEY:
         result, request, precision = _segment_with_demo_model(source, provider, reporter)
     else:
-        result, request, precision = _segment_with_task(source, choice, fast, structures, provider, reporter, store_root)
+        result, request, precision = _segment_with_task(
+            source, choice, fast, structures, provider, reporter, store_root
+        )
     if structures and set(result.label_names.values()) - set(structures):
         result.labels, result.label_names = keep_structures(result.labels, result.label_names, structures)
     if structures:
