@@ -12,7 +12,7 @@ import numpy as np
 
 from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
-from tsrt.outputs.files import WrittenOutputs, write_segmentation_outputs
+from tsrt.outputs.files import WrittenOutputs
 from tsrt.outputs.manifest import (
     InputRecord, RunFacts, RunManifest, RunRecorder, RunRequest, manifest_path, plan_graph_records,
 )

@@ -42,8 +42,11 @@ def is_missing(error: ModuleNotFoundError, modules: str | tuple[str, ...]) -> bo
     return (error.name or "").split(".")[0] in {name.split(".")[0] for name in wanted}
 
 
-def require_module(module: str, feature: str, extra: str, note: str = "") -> object:
-    """Import an optional dependency, or fail with the one line that says which extra to install."""
+def require_module(module: str, feature: str, extra: str, note: str = "", *, called: str | None = None) -> object:
+    """Import an optional dependency, or fail with the one line that says which extra to install.
+
+    `called` is the library's name as people write it (Ray), when it differs from the module's (ray).
+    """
     import importlib
 
     try:
@@ -51,4 +54,4 @@ def require_module(module: str, feature: str, extra: str, note: str = "") -> obj
     except ModuleNotFoundError as error:
         if not is_missing(error, module):
             raise
-        raise missing_extra(feature, module, extra, note) from None
+        raise missing_extra(feature, called or module, extra, note) from None

@@ -402,3 +402,21 @@ def test_cli_export_error_is_one_line_and_runtime_import_stays_torch_free(tmp_pa
     assert result.returncode == ModelError.exit_code, result.stderr
     assert result.stderr.strip().startswith("tsrt: error:") and "has no plans.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_export_takes_segments_output_option_and_nnunets_fold_list(plain_folder: Path, tmp_path: Path) -> None:
+    """`tsrt export MODEL -o OUT -f 0 1 2` (segment's -o, nnU-Net's -f list); the positional OUT still works."""
+    from typer.testing import CliRunner
+
+    from tsrt.cli.root import app, totalsegmentator_argv
+
+    assert totalsegmentator_argv(["export", "M", "-o", "O", "-f", "0", "1", "2"]) == [
+        "export", "M", "-o", "O", "-f", "0", "-f", "1", "-f", "2"
+    ]
+    assert totalsegmentator_argv(["segment", "-f", "ct.nii.gz", "-o", "x"])[:3] == ["segment", "-f", "ct.nii.gz"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, totalsegmentator_argv(["export", str(plain_folder), "-o", str(out), "-f", "0"]))
+    assert result.exit_code == 0, result.output
+    assert read_plan(out / "fold_0.plan.json").fold == "0"
+    both = CliRunner().invoke(app, ["export", str(plain_folder), str(out), "-o", str(tmp_path / "other")])
+    assert both.exit_code != 0 and "Give the output folder once" in str(both.exception)

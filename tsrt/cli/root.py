@@ -52,8 +52,15 @@ _EXPORT_OPSET = 17
 @app.command()
 def export(
     model_folder: Path = typer.Argument(..., help="nnU-Net v2 result folder (Trainer__Plans__Configuration)."),
-    out_dir: Path = typer.Argument(..., help="Folder to write fold_N.onnx + fold_N.plan.json into."),
-    fold: Optional[list[str]] = typer.Option(None, "--fold", "-f", help="Fold to export (repeat); default: all."),
+    out_dir_argument: Optional[Path] = typer.Argument(
+        None, metavar="[OUT]", help="Folder to write fold_N.onnx + fold_N.plan.json into (or -o)."
+    ),
+    out_dir_option: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Folder to write fold_N.onnx + fold_N.plan.json into, as `tsrt segment -o`."
+    ),
+    fold: Optional[list[str]] = typer.Option(
+        None, "--fold", "-f", "--folds", help="Folds to export, as nnU-Net's -f 0 1 2 (or repeated); default: all."
+    ),
     checkpoint: str = typer.Option("checkpoint_final.pth", help="Checkpoint file name inside each fold_N folder."),
     verify_with_torch: bool = typer.Option(
         False, "--verify-with-torch",
@@ -65,6 +72,11 @@ def export(
     verify_image: Optional[Path] = typer.Option(None, help="Also verify on a centre patch of this image."),
 ) -> None:
     """Export trained nnU-Net v2 folds to ONNX graphs, torch-free (checkpoints read without unpickling code)."""
+    if (out_dir_argument is None) == (out_dir_option is None):
+        raise TsrtError(
+            "Give the output folder once: `tsrt export MODEL_FOLDER -o OUT` (or `tsrt export MODEL_FOLDER OUT`)."
+        )
+    out_dir = out_dir_option or out_dir_argument
     if not verify_with_torch:
         torch_only = [
             flag for flag, given in (
@@ -426,12 +438,17 @@ _MULTI_VALUE_OPTIONS = {
 _TOP_LEVEL_OPTIONS = {"--help", "-h", "--version"}
 
 
+#: Multi-value options of single commands (`tsrt export MODEL -f 0 1 2`, nnU-Net's spelling; -f is --fast elsewhere).
+_COMMAND_MULTI_VALUE_OPTIONS = {"export": {"-f", "--fold", "--folds"}}
+
+
 def expand_multi_value_options(argv: list[str]) -> list[str]:
     """Rewrite `--opt a b c` as `--opt a --opt b --opt c`, so TotalSegmentator-style calls work with Typer."""
+    multi_value = _MULTI_VALUE_OPTIONS | _COMMAND_MULTI_VALUE_OPTIONS.get(argv[0] if argv else "", set())
     expanded: list[str] = []
     current: str | None = None
     for token in argv:
-        if token in _MULTI_VALUE_OPTIONS:
+        if token in multi_value:
             current = token
             expanded.append(token)
             continue

@@ -43,7 +43,7 @@ MAX_ATTEMPTS = 3
 
 def import_ray():
     """Ray, or one line saying which extra installs it."""
-    return require_module("ray", "--ray", "cluster")
+    return require_module("ray", "--ray", "cluster", called="Ray")
 
 
 class CohortActor:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from tsrt.errors import ModelError, TsrtError
+from tsrt.errors import ModelError
 from tsrt.models.store import STAGING_PREFIX, models_root, sha256_file, staging
 
 RESOURCES_FOLDER = "resources"

@@ -30,7 +30,7 @@ from typing import Iterator, Literal
 from tsrt.errors import ModelError, TsrtError
 from tsrt.models.plan import PLAN_SUFFIX, read_plan
 from tsrt.config import tsrt_home
-from tsrt.models.registry import ModelPart, Task
+from tsrt.models.registry import ModelPart
 
 VERIFIED_FILE = ".verified.json"
 STAGING_PREFIX = ".staging-"
