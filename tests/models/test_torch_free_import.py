@@ -41,9 +41,9 @@ from tsrt_export.onnx_export import export_model  # noqa: E402
 from tsrt_export.verify import FP32_TOLERANCE_FRACTION, compare_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-#: The tasks imported both ways: total's five parts, total --fast, total_mr --fast, and a sub-task with a crop
+#: The tasks imported both ways: total's five parts, total --fast, total_mr (2 parts) and --fast, and a sub-task with a crop
 #: model (heartchambers_highres: its own model, cropped to the heart found by total --fast's model).
-TASKS = {"total": get_task("total"), "total --fast": get_task("total", fast=True),
+TASKS = {"total": get_task("total"), "total --fast": get_task("total", fast=True), "total_mr": get_task("total_mr"),
          "total_mr --fast": get_task("total_mr", fast=True), "heartchambers_highres": get_task("heartchambers_highres")}
 #: The sub-task's own model lives in a second TotalSegmentator home (its crop model is already in the store).
 SUBTASK = "heartchambers_highres"
@@ -118,7 +118,7 @@ def test_torch_free_store_has_the_same_files_and_plans(stores: dict[str, Path]) 
     free, with_torch = stores["free"], stores["torch"]
     assert _store_files(free) == _store_files(with_torch)
     models = list({model.name: model for task in TASKS.values() for model in task.required_models}.values())
-    assert len(models) == 8  # total's 5 parts, total --fast, total_mr --fast, heartchambers_highres
+    assert len(models) == 10  # total's 5 parts, total --fast, total_mr's 2 parts, total_mr --fast, heartchambers
     for model in models:
         for fold in model.fold_names or ("0",):
             ours = read_plan(free / "models" / model.name / f"fold_{fold}.plan.json")
@@ -152,19 +152,24 @@ def test_every_imported_graph_gives_the_torch_exports_logits(stores: dict[str, P
         assert report.passed and report.agreement == 1.0, report.summary()
 
 
-def test_masks_of_both_stores_are_voxel_equal(stores: dict[str, Path], shared_data: Path, tmp_path: Path) -> None:
-    """`tsrt -i example_ct_sm.nii.gz -o seg.nii.gz --fast --ml`, once per store."""
+def _labels_from_each_store(stores: dict[str, Path], args: list[str], tmp_path: Path) -> dict[str, np.ndarray]:
+    """`tsrt -i ... -o STORE.nii.gz ARGS --ml` once per store: the label maps."""
     labels = {}
     for name, home in stores.items():
         output = tmp_path / f"{name}.nii.gz"
         env = {**os.environ, "TSRT_HOME": str(home), "PYTHONUTF8": "1"}
         result = subprocess.run(
-            [sys.executable, "-c", "from tsrt.cli.root import main; main()",
-             "-i", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "--fast", "--ml", "-q"],
+            [sys.executable, "-c", "from tsrt.cli.root import main; main()", *args, "-o", str(output), "--ml", "-q"],
             capture_output=True, text=True, env=env, timeout=600,
         )
         assert result.returncode == 0, result.stderr[-2000:]
         labels[name] = np.asarray(nib.load(output).dataobj)
+    return labels
+
+
+def test_masks_of_both_stores_are_voxel_equal(stores: dict[str, Path], shared_data: Path, tmp_path: Path) -> None:
+    """`tsrt -i example_ct_sm.nii.gz -o seg.nii.gz --fast --ml`, once per store."""
+    labels = _labels_from_each_store(stores, ["-i", str(shared_data / "example_ct_sm.nii.gz"), "--fast"], tmp_path)
     assert len(np.unique(labels["torch"])) > 2, "the fixture net labels more than one class"
     np.testing.assert_array_equal(labels["free"], labels["torch"])
 
@@ -173,17 +178,14 @@ def test_a_cropped_subtask_segments_the_same_from_both_stores(
     stores: dict[str, Path], shared_data: Path, tmp_path: Path
 ) -> None:
     """`tsrt -i example_ct_sm.nii.gz -o seg.nii.gz -ta heartchambers_highres --ml`: crop model, then its own model."""
-    labels = {}
-    for name, home in stores.items():
-        output = tmp_path / f"{name}.nii.gz"
-        env = {**os.environ, "TSRT_HOME": str(home), "PYTHONUTF8": "1"}
-        result = subprocess.run(
-            [sys.executable, "-c", "from tsrt.cli.root import main; main()",
-             "-i", str(shared_data / "example_ct_sm.nii.gz"), "-o", str(output), "-ta", SUBTASK, "--ml", "-q"],
-            capture_output=True, text=True, env=env, timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        labels[name] = np.asarray(nib.load(output).dataobj)
+    labels = _labels_from_each_store(stores, ["-i", str(shared_data / "example_ct_sm.nii.gz"), "-ta", SUBTASK], tmp_path)
+    np.testing.assert_array_equal(labels["free"], labels["torch"])
+
+
+def test_total_mr_segments_the_same_from_both_stores(stores: dict[str, Path], shared_data: Path, tmp_path: Path) -> None:
+    """`tsrt -i example_mr_sm.nii.gz -o seg.nii.gz -ta total_mr --ml`: both MR parts."""
+    labels = _labels_from_each_store(stores, ["-i", str(shared_data / "example_mr_sm.nii.gz"), "-ta", "total_mr"],
+                                     tmp_path)
     np.testing.assert_array_equal(labels["free"], labels["torch"])
 
 

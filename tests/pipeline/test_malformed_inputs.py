@@ -404,3 +404,17 @@ def test_cli_segments_the_original(tmp_path: Path):
     result = _tsrt("segment", str(ORIGINAL), "-o", str(output), "--model", str(_demo_model()), "-q")
     assert result.returncode == 0, result.stderr
     assert nib.load(output).shape == nib.load(ORIGINAL).shape
+
+
+@pytest.mark.parametrize("name", ["PNG named .nii.gz", "sizeof_hdr 0"])
+def test_combine_masks_refuses_a_damaged_label_file_in_one_line(name: str, corpus: dict[str, BadInput],
+                                                                  tmp_path: Path):
+    """`tsrt combine-masks` reads a label file too: the same checks, before nibabel touches it."""
+    case = _get(corpus, name)
+    output = tmp_path / "out" / "combined.nii.gz"
+    command = [sys.executable, "-c", "from tsrt.cli.root import main; main()", "combine-masks", str(case.path), "-o",
+               str(output), "-m", "lung"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUTF8": "1"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and case.reason in lines[0], result.stderr
+    assert not output.exists()

@@ -122,6 +122,9 @@ def combine_masks(
     if kind not in ops.COMBINE_MASK_CLASSES:
         raise TsrtError(f"Unknown combination {kind!r}: choose one of {', '.join(ops.COMBINE_MASK_CLASSES)}.")
     if source.is_file():
+        from tsrt.pipeline.nifti_header import check_image_file
+
+        check_image_file(source)  # a damaged or mislabelled file is one line, before nibabel reads it
         image = nib.load(source)
         label_map = read_label_table(image)
         if not label_map:

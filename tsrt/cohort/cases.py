@@ -324,13 +324,61 @@ class TaskJob:
         return TaskSegmenter(request, runner, output_options, task_run_request(options, request))
 
 
+class TurnLock:
+    """A lock taken in the order turns were handed out: two cases in flight are segmented in queue order.
+
+    With a plain lock the second case's thread could take it first while the loop waits for the first
+    case, and the overlap of reading with segmenting would be lost. A turn whose case fails before it
+    segments is skipped, so no later case waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next = 0
+        self._serving = 0
+        self._skipped: set[int] = set()
+
+    def take_turn(self) -> int:
+        with self._changed:
+            turn, self._next = self._next, self._next + 1
+            return turn
+
+    @contextmanager
+    def held(self, turn: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._serving == turn)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._advance()
+
+    def skip(self, turn: int) -> None:
+        with self._changed:
+            if turn == self._serving:
+                self._advance()
+            else:
+                self._skipped.add(turn)
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._skipped:
+            self._skipped.discard(self._serving)
+            self._serving += 1
+        self._changed.notify_all()
+
+
 class CaseWorker:
     """Segments cases one at a time with one Segmenter; callable from two threads, so that reading
     the next case overlaps this one's inference (what a Ray worker does)."""
 
     def __init__(self, segmenter: Segmenter) -> None:
         self.segmenter = segmenter
-        self._compute = threading.Lock()
+        self._compute = TurnLock()
+
+    def take_turn(self) -> int:
+        """Reserve the next place in the segmenting order (the loop does, in the order it queues cases)."""
+        return self._compute.take_turn()
 
     def check(self, case: Case) -> ManifestCheck:
         """The case's earlier result against this worker's request (matched means: keep it)."""
@@ -338,14 +386,19 @@ class CaseWorker:
             case.manifest, self.segmenter.request, case.input, self.segmenter.expected_outputs(case)
         )
 
-    def segment(self, case: Case, measured: dict[str, Any] | None = None) -> None:
-        """Read, then segment under the lock and write the manifest last; `measured` gets the lock wait and
-        the peak memory under it (the manifest's peak too)."""
+    def segment(self, case: Case, measured: dict[str, Any] | None = None, turn: int | None = None) -> None:
+        """Read, then segment in turn under the lock and write the manifest last; `measured` gets the lock
+        wait and the peak memory under it (the manifest's peak too)."""
+        turn = self.take_turn() if turn is None else turn
         recorder = RunRecorder(restart_memory=False)  # two cases share the process: the peak restarts under the lock
-        loaded = self.segmenter.read(case)
-        digest = input_sha256(case.input)
+        try:
+            loaded = self.segmenter.read(case)
+            digest = input_sha256(case.input)
+        except BaseException:
+            self._compute.skip(turn)
+            raise
         queued = time.perf_counter()
-        with self._compute:
+        with self._compute.held(turn):
             if measured is not None:
                 measured["waited"] = time.perf_counter() - queued
             reset_peak_memory()
@@ -363,10 +416,10 @@ class CaseWorker:
                 if measured is not None:  # the summary's peak is the manifest's
                     measured["peak"] = peak_memory_mb() if manifest is None else manifest.peak_memory_mb
 
-    def run(self, case: Case) -> CaseRecord:
+    def run(self, case: Case, turn: int | None = None) -> CaseRecord:
         """run_case for a worker two threads share: the seconds and peak memory of this case, not of the other."""
         measured: dict[str, Any] = {}
-        record = run_case(case, lambda each: self.segment(each, measured), measure_memory=False)
+        record = run_case(case, lambda each: self.segment(each, measured, turn), measure_memory=False)
         record.seconds -= measured.get("waited", 0.0)
         record.peak_memory_mb = measured.get("peak")
         return record
@@ -508,8 +561,8 @@ def run_here(
         if on_case is not None:
             on_case(record)
 
-    def run(case: Case, check: ManifestCheck) -> CaseRecord:
-        return noted(worker.run(case), check)
+    def run(case: Case, check: ManifestCheck, turn: int) -> CaseRecord:
+        return noted(worker.run(case, turn), check)
 
     with case_progress(len(cases), progress) as advance, ThreadPoolExecutor(2, thread_name_prefix="tsrt-case") as pool:
         in_flight: deque[Future[CaseRecord]] = deque()
@@ -518,7 +571,7 @@ def run_here(
             if kept is not None:
                 report(kept)
                 continue
-            in_flight.append(pool.submit(run, case, check))
+            in_flight.append(pool.submit(run, case, check, worker.take_turn()))
             if len(in_flight) == 2:
                 report(in_flight.popleft().result())
         while in_flight:
