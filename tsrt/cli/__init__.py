@@ -1,5 +1,11 @@
 """The `tsrt` command line, one module per command group; `main` is the console entry point."""
 
-from tsrt.cli.root import main
+
+def main() -> None:
+    """Run the command line (imported on call, so `tsrt.cli.progress` alone stays light for the Python API)."""
+    from tsrt.cli.root import main as run
+
+    run()
+
 
 __all__ = ["main"]
