@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE_LAYOUT = "755d699"
 #: Files that were meant to change, and why.
 INTENDED_CHANGES = {
-    "preview": "the preview PNG now uses the label table's palette (one palette for every picture)",
+    "preview": "the preview PNG uses the label table's palette (one palette for every picture); issue 18: at least "
+               "1200 px wide, a legend with the structure names, the window chosen by modality",
 }
 #: Files the code after the move writes that the code before did not, and why.
 INTENDED_NEW_FILES = {

@@ -192,6 +192,73 @@ def test_structure_subset_keeps_only_the_chosen_labels():
     assert kept.tolist() == [0, 0, 2, 3, 2] and labels.tolist() == [0, 1, 2, 3, 2]
 
 
+# --------------------------------------------------------------------------------------------- defaults
+
+
+def _choice(key: str, modality: str = "CT", modes: tuple[str, ...] = ("normal", "fast")):
+    from tsrt.ui.runner import ModelChoice
+
+    return ModelChoice(key, key, modality, modes, True)
+
+
+def test_default_model_is_the_best_installed_task_for_the_modality():
+    from tsrt.ui.runner import DEMO_KEY, default_choice
+
+    demo = _choice(DEMO_KEY, modes=("normal",))
+    total, body, total_mr, body_mr, face = (_choice("total"), _choice("body"), _choice("total_mr", "MR"),
+                                            _choice("body_mr", "MR"), _choice("face"))
+    everything = [total, body, total_mr, body_mr, face, demo]
+    assert default_choice(everything, "CT") is total and default_choice(everything, None) is total, "CT when unknown"
+    assert default_choice(everything, "MR") is total_mr
+    assert default_choice([body, face, body_mr, demo], "CT") is body and default_choice([face, demo], "CT") is face
+    assert default_choice([body_mr, total_mr, demo], "MR") is total_mr
+    assert default_choice([total_mr, demo], "CT") is total_mr, "another modality's task before the phantom demo"
+    assert default_choice([demo], "MR") is demo, "the demo only when no task is installed"
+
+
+def test_fast_is_preselected_without_a_gpu_or_when_it_is_the_only_mode():
+    from tsrt.ui.runner import default_fast
+
+    both, fast_only, normal_only = _choice("total"), _choice("total", modes=("fast",)), _choice("x", modes=("normal",))
+    assert default_fast(both, ["auto", "cpu"]) and default_fast(both, ["auto", "cpu", "openvino"])
+    assert not default_fast(both, ["auto", "cuda", "cpu"]) and not default_fast(both, ["auto", "tensorrt", "cpu"])
+    assert default_fast(fast_only, ["auto", "cuda", "cpu"])
+    assert not default_fast(normal_only, ["auto", "cpu"]), "fast cannot be ticked when it is not installed"
+
+
+def test_model_menu_lists_tasks_first_and_the_demo_last_as_phantom_only(tmp_path: Path):
+    from tsrt.ui.runner import DEMO_KEY, model_choices
+
+    choices = model_choices(tmp_path / "empty")
+    assert [c.key for c in choices] == [DEMO_KEY]
+    assert choices[0].label == "Demo (trained on phantoms, not for patients)"
+
+
+def test_scan_modality_and_whether_the_demo_fits(tmp_path: Path):
+    from tsrt.totalseg.source import read_source
+    from tsrt.ui.runner import demo_fits, scan_modality
+
+    phantom = make_phantom(**PHANTOM)
+    scans = {
+        "phantom": nib.Nifti1Image(phantom.image, phantom.affine),
+        "other_seed": nib.Nifti1Image(make_phantom(shape=(64, 48, 40), spacing=(4.0, 4.5, 5.0), seed=3).image,
+                                      make_phantom(shape=(64, 48, 40), spacing=(4.0, 4.5, 5.0)).affine),
+        "moved": nib.Nifti1Image(phantom.image, np.diag([-3.0, 3.0, 3.0, 1.0])),  # a real scan's geometry
+        "other_content": nib.Nifti1Image(np.flip(phantom.image, 2).copy(), phantom.affine),  # lungs at the feet
+        "mr": nib.Nifti1Image(np.clip(phantom.image, 0, None).astype(np.int16), np.diag([3.0, 3.0, 3.0, 1.0])),
+    }
+    sources = {}
+    for name, image in scans.items():
+        nib.save(image, tmp_path / f"{name}.nii.gz")
+        sources[name] = read_source(tmp_path / f"{name}.nii.gz")
+    assert {name: demo_fits(source) for name, source in sources.items()} == {
+        "phantom": True, "other_seed": True, "moved": False, "other_content": False, "mr": False,
+    }
+    assert {name: scan_modality(source) for name, source in sources.items()} == {
+        "phantom": "CT", "other_seed": "CT", "moved": "CT", "other_content": "CT", "mr": "MR",
+    }
+
+
 # --------------------------------------------------------------------------------------------- the page
 
 
@@ -222,7 +289,7 @@ def test_page_states_that_nothing_leaves_the_machine(page_env: Path):
     at = _page()
     assert "never leave it" in at.caption[0].value and "no usage statistics" in at.caption[0].value
     assert at.button(key="run").disabled, "nothing to segment before a scan is open"
-    assert at.selectbox(key="model").options == ["Demo model (bundled; phantom organs)"]
+    assert at.selectbox(key="model").options == ["Demo (trained on phantoms, not for patients)"]
 
 
 def test_upload_segment_review_and_download_the_demo(page_env: Path):
@@ -232,6 +299,7 @@ def test_upload_segment_review_and_download_the_demo(page_env: Path):
     at.run()
     assert not at.exception and not at.error, (at.exception, at.error)
     assert "96 x 80 x 64 voxels of 3.00 x 3.00 x 3.00 mm" in at.markdown[0].value
+    assert not at.warning, "the demo model on its own phantom: no warning"
     uploaded = list((page_env / "sessions").rglob("phantom.nii.gz"))
     assert len(uploaded) == 1 and uploaded[0].read_bytes() == data, "the upload lives in the session's temp folder"
 
@@ -332,6 +400,7 @@ def test_a_zipped_dicom_series_opens_with_its_modality(page_env: Path, shared_da
     assert not at.exception and not at.error, (at.exception, at.error)
     assert "**study.zip**: 512 x 512 x 20 voxels of 0.98 x 0.98 x 2.00 mm, CT" in at.markdown[0].value
     assert not at.button(key="run").disabled
+    assert "trained on tsrt's synthetic phantoms only" in at.warning[0].value, "the demo on a real scan warns"
 
 
 def test_scans_can_be_opened_from_the_configured_folder(page_env: Path, monkeypatch: pytest.MonkeyPatch):
@@ -368,12 +437,17 @@ def test_installed_tasks_are_offered_and_run(page_env: Path, body_task_home: Pat
 
     monkeypatch.setenv("TSRT_HOME", str(body_task_home))
     choices = model_choices(body_task_home / "models")
-    assert [(c.key, c.modes) for c in choices] == [("demo", ("normal",)), ("body", ("fast",))]
+    assert [(c.key, c.modes) for c in choices] == [("body", ("fast",)), ("demo", ("normal",))], "the demo last"
     at = _page()
+    assert at.selectbox(key="model").value == choices[0], "the installed task, not the demo, is preselected"
     at.file_uploader(key="upload").upload("phantom.nii.gz", _phantom_bytes(page_env), "application/gzip")
     at.run()
-    at.selectbox(key="model").set_value(choices[1]).run()
+    assert at.selectbox(key="model").value == choices[0]
     assert at.checkbox(key="fast:body").value and at.checkbox(key="fast:body").disabled, "only --fast is installed"
+    at.selectbox(key="model").set_value(choices[1]).run()
+    assert not at.warning, "the demo on its phantom: no warning"
+    at.selectbox(key="model").set_value(choices[0]).run()
+    assert at.selectbox(key="model").value == choices[0], "the clinician's choice stands"
     assert at.multiselect(key="structures:body").options == ["body_extremities", "body_trunc"]
     at.multiselect(key="structures:body").set_value(["body_trunc"]).run()
     at.button(key="run").click().run(timeout=RUN_TIMEOUT)

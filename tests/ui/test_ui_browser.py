@@ -54,10 +54,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def ui_url(tmp_path: Path):
-    """`tsrt ui` on a free local port with an empty model store; stopped (and its temp folder gone) afterwards."""
+def ui_url(tmp_path: Path, small_task_store: Path):
+    """`tsrt ui` on a free local port with `small_task_store`'s tasks installed (`total --fast`, `total --fastest`,
+    `body --fast`; the UI only reads the store); stopped (and its temp folder gone) afterwards."""
     port = _free_port()
-    environment = {**os.environ, "TSRT_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)}
+    environment = {**os.environ, "TSRT_HOME": str(small_task_store), "TMPDIR": str(tmp_path)}
     log = open(tmp_path / "ui.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-c", "from tsrt.cli.root import main; main()", "ui", "--port", str(port)],
@@ -87,7 +88,9 @@ def ui_url(tmp_path: Path):
     assert not list(tmp_path.glob("tsrt-ui-*")), "tsrt ui removes its sessions' temp folder when it stops"
 
 
-def test_demo_in_chromium_upload_segment_overlay_table_downloads(chromium: str, ui_url: str, tmp_path: Path):
+def test_installed_task_preselected_then_demo_in_chromium_upload_segment_overlay_table_downloads(
+    chromium: str, ui_url: str, tmp_path: Path
+):
     from playwright.sync_api import expect, sync_playwright
 
     phantom = make_phantom(**PHANTOM)
@@ -103,16 +106,27 @@ def test_demo_in_chromium_upload_segment_overlay_table_downloads(chromium: str, 
             page.on("websocket", lambda socket_: requested.append(socket_.url))
             page.goto(ui_url)
             expect(page.get_by_text("never leave it", exact=False)).to_be_visible(timeout=60_000)
+            # The best installed task for CT is preselected (only its --fast models are installed), not the demo.
+            model = page.get_by_role("combobox", name="Model")
+            expect(model).to_have_value("total (TotalSegmentator task)", timeout=60_000)
+            expect(page.get_by_role("checkbox", name="fast (lower resolution, quicker)")).to_be_checked()
 
             started = time.perf_counter()
             page.locator('input[type="file"]').set_input_files(str(scan))
             expect(page.get_by_text("96 x 80 x 64 voxels", exact=False)).to_be_visible(timeout=60_000)
+            expect(model).to_have_value("total (TotalSegmentator task)")
+            model.click()
+            options = page.get_by_role("option")
+            expect(options.last).to_have_text("Demo (trained on phantoms, not for patients)")  # listed last
+            options.last.click()
+            expect(model).to_have_value("Demo (trained on phantoms, not for patients)", timeout=60_000)
             page.get_by_role("button", name="Segment").click()
             images = page.locator('[data-testid="stImage"] img')
             expect(images).to_have_count(4, timeout=300_000)  # axial, coronal, sagittal, overview
             upload_to_overlay = time.perf_counter() - started
 
             expect(page.get_by_text("structures found", exact=False)).to_be_visible()
+            expect(page.get_by_text("synthetic phantoms only", exact=False)).to_have_count(0)  # its own phantom
             expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()
             liver = page.get_by_role("checkbox", name="liver", exact=True)
             expect(liver).to_be_checked()

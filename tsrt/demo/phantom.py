@@ -130,7 +130,25 @@ def make_phantom(
     image += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
     image = np.clip(np.round(image), -1024, 3071).astype(np.int16)
 
-    # LAS voxels: world x (RAS+, towards the patient's right) = -x, so the liver lies on the patient's right.
+    return Phantom(image=image, labels=labels, affine=phantom_affine(shape, spacing), spacing=(sx, sy, sz))
+
+
+def phantom_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    """The phantom's voxel -> RAS+ affine: LAS voxels centred on the origin (world x = -x, so the liver is on the right)."""
+    (sx, sy, sz), (nx, ny, nz) = spacing, shape
     affine = np.diag([-sx, sy, sz, 1.0])
     affine[:3, 3] = [(nx - 1) / 2.0 * sx, -(ny - 1) / 2.0 * sy, -(nz - 1) / 2.0 * sz]
-    return Phantom(image=image, labels=labels, affine=affine, spacing=(sx, sy, sz))
+    return affine
+
+
+def is_phantom(image: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float]) -> bool:
+    """Whether a volume is one of tsrt's (unvaried) phantoms, whatever its noise seed.
+
+    The demo model is trained on phantoms only, so the UI warns when it runs on anything else. The
+    geometry is checked first (no real scan sits exactly where the phantom does), so a real scan
+    costs nothing; a matching one is compared with the noise-free phantom of its shape and spacing.
+    """
+    if image.ndim != 3 or not np.allclose(affine, phantom_affine(image.shape, spacing), atol=1e-3):
+        return False
+    expected = make_phantom(tuple(image.shape), tuple(spacing), noise_hu=0.0).image
+    return float(np.mean(np.abs(image.astype(np.float32) - expected) <= 60.0)) >= 0.99  # noise is 12 HU

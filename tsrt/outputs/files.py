@@ -90,5 +90,7 @@ def write_segmentation_outputs(
         written.statistics = write_statistics(written.stats, folder / "statistics.json")
     if preview:
         intensities = image.array if image.array.ndim == 3 else image.array[0]
-        written.preview = write_preview(folder / preview_name, intensities, labels, image.affine, label_names)
+        written.preview = write_preview(
+            folder / preview_name, intensities, labels, image.affine, label_names, image.extra.get("modality")
+        )
     return written

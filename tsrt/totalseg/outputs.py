@@ -123,7 +123,8 @@ def write_task_outputs(
 
         lowres = result.lowres
         paths.append(write_preview(
-            folder / f"preview_{request.task.name}.png", lowres.values, lowres.labels, lowres.affine, result.label_map
+            folder / f"preview_{request.task.name}.png", lowres.values, lowres.labels, lowres.affine, result.label_map,
+            result.source.image.extra.get("modality"),
         ))
     return paths
 

@@ -23,7 +23,18 @@ from tsrt.ui.results import (
     structure_report,
     write_result_files,
 )
-from tsrt.ui.runner import ModelChoice, model_choices, provider_choices, segment_for_ui
+from tsrt.ui.runner import (
+    DEMO_KEY,
+    DEMO_WARNING,
+    ModelChoice,
+    default_choice,
+    default_fast,
+    demo_fits,
+    model_choices,
+    provider_choices,
+    scan_modality,
+    segment_for_ui,
+)
 from tsrt.ui.settings import UiSettings
 from tsrt.ui.slices import DEFAULT_ALPHA, VIEWS, WINDOW_PRESETS, SliceViewer, colour_hex
 from tsrt.ui.uploads import INPUT_ENDINGS, SessionFolder, find_images, human_size, save_upload
@@ -40,6 +51,8 @@ class OpenedImage:
     name: str
     source: object  # tsrt.totalseg.SourceImage
     read_seconds: float
+    modality: str  # CT or MR: picks the default model
+    phantom: bool  # one of tsrt's phantoms, the only scans the demo model fits
 
 
 @dataclass
@@ -53,6 +66,7 @@ class RunOptions:
 @dataclass
 class PageResult:
     image_key: str
+    model_key: str  # ModelChoice.key of the model that made it
     files: ResultFiles
     report: dict[str, list]
     viewer: SliceViewer
@@ -162,7 +176,7 @@ def _open(key: str, name: str, locate) -> OpenedImage | None:
     except TsrtError as err:
         st.error(str(err))
         return None
-    opened = OpenedImage(key, name, source, time.perf_counter() - started)
+    opened = OpenedImage(key, name, source, time.perf_counter() - started, scan_modality(source), demo_fits(source))
     st.session_state["opened"] = opened
     return opened
 
@@ -184,16 +198,24 @@ def _model_choices(store: str) -> list[ModelChoice]:
     return model_choices(Path(store))
 
 
-def _run_options(has_image: bool) -> tuple[RunOptions, bool]:
+def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
     st.header("2. Segmentation")
     from tsrt.models.store import models_root
 
     choices = _model_choices(str(models_root()))
+    default = default_choice(choices, opened.modality if opened is not None else None)
+    if st.session_state.get("model_default") != default or st.session_state.get("model") not in choices:
+        # A new best model (first visit, a scan of the other modality, a task installed): select it once;
+        # the clinician's own choice stands until the best model changes again.
+        st.session_state["model_default"] = default
+        st.session_state["model"] = default
     choice = st.selectbox("Model", choices, format_func=lambda c: c.label, key="model")
+    providers = provider_choices()
     fast_only = "normal" not in choice.modes
     fast = st.checkbox(
-        "fast (lower resolution, quicker)", value=fast_only, key=f"fast:{choice.key}", disabled=len(choice.modes) < 2,
-        help="Only the installed modes can be chosen.",
+        "fast (lower resolution, quicker)", value=default_fast(choice, providers), key=f"fast:{choice.key}",
+        disabled=len(choice.modes) < 2,
+        help="Only the installed modes can be chosen; fast is preselected when there is no GPU.",
     )
     fast = fast or fast_only
     names = sorted(choice.classes(fast).values())
@@ -201,8 +223,8 @@ def _run_options(has_image: bool) -> tuple[RunOptions, bool]:
         "Structures", names, key=f"structures:{choice.key}", placeholder="All structures (type to search)",
         help="Leave empty for all. Whole-body tasks then crop around the chosen ones, which is faster.",
     )
-    provider = st.selectbox("Compute on", provider_choices(), key="provider")
-    run = st.button("Segment", type="primary", disabled=not has_image, key="run", width="stretch")
+    provider = st.selectbox("Compute on", providers, key="provider")
+    run = st.button("Segment", type="primary", disabled=opened is None, key="run", width="stretch")
     return RunOptions(choice, fast, structures, provider), run
 
 
@@ -230,7 +252,9 @@ def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder) -> 
         return
     for key in [k for k in st.session_state if str(k).startswith(("show:", "slice:"))]:
         del st.session_state[key]  # the new result starts with every structure shown, at its centre
-    st.session_state["result"] = PageResult(opened.key, files, report, viewer, {"read": opened.read_seconds, **bars.seconds})
+    st.session_state["result"] = PageResult(
+        opened.key, options.choice.key, files, report, viewer, {"read": opened.read_seconds, **bars.seconds}
+    )
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -273,7 +297,11 @@ def _show_result(result: PageResult) -> None:
             st.image(picture, width="stretch", output_format="PNG", caption=f"{view} {number} of {count}")
 
     st.subheader("Overview")
-    st.image(str(result.files.overview), caption="Axial, coronal and sagittal through the centre of the segmented anatomy")
+    st.image(
+        str(result.files.overview),
+        caption="Axial, coronal and sagittal through the centre of the segmented anatomy, with a legend "
+        "(the preview PNG `tsrt segment --preview` writes)",
+    )
 
     st.subheader("Report")
     st.dataframe(
@@ -331,7 +359,7 @@ def main() -> None:
     st.caption(PRIVACY_NOTE)
     with st.sidebar:
         opened = _pick_image(settings, workspace)
-        options, run = _run_options(opened is not None)
+        options, run = _run_options(opened)
     if opened is None:
         st.info("Open a scan in the sidebar: upload a NIfTI file or a zip of a DICOM series.")
         return
@@ -339,8 +367,12 @@ def main() -> None:
     if run:
         _run(opened, options, workspace)
     result: PageResult | None = st.session_state.get("result")
-    if result is not None and result.image_key == opened.key:
-        _show_result(result)
+    shown = result if result is not None and result.image_key == opened.key else None
+    demo_used = options.choice.key == DEMO_KEY or (shown is not None and shown.model_key == DEMO_KEY)
+    if demo_used and not opened.phantom:
+        st.warning(DEMO_WARNING)
+    if shown is not None:
+        _show_result(shown)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,15 @@ from tsrt.outputs.manifest import InputRecord, RunFacts, RunManifest, RunRecorde
 from tsrt.pipeline.read import Image
 
 DEMO_KEY = "demo"
-DEMO_LABEL = "Demo model (bundled; phantom organs)"
+DEMO_LABEL = "Demo (trained on phantoms, not for patients)"
+DEMO_WARNING = (
+    "The demo model was trained on tsrt's synthetic phantoms only, not on patients: on this scan its result is "
+    "not the patient's anatomy. For real scans install a TotalSegmentator task (`tsrt models download total --fast`)."
+)
+#: Per scan modality, the tasks a scan starts with, best first: whole body, then the body outline.
+PREFERRED_TASKS: dict[str, tuple[str, ...]] = {"CT": ("total", "body"), "MR": ("total_mr", "body_mr")}
+#: Providers fast enough for the full-resolution models; without one, `fast` is preselected.
+GPU_PROVIDERS = ("cuda", "tensorrt")
 
 
 class StageReporter(Protocol):
@@ -67,15 +75,19 @@ def demo_label_names() -> dict[int, str]:
 
 
 def model_choices(store_root: Path | None = None) -> list[ModelChoice]:
-    """The demo model, then every task with all models of its normal or fast mode complete in the store."""
+    """Every task with all models of its normal or fast mode complete in the store, then the demo model.
+
+    The demo comes last: it only knows phantoms, so it must not look like the first thing to use on a patient.
+    """
     from tsrt.models.registry import load_registry
     from tsrt.models.store import model_status, models_root
 
-    choices = [ModelChoice(DEMO_KEY, DEMO_LABEL, "CT", ("normal",), False)]
+    demo = ModelChoice(DEMO_KEY, DEMO_LABEL, "CT", ("normal",), False)
+    choices = []
     root = models_root(store_root)
     present = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
     if not present:
-        return choices
+        return [demo]
     registry = load_registry()
     for name in registry.task_names():
         installed = []
@@ -90,7 +102,48 @@ def model_choices(store_root: Path | None = None) -> list[ModelChoice]:
             task = registry.task(name, fast=installed[0] == "fast")
             label = f"{name} (TotalSegmentator task)"
             choices.append(ModelChoice(name, label, task.modality, tuple(installed), task.roi_subset))
-    return choices
+    return [*choices, demo]
+
+
+def default_choice(choices: Sequence[ModelChoice], modality: str | None) -> ModelChoice:
+    """The best installed model for a scan of `modality` (CT when not known yet): the demo only if no task is installed.
+
+    Tasks of the scan's modality come before the others, `total`/`total_mr` and then `body`/`body_mr` first.
+    """
+    modality = modality or "CT"
+    preferred = PREFERRED_TASKS.get(modality, ())
+    tasks = [c for c in choices if c.key != DEMO_KEY]
+    if not tasks:
+        return choices[-1]
+
+    def rank(choice: ModelChoice) -> tuple[bool, int]:
+        order = preferred.index(choice.key) if choice.key in preferred else len(preferred)
+        return choice.modality != modality, order
+
+    return min(tasks, key=rank)  # min keeps the registry's order among equals
+
+
+def default_fast(choice: ModelChoice, providers: Sequence[str]) -> bool:
+    """Whether `fast` starts ticked: when it is the only installed mode, or when it is installed and no GPU provider is."""
+    if "normal" not in choice.modes:
+        return True
+    return "fast" in choice.modes and not any(name in providers for name in GPU_PROVIDERS)
+
+
+def scan_modality(source) -> str:
+    """CT or MR for a read scan (`tsrt.totalseg.SourceImage`): the DICOM's own word, else air below -500 means CT (HU)."""
+    stated = source.image.extra.get("modality")
+    if stated in PREFERRED_TASKS:
+        return stated
+    return "CT" if float(np.min(source.values)) < -500 else "MR"
+
+
+def demo_fits(source) -> bool:
+    """Whether the scan is one of tsrt's phantoms, the only images the demo model is trained for."""
+    from tsrt.demo.phantom import is_phantom
+
+    image = source.image
+    return is_phantom(np.asarray(image.array), image.affine, image.spacing)
 
 
 def provider_choices() -> list[str]:

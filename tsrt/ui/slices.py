@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tsrt.outputs.preview import VIEW_AXES, WINDOWS, blend_overlay, orthogonal_slice, to_ras, window
+from tsrt.outputs.preview import (
+    VIEW_AXES, WINDOWS, blend_overlay, body_percentile_window, orthogonal_slice, to_ras, window,
+)
 from tsrt.pipeline.label_table import label_colours
 
 VIEWS = tuple(VIEW_AXES)
-#: Window presets (level, width) in HU; "Auto" spans the image's 1st..99th percentile (MR has no HU).
+#: Window presets (level, width) in HU; "Auto" spans the body's 1st..99th percentile (MR has no HU), as the overview.
 WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
     "Soft tissue": WINDOWS["soft_tissue"],
     "Lung": WINDOWS["lung"],
@@ -54,13 +56,12 @@ class SliceViewer:
         return {view: int(min(round(middle[axis]), self.size(view) - 1)) for view, axis in VIEW_AXES.items()}
 
     def window_for(self, preset: str) -> tuple[float, float]:
-        """(level, width) of a preset; "Auto" from the image's 1st and 99th percentiles."""
+        """(level, width) of a preset; "Auto" from the body's 1st and 99th percentiles (the overview's MR window)."""
         fixed = WINDOW_PRESETS[preset]
         if fixed is not None:
             return fixed
         if self._auto_window is None:
-            low, high = np.percentile(self.image[::2, ::2, ::2], [1, 99])
-            self._auto_window = (float(low + high) / 2, max(float(high - low), 1.0))
+            self._auto_window = body_percentile_window(self.image)
         return self._auto_window
 
     def render(
