@@ -9,7 +9,10 @@ as read-only: copy a folder (shutil.copytree) before changing it.
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,92 @@ def demo_checkpoint() -> Path:
     if path is None:
         pytest.skip(f"no demo checkpoint matches {fixtures.DEMO_CHECKPOINT_GLOB} yet (the demo model is not trained)")
     return path
+
+
+class WeightsServer:
+    """A real HTTP server on 127.0.0.1 serving one release zip like GitHub and TotalSegmentator's license server.
+
+    Routes by the first path segment: /good, /truncated, /flaky (breaks once, then serves Range requests),
+    /license (accepts `license_key` only), else 404. `requests` records what was asked.
+    """
+
+    def __init__(self, payload: bytes, license_key: str | None = None) -> None:
+        self.payload = payload
+        self.license_key = license_key
+        self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers or JSON body)
+        self.flaky_broken = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append(("GET", self.path, dict(self.headers)))
+                kind = self.path.split("/")[1]
+                if kind == "good":
+                    self._send_bytes(server.payload)
+                elif kind == "truncated":
+                    self._send_bytes(server.payload[: len(server.payload) // 2])
+                elif kind == "flaky" and not server.flaky_broken and "Range" not in self.headers:
+                    server.flaky_broken = True  # announce everything, send a third, hang up
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/zip")
+                    self.send_header("Content-Length", str(len(server.payload)))
+                    self.end_headers()
+                    self.wfile.write(server.payload[: len(server.payload) // 3])
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif kind == "flaky":
+                    self._send_bytes(server.payload)
+                else:
+                    self._send_json(404, {"detail": "Not Found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                server.requests.append(("POST", self.path, body))
+                accepted = server.license_key is not None and body.get("license_number") == server.license_key
+                if self.path == "/license/is_valid_license_number":
+                    self._send_json(200, {"status": "valid_license" if accepted else "invalid_license"})
+                elif self.path == "/license/download_weights" and accepted:
+                    self._send_bytes(server.payload)
+                elif self.path == "/license/download_weights":
+                    self._send_json(403, {"status": "invalid_license"})
+                else:
+                    self._send_json(404, {"detail": "Not Found"})
+
+            def _send_bytes(self, data: bytes) -> None:
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                start = int(match.group(1)) if match else 0
+                if start >= len(data) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206 if match else 200)
+                self.send_header("Content-Type", "application/zip")
+                if match:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
+
+            def _send_json(self, status: int, answer: dict) -> None:
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

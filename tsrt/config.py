@@ -17,6 +17,8 @@ TOTALSEG_HOME_ENV = "TOTALSEG_HOME_DIR"
 WEIGHTS_URL_ENV = "TSRT_WEIGHTS_URL"
 #: A different license server for licensed models.
 LICENSE_URL_ENV = "TSRT_LICENSE_URL"
+#: 1 (or true/yes/on): never fetch a missing model on first use; a run that needs one stops instead.
+OFFLINE_ENV = "TSRT_OFFLINE"
 #: What `tsrt ui` hands to its Streamlit page (which runs in another process).
 UI_DATA_DIR_ENV = "TSRT_UI_DATA_DIR"
 UI_MAX_UPLOAD_MB_ENV = "TSRT_UI_MAX_UPLOAD_MB"
@@ -39,3 +41,8 @@ def default_totalseg_home() -> Path:
 def url_override(name: str) -> str | None:
     """The URL set in environment variable `name` (WEIGHTS_URL_ENV or LICENSE_URL_ENV), if any."""
     return os.environ.get(name) or None
+
+
+def offline() -> bool:
+    """Whether TSRT_OFFLINE forbids fetching models on first use (air-gapped sites, reproducible runs)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -143,7 +143,10 @@ def test_one_image_options_are_refused_for_cohorts(tmp_path: Path, flags: tuple)
     ],
 )
 def test_missing_models_name_the_install_command(ct: Path, tmp_path: Path, flags: tuple, expected: str) -> None:
-    result = _main("segment", str(ct), "-o", str(tmp_path / "out"), "--fast", *flags, home=tmp_path / "empty_home")
+    """Offline (else the run fetches them on first use, tests/totalseg/test_models_on_first_use.py)."""
+    result = _main(
+        "segment", str(ct), "-o", str(tmp_path / "out"), "--fast", "--offline", *flags, home=tmp_path / "empty_home"
+    )
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tsrt: error:"), result.stderr

@@ -16,12 +16,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import WeightsServer
 from typer.testing import CliRunner
 
 from tsrt.models import store
@@ -61,93 +60,9 @@ def release_zip(totalseg_home: Path, tmp_path_factory: pytest.TempPathFactory) -
     return Path(archive).read_bytes()
 
 
-class _Server:
-    """Routes by the first path segment: /good, /truncated, /flaky (breaks once), /license, else 404."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers or JSON body)
-        self.flaky_broken = False
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests.append(("GET", self.path, dict(self.headers)))
-                kind = self.path.split("/")[1]
-                if kind == "good":
-                    self._send_bytes(server.payload)
-                elif kind == "truncated":
-                    self._send_bytes(server.payload[: len(server.payload) // 2])
-                elif kind == "flaky" and not server.flaky_broken and "Range" not in self.headers:
-                    server.flaky_broken = True  # announce everything, send a third, hang up
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/zip")
-                    self.send_header("Content-Length", str(len(server.payload)))
-                    self.end_headers()
-                    self.wfile.write(server.payload[: len(server.payload) // 3])
-                    self.wfile.flush()
-                    self.close_connection = True
-                elif kind == "flaky":
-                    self._send_bytes(server.payload)
-                else:
-                    self._send_json(404, {"detail": "Not Found"})
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                server.requests.append(("POST", self.path, body))
-                accepted = body.get("license_number") == GOOD_KEY
-                if self.path == "/license/is_valid_license_number":
-                    self._send_json(200, {"status": "valid_license" if accepted else "invalid_license"})
-                elif self.path == "/license/download_weights" and accepted:
-                    self._send_bytes(server.payload)
-                elif self.path == "/license/download_weights":
-                    self._send_json(403, {"status": "invalid_license"})
-                else:
-                    self._send_json(404, {"detail": "Not Found"})
-
-            def _send_bytes(self, data: bytes) -> None:
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
-                start = int(match.group(1)) if match else 0
-                if start >= len(data) > 0:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(206 if match else 200)
-                self.send_header("Content-Type", "application/zip")
-                if match:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                self.wfile.write(data[start:])
-
-            def _send_json(self, status: int, answer: dict) -> None:
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
-def server(release_zip: bytes) -> Iterator[_Server]:
-    running = _Server(release_zip)
+def server(release_zip: bytes) -> Iterator[WeightsServer]:
+    running = WeightsServer(release_zip, license_key=GOOD_KEY)
     yield running
     running.close()
 
@@ -340,7 +255,7 @@ def test_install_replaces_an_incomplete_copy_and_refuses_an_incomplete_export(
 
 
 def test_download_resumes_after_a_broken_connection_then_imports(
-    server: _Server, release_zip: bytes, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
+    server: WeightsServer, release_zip: bytes, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TSRT_WEIGHTS_URL", f"{server.url}/flaky")
     server.flaky_broken = False
@@ -360,7 +275,7 @@ def test_download_resumes_after_a_broken_connection_then_imports(
     assert sorted(p.name for p in (tsrt_home / "downloads").iterdir()) == []  # zip and scratch folder removed
 
 
-def test_download_of_a_truncated_zip_leaves_nothing_behind(server: _Server, tsrt_home: Path, monkeypatch) -> None:
+def test_download_of_a_truncated_zip_leaves_nothing_behind(server: WeightsServer, tsrt_home: Path, monkeypatch) -> None:
     monkeypatch.setenv("TSRT_WEIGHTS_URL", f"{server.url}/truncated")
     result = runner.invoke(models_app, ["download", "total", "--fast", "-q"])
     assert isinstance(result.exception, DownloadError)
@@ -383,7 +298,7 @@ def _damaged(release_zip: bytes) -> bytes:
 
 
 @pytest.fixture
-def left_zip(server: _Server, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def left_zip(server: WeightsServer, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Where an earlier `tsrt models download` left the zip (the test writes it), served from /good."""
     monkeypatch.setenv("TSRT_WEIGHTS_URL", f"{server.url}/good")
     left = tsrt_home / "downloads" / f"{MODEL.name}.zip"
@@ -392,7 +307,7 @@ def left_zip(server: _Server, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_corrupt_zip_left_on_disk_is_deleted_and_fetched_again(
-    server: _Server, release_zip: bytes, tsrt_home: Path, left_zip: Path
+    server: WeightsServer, release_zip: bytes, tsrt_home: Path, left_zip: Path
 ) -> None:
     from tsrt.models.download import zip_problem
 
@@ -408,7 +323,7 @@ def test_a_corrupt_zip_left_on_disk_is_deleted_and_fetched_again(
 
 
 def test_an_intact_zip_on_disk_is_reused_and_a_recorded_sha256_is_checked(
-    server: _Server, release_zip: bytes, left_zip: Path
+    server: WeightsServer, release_zip: bytes, left_zip: Path
 ) -> None:
     import dataclasses
     import hashlib
@@ -433,7 +348,7 @@ def test_an_intact_zip_on_disk_is_reused_and_a_recorded_sha256_is_checked(
     assert len(server.requests) == asked + 1
 
 
-def test_download_404_names_the_override(server: _Server, tsrt_home: Path, monkeypatch) -> None:
+def test_download_404_names_the_override(server: WeightsServer, tsrt_home: Path, monkeypatch) -> None:
     monkeypatch.setenv("TSRT_WEIGHTS_URL", f"{server.url}/missing")
     result = runner.invoke(models_app, ["download", "total", "--fast", "-q"])
     assert isinstance(result.exception, DownloadError)
@@ -441,7 +356,7 @@ def test_download_404_names_the_override(server: _Server, tsrt_home: Path, monke
     assert not (tsrt_home / "downloads" / f"{MODEL.name}.zip.part").exists()
 
 
-def test_fetch_checks_sha256_and_announced_length(server: _Server, release_zip: bytes, tmp_path: Path) -> None:
+def test_fetch_checks_sha256_and_announced_length(server: WeightsServer, release_zip: bytes, tmp_path: Path) -> None:
     import hashlib
 
     url = f"{server.url}/good/x.zip"
@@ -471,7 +386,7 @@ def test_unreachable_server_is_one_actionable_line(tmp_path: Path) -> None:
 
 
 def test_set_license_validates_with_the_server_and_stores_privately(
-    server: _Server, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
+    server: WeightsServer, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TSRT_LICENSE_URL", f"{server.url}/license")
     with pytest.raises(LicenseError, match="start with 'aca_'"):
@@ -489,7 +404,7 @@ def test_set_license_validates_with_the_server_and_stores_privately(
 
 
 def test_licensed_download_asks_the_license_server(
-    server: _Server, release_zip: bytes, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
+    server: WeightsServer, release_zip: bytes, tsrt_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TSRT_LICENSE_URL", f"{server.url}/license")
     with pytest.raises(LicenseError, match="set-license"):

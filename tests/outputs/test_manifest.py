@@ -126,3 +126,16 @@ def test_model_run_json_equals_the_manifest_beside_the_label_file(shared_data: P
     assert [g["sha256"] for g in request["graphs"]] == [hashlib.sha256(graph.read_bytes()).hexdigest()]
     assert written["input"]["sha256"] == hashlib.sha256(ct.read_bytes()).hexdigest()
     assert (written["provider"], written["precision"]) == ("cpu", "fp32")
+
+
+def test_a_rerun_on_another_precision_is_a_changed_request() -> None:
+    """bf16 (openvino-bf16) changes voxels, so its results never match an fp32 request (and vice versa)."""
+    from tsrt.outputs.manifest import RunRequest
+    from tsrt.totalseg.options import SegmentOptions
+
+    fp32, bf16 = SegmentOptions(provider="openvino"), SegmentOptions(provider="openvino-bf16")
+    assert fp32.written_options() == SegmentOptions(provider="cpu").written_options()  # the engine alone: same
+    earlier = RunRequest("task", "total", fp32.written_options(), ())
+    assert earlier.differences(RunRequest("task", "total", bf16.written_options(), ())) == [
+        'precision: "fp32" -> "bf16"'
+    ]

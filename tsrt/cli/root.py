@@ -228,6 +228,11 @@ def segment(
         "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
     ),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
+    offline: bool = typer.Option(
+        False, "--offline",
+        help="Never fetch a missing model (also TSRT_OFFLINE=1); by default it is imported from the "
+        "TotalSegmentator home or downloaded on first use.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
     print_json: bool = typer.Option(
@@ -290,7 +295,7 @@ def segment(
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,
         remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
-        save_probabilities=save_probabilities,
+        save_probabilities=save_probabilities, offline=offline,
     )
     if cases is None:
         totalseg.segment(source, output, **options)

@@ -140,6 +140,11 @@ def choose_provider(
     return ProviderChoice(name=name, providers=chain, threads=threads, requested=requested, precision=precision)
 
 
+def requested_precision(provider: str) -> str:
+    """The arithmetic a --provider spelling asks for (openvino-bf16: bf16), as far as it changes results."""
+    return "bf16" if OPENVINO_PRECISIONS.get(provider.lower()) == "bf16" else "fp32"
+
+
 #: What ONNX Runtime needs to start a GPU provider, for the error that says why it could not.
 PROVIDER_LIBRARIES = {
     "cuda": "the CUDA and cuDNN libraries (libcudart, libcublas, libcudnn) of the versions onnxruntime-gpu was built for",

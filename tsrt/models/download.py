@@ -339,6 +339,13 @@ def model_url(model: ModelPart, registry: Registry | None = None) -> str:
     return f"{base.rstrip('/')}/{model.release}/{model.name}.zip"
 
 
+def model_source(model: ModelPart, registry: Registry | None = None) -> str:
+    """Where `model` is downloaded from (its release zip, or the license server), for what a run logs."""
+    if model.license or model.release is None:
+        return license_server_url(registry)
+    return model_url(model, registry)
+
+
 def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Registry | None = None) -> Path:
     """The model's zip in $TSRT_HOME/downloads (downloaded or resumed unless already complete)."""
     registry = registry or load_registry()

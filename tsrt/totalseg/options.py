@@ -18,7 +18,7 @@ from tsrt.outputs.dicom import normalize_output_types
 STATS_AGGREGATIONS = ("mean", "median")
 #: Options that say where and how the models run, not what is written: a rerun that changes only these
 #: keeps earlier results (the run manifest records the provider actually used instead).
-RUNTIME_FIELDS = frozenset({"provider", "device", "threads", "quiet", "models_dir"})
+RUNTIME_FIELDS = frozenset({"provider", "device", "threads", "quiet", "models_dir", "offline"})
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class SegmentOptions:
     threads: int | None = None
     quiet: bool = False
     models_dir: Path | None = None  # default $TSRT_HOME/models
+    offline: bool = False  # never fetch a missing model on first use (also TSRT_OFFLINE=1)
 
     def __post_init__(self) -> None:
         def set_field(name: str, value: Any) -> None:
@@ -89,10 +90,12 @@ class SegmentOptions:
         return dataclasses.replace(self, **changes)
 
     def written_options(self) -> dict[str, Any]:
-        """Every option that changes what is written, by TotalSegmentator's names (the run manifest's options)."""
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS
-        }
+        """Every option that changes what is written, by TotalSegmentator's names (the run manifest's options),
+        and the precision the provider asks for (bf16 changes voxels; the engine itself does not)."""
+        from tsrt.engines.providers import requested_precision
+
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
+        return {**options, "precision": requested_precision(self.provider)}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tsrt import config
 from tsrt.errors import ModelError, TsrtError
 from tsrt.models.registry import ModelPart, Task, TaskError, get_task
 
@@ -50,10 +51,21 @@ def models_to_run(request: TaskRequest) -> tuple[list[ModelPart], list[ModelPart
     required = {model.name for model in task.required_models}
     return unique, [model for model in unique if model.name not in required]
 
-def check_models_installed(request: TaskRequest, store_root: Path | None = None) -> None:
-    """Fail before any work when a model is missing, naming the command that installs it."""
+def check_models_installed(
+    request: TaskRequest, store_root: Path | None = None, *, offline: bool = False, progress: bool = True
+) -> None:
+    """Before any image is read, install what the request needs on first use (as TotalSegmentator does).
+
+    Missing models are imported from the TotalSegmentator home or downloaded; offline (`--offline`,
+    TSRT_OFFLINE=1) a missing model stops the run with one line naming the command that installs it.
+    """
     needed, optional = models_to_run(request)
     missing = missing_models(needed, store_root)
+    if missing and not (offline or config.offline()):
+        from tsrt.models.first_use import install_missing
+
+        install_missing(missing, store_root=store_root, progress=progress)
+        missing = missing_models(missing, store_root)
     if not missing:
         return
     task = request.task

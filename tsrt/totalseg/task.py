@@ -75,7 +75,7 @@ def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, Outp
         roi_subset_robust=options.roi_subset_robust, robust_crop=options.robust_crop, body_seg=options.body_seg,
         force_split=options.force_split, v1_order=options.v1_order, remove_small_blobs=options.remove_small_blobs,
     )
-    check_models_installed(request, options.models_dir)
+    check_models_installed(request, options.models_dir, offline=options.offline, progress=not options.quiet)
     runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
                          quiet=options.quiet)
     output_options = OutputOptions(
@@ -138,6 +138,7 @@ def segment(
     models_dir: str | Path | None = None,
     threads: int | None = None,
     save_probabilities: str | Path | None = None,
+    offline: bool = False,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
     """Run a TotalSegmentator task like `totalsegmentator.python_api.totalsegmentator`, torch-free.
 
@@ -148,8 +149,9 @@ def segment(
     `statistics` may be a path for statistics.json (TotalSegmentator 2.18); `skip_saving` writes only
     statistics.json and the preview. Returns the multilabel nibabel image (with its label table), and
     the statistics too when `statistics` is set - exactly what TotalSegmentator returns. Models come
-    from tsrt's store (`models_dir`, default $TSRT_HOME/models); a missing one raises ModelError
-    naming the command that installs it.
+    from tsrt's store (`models_dir`, default $TSRT_HOME/models); a missing one is imported from the
+    TotalSegmentator home or downloaded on first use, unless `offline` (or TSRT_OFFLINE=1): then it
+    raises ModelError naming the command that installs it.
     """
     options = SegmentOptions(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust, ml=ml,
@@ -158,7 +160,7 @@ def segment(
         radiomics=radiomics, preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop,
         v1_order=v1_order, remove_small_blobs=remove_small_blobs, no_derived_masks=no_derived_masks,
         output_type=output_type, save_probabilities=save_probabilities, provider=provider, device=device,
-        threads=threads, quiet=quiet, models_dir=models_dir, skip_saving=skip_saving,
+        threads=threads, quiet=quiet, models_dir=models_dir, skip_saving=skip_saving, offline=offline,
     )
     return segment_with_options(input, output, options)
 
