@@ -146,7 +146,7 @@ def tsrt_providers(requested: list[str] | None) -> list[str]:
     try:
         import openvino  # noqa: F401
 
-        present += ["openvino", "openvino-bf16"]
+        present += ["openvino", *(["openvino-bf16"] if native_bf16() else [])]  # tsrt refuses emulated bf16
     except ModuleNotFoundError:
         pass
     available = available_providers()
@@ -155,12 +155,10 @@ def tsrt_providers(requested: list[str] | None) -> list[str]:
 
 
 def native_bf16() -> bool:
-    """Whether OpenVINO computes bf16 natively here (else it emulates it, several times slower than fp32)."""
-    try:
-        import openvino
-    except ModuleNotFoundError:
-        return False
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    """Whether this CPU computes bf16 natively (tsrt refuses --precision bf16 elsewhere)."""
+    from tsrt.engines.providers import native_bf16 as cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def backends_for(workload: Workload, providers: list[str], with_nnunet: bool) -> list[Backend]:

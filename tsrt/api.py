@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tsrt.engines.providers import resolve_precision
 from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
 from tsrt.outputs.files import WrittenOutputs
@@ -65,21 +66,26 @@ def segment(
     device: str | None = None,
     save_probabilities: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> SegmentationRun:
     """Segment one image file with an exported nnU-Net model and write the label map (nnUNetv2_predict's defaults).
 
+    `precision` (fp32 | fp16 | bf16 | int8) is checked against the provider before the image is read.
     The run manifest is written last, beside the label file (`tsrt.outputs.manifest`).
     """
+    provider, precision = resolve_precision(provider, precision)
     recorder = RunRecorder()
     started = time.perf_counter()
     image = read_image(input_path)
     read_seconds = time.perf_counter() - started
-    model = load_model(Path(model_dir), folds=folds, provider=provider, device=device)
+    model = load_model(Path(model_dir), folds=folds, provider=provider, device=device, precision=precision)
     settings = InferenceSettings(step_size=step_size, use_mirroring=tta, batch_size=batch_size, progress=progress)
     output_path = Path(output_path)
     run = write_model_segmentation(image, model, output_path, settings, save_probabilities=save_probabilities)
     run.seconds = {"read": read_seconds, **run.seconds}
-    request = model_run_request(Path(model_dir), model.plans, settings, save_probabilities=save_probabilities)
+    request = model_run_request(
+        Path(model_dir), model.plans, settings, save_probabilities=save_probabilities, precision=precision
+    )
     run.manifest = recorder.write(
         manifest_path(output_path, folder=False), request, InputRecord.of(Path(input_path), image),
         model_facts(image, model), model_outputs(output_path, save_probabilities),
@@ -88,13 +94,14 @@ def segment(
 
 
 def model_run_request(
-    model_dir: Path, plans: list[RecordedPlan], settings: InferenceSettings, *, save_probabilities: bool
+    model_dir: Path, plans: list[RecordedPlan], settings: InferenceSettings, *, save_probabilities: bool,
+    precision: str = "fp32",
 ) -> RunRequest:
     """What the run manifest records of an exported model's request: the folds' graphs and the options
-    that change the labels (folds, mirroring, tile step, batch size) or add files (probabilities)."""
+    that change the labels (folds, mirroring, tile step, batch size, precision) or add files (probabilities)."""
     options = {
         "folds": [plan.fold for plan in plans], "tta": settings.use_mirroring, "step_size": settings.step_size,
-        "batch_size": settings.batch_size, "save_probabilities": save_probabilities,
+        "batch_size": settings.batch_size, "save_probabilities": save_probabilities, "precision": precision,
     }
     plan = plans[0]  # nnU-Net's result folder the folds were exported from names the model
     name = f"{plan.dataset_name}/{plan.trainer}__{plan.plans_name}__{plan.configuration}"
@@ -148,6 +155,13 @@ class ModelJob:
     provider: str = "auto"
     device: str | None = None
     save_probabilities: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        """Checked (and openvino-bf16 mapped) once, before any case is read."""
+        provider, precision = resolve_precision(self.provider, self.precision)
+        object.__setattr__(self, "provider", provider)
+        object.__setattr__(self, "precision", precision)
 
     def open(self, threads: int | None = None) -> ModelSegmenter:
         return ModelSegmenter(self, threads)
@@ -164,14 +178,15 @@ class ModelSegmenter:
         )
         plans = load_model_plans(Path(job.model_dir), None if job.folds is None else list(job.folds))
         self.request = model_run_request(
-            Path(job.model_dir), plans, self.settings, save_probabilities=job.save_probabilities
+            Path(job.model_dir), plans, self.settings, save_probabilities=job.save_probabilities,
+            precision=job.precision,
         )
 
     def warm_up(self) -> None:
         if self._model is None:
             self._model = load_model(
                 Path(self.job.model_dir), folds=self.job.folds, provider=self.job.provider, device=self.job.device,
-                threads=self.threads,
+                threads=self.threads, precision=self.job.precision,
             )
 
     def expected_outputs(self, case) -> list[Path]:

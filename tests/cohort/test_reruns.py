@@ -158,7 +158,7 @@ def test_reruns_skip_only_cases_whose_manifest_matches(small_task_store: Path, c
         read_plan(DEMO_MODEL / "fold_0.plan.json").graph_sha256
     ]
     assert demo["request"]["options"] == {
-        "folds": ["0"], "tta": True, "step_size": 0.5, "batch_size": 1, "save_probabilities": False
+        "folds": ["0"], "tta": True, "step_size": 0.5, "batch_size": 1, "save_probabilities": False, "precision": "fp32",
     }
 
     # Interrupted cases: a's outputs without a manifest, b only a staging folder: both redone, nothing left over.

@@ -225,3 +225,13 @@ def test_a_tampered_optimised_graph_cache_is_rebuilt_not_loaded(tmp_path, monkey
     other.write_bytes(graph.read_bytes() + b"\0")
     assert optimized_cache_path(sha256_file(other), other, choice) != cached
     assert isinstance(choice, ProviderChoice)
+
+
+def test_bf16_is_refused_in_one_line_on_a_cpu_without_native_bf16(monkeypatch) -> None:
+    """The refusal's wording on any CPU (tests/cli/test_cli_precision.py runs it for real where it applies)."""
+    import tsrt.engines.providers as providers
+
+    monkeypatch.setattr(providers, "native_bf16", lambda: False)
+    with pytest.raises(ProviderError, match="no native bfloat16 .* use --precision fp32") as refused:
+        providers.resolve_precision("openvino", "bf16")
+    assert "\n" not in str(refused.value)

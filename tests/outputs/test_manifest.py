@@ -120,7 +120,7 @@ def test_model_run_json_equals_the_manifest_beside_the_label_file(shared_data: P
     )
     assert request["model_dir"] == str(DEMO_MODEL.resolve())
     assert request["options"] == {
-        "folds": ["0"], "tta": True, "step_size": 0.5, "batch_size": 1, "save_probabilities": True
+        "folds": ["0"], "tta": True, "step_size": 0.5, "batch_size": 1, "save_probabilities": True, "precision": "fp32",
     }
     graph = DEMO_MODEL / "fold_0.onnx"
     assert [g["sha256"] for g in request["graphs"]] == [hashlib.sha256(graph.read_bytes()).hexdigest()]
@@ -128,12 +128,16 @@ def test_model_run_json_equals_the_manifest_beside_the_label_file(shared_data: P
     assert (written["provider"], written["precision"]) == ("cpu", "fp32")
 
 
-def test_a_rerun_on_another_precision_is_a_changed_request() -> None:
-    """bf16 (openvino-bf16) changes voxels, so its results never match an fp32 request (and vice versa)."""
+def test_a_rerun_on_another_precision_is_a_changed_request(monkeypatch) -> None:
+    """bf16 changes voxels, so its results never match an fp32 request (and vice versa); the old
+    openvino-bf16 spelling is the same request as --provider openvino --precision bf16."""
+    import tsrt.engines.providers as providers
     from tsrt.outputs.manifest import RunRequest
     from tsrt.totalseg.options import SegmentOptions
 
-    fp32, bf16 = SegmentOptions(provider="openvino"), SegmentOptions(provider="openvino-bf16")
+    monkeypatch.setattr(providers, "native_bf16", lambda: True)  # the request, not this CPU, is under test
+    fp32, bf16 = SegmentOptions(provider="openvino"), SegmentOptions(provider="openvino", precision="bf16")
+    assert SegmentOptions(provider="openvino-bf16").written_options() == bf16.written_options()
     assert fp32.written_options() == SegmentOptions(provider="cpu").written_options()  # the engine alone: same
     earlier = RunRequest("task", "total", fp32.written_options(), ())
     assert earlier.differences(RunRequest("task", "total", bf16.written_options(), ())) == [

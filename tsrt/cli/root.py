@@ -225,7 +225,12 @@ def segment(
         1.0, "--ray-cpus-per-worker", help="CPUs (ONNX Runtime threads) each Ray worker takes."
     ),
     provider: str = typer.Option(
-        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino (tsrt[openvino])."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision",
+        help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: --provider tensorrt; "
+        "int8: needs a calibrated int8 graph (not made by this version).",
     ),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     offline: bool = typer.Option(
@@ -249,6 +254,9 @@ def segment(
     if source is None:
         raise TsrtError("No input given: pass the image as INPUT or with -i.")
     from tsrt.cohort.cases import TaskJob, find_cases
+    from tsrt.engines.providers import resolve_precision
+
+    provider, precision = resolve_precision(provider, precision)  # refused here, before any input is looked at
 
     cases = find_cases(Path(source), output, ml or model is not None)
     if cases is None and ray is not None:
@@ -263,7 +271,7 @@ def segment(
 
         job = ModelJob(
             model, folds=tuple(folds) if folds else None, tta=tta, step_size=step_size, batch_size=batch_size,
-            provider=provider, device=device, save_probabilities=model_probabilities,
+            provider=provider, device=device, save_probabilities=model_probabilities, precision=precision,
         )
         _segment_cohort(cases, job, output, **cohort)
         return
@@ -273,6 +281,7 @@ def segment(
         run = run_segment(
             source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
             provider=provider, device=device, save_probabilities=model_probabilities, progress=not quiet,
+            precision=precision,
         )
         if print_json:
             _print_manifest(output)
@@ -290,7 +299,7 @@ def segment(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, ml=ml, statistics=_statistics(statistics),
         preview=preview, skip_saving=skip_saving,
         radiomics=radiomics, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop, v1_order=v1_order,
-        provider=provider,
+        provider=provider, precision=precision,
         device=device, quiet=quiet, roi_subset_robust=roi_subset_robust, output_type=_output_type(output_type),
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,

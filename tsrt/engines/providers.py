@@ -5,9 +5,13 @@ explicitly requested provider that is missing is an error with what to install, 
 CPU fallback: ONNX Runtime quietly drops a GPU provider whose libraries (CUDA, cuDNN, TensorRT) fail
 to load, so every new session is checked for the provider it actually runs (`provider_in_use`). Sessions cache ONNX Runtime's optimised graph on disk so a repeat start is fast.
 
-`openvino` (opt-in, the `openvino` extra) runs the same ONNX graph on Intel's OpenVINO CPU runtime
-in float32; `openvino-bf16` asks it for bfloat16 arithmetic, which is fast only on CPUs with native
-bf16 (AMX / AVX512_BF16) and changes results slightly - never a default.
+`openvino` (opt-in, the `openvino` extra) runs the same ONNX graph on Intel's OpenVINO CPU runtime.
+
+Precision is its own option (`--precision`, default fp32), separate from the provider (the engine):
+bf16 runs on OpenVINO and only on CPUs with native bf16 (AVX512_BF16 / AMX; emulated it was 2x slower),
+fp16 on TensorRT (or CUDA with an fp16 graph), int8 only with a calibrated int8 graph. A precision the
+provider cannot run is refused in one line before any image is read (`check_precision`), never run slowly.
+The old `--provider openvino-bf16` spelling still means `--provider openvino --precision bf16`.
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _PREFERENCE = ("tensorrt", "cuda", "cpu")
-#: OpenVINO providers (not ONNX Runtime's) and the inference precision each asks OpenVINO for.
-OPENVINO_PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
-PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES, *OPENVINO_PRECISIONS)
+#: The precisions tsrt can be asked for (`--precision`); fp32 is always the default.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: The inference precision hint OpenVINO (not an ONNX Runtime provider) gets for each precision it runs.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+#: Old provider spellings that named a precision too: spelling -> (provider, precision).
+DEPRECATED_PROVIDERS = {"openvino-bf16": ("openvino", "bf16")}
+PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES, "openvino")
+#: CPU flags (/proc/cpuinfo) that mean native bfloat16 arithmetic.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def available_providers() -> list[str]:
@@ -59,11 +69,11 @@ def parse_device(device: str | None) -> int:
 class ProviderChoice:
     """The provider chosen for a run and the ordered provider list (with options) for ORT."""
 
-    name: str  # cpu | cuda | tensorrt | openvino | openvino-bf16
+    name: str  # cpu | cuda | tensorrt | openvino
     providers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
     requested: str = ""  # what the user asked for ("auto" may fall back, with a warning; nothing else may)
-    precision: str = "fp32"  # the arithmetic asked for: fp32, or fp16 (TensorRT) / bf16 (OpenVINO) when asked
+    precision: str = "fp32"  # the arithmetic asked for (PRECISIONS), already checked against the provider
 
     @property
     def uses_gpu(self) -> bool:
@@ -71,30 +81,103 @@ class ProviderChoice:
 
     @property
     def uses_openvino(self) -> bool:
-        return self.name in OPENVINO_PRECISIONS
+        return self.name == "openvino"
+
+
+def resolve_precision(provider: str = "auto", precision: str = "fp32") -> tuple[str, str]:
+    """(provider, precision) with the old `openvino-bf16` spelling mapped (and a deprecation line), checked
+    by `check_precision`: every caller (CLI, API, options, cohort jobs) resolves once, before any image is read."""
+    provider, precision = provider.lower(), (precision or "fp32").lower()
+    if provider in DEPRECATED_PROVIDERS:
+        new_provider, new_precision = DEPRECATED_PROVIDERS[provider]
+        if precision not in ("fp32", new_precision):
+            raise ProviderError(f"--provider {provider} means --precision {new_precision}, not {precision}: "
+                                f"use --provider {new_provider} --precision {precision}.")
+        log.warning("--provider %s is deprecated: use --provider %s --precision %s.", provider, new_provider, new_precision)
+        provider, precision = new_provider, new_precision
+    check_precision(provider, precision)
+    return provider, precision
+
+
+def check_precision(provider: str, precision: str, graph_precision: str | None = None) -> None:
+    """Refuse, in one line, a precision the provider cannot run (fast) - said before any work, not run slowly.
+
+    `graph_precision` is the model's graphs' (when known): CUDA runs fp16 only from an fp16 graph, and
+    int8 needs a calibrated int8 graph (which this version cannot make yet, so none exists).
+    """
+    if precision not in PRECISIONS:
+        raise ProviderError(f"Unknown precision {precision!r}: choose {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}.")
+    if precision == "int8" and graph_precision != "int8":
+        raise ProviderError("--precision int8 needs a calibrated int8 graph, which this version of tsrt cannot "
+                            "make yet: use --precision fp32.")
+    if precision == "bf16":
+        if provider != "openvino":
+            raise ProviderError(f"--precision bf16 runs on OpenVINO, not --provider {provider}: use --provider openvino "
+                                "--precision bf16 (pip install 'tsrt[openvino]').")
+        if not native_bf16():
+            raise ProviderError("This CPU has no native bfloat16 (no avx512_bf16 or amx_bf16 flag): bf16 would be "
+                                "emulated and slower than fp32, so use --precision fp32.")
+    if precision == "fp16":
+        engine = auto_provider() if provider == "auto" else provider
+        if engine in ("cpu", "openvino"):
+            raise ProviderError(f"--precision fp16 is for GPUs (--provider tensorrt), not the {engine} provider: "
+                                "use --precision fp32 on the CPU.")
+        if engine == "cuda" and graph_precision is not None and graph_precision != "fp16":
+            raise ProviderError("--precision fp16 on --provider cuda needs a model exported in fp16 "
+                                "(tsrt export --verify-with-torch --fp16): use --provider tensorrt, or --precision fp32.")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively: its /proc/cpuinfo flags, else OpenVINO's capabilities."""
+    try:
+        flags = next(
+            (line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("flags")), None,
+        )
+    except OSError:
+        flags = None
+    if flags is not None:
+        return any(flag in flags for flag in BF16_CPU_FLAGS)
+    try:
+        import openvino
+    except ModuleNotFoundError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def auto_provider() -> str:
+    """The provider `--provider auto` takes: the best this onnxruntime build offers."""
+    available = available_providers()
+    return next(p for p in _PREFERENCE if PROVIDER_NAMES[p] in available or p == "cpu")
 
 
 def choose_provider(
     requested: str = "auto",
     *,
+    precision: str = "fp32",
     device: str | None = None,
     fp16: bool = False,
     engine_cache_dir: Path | None = None,
     workspace_gb: float = 4.0,
     threads: int | None = None,
+    graph_precision: str | None = None,
 ) -> ProviderChoice:
-    """Build the provider list for `requested` (see PROVIDER_CHOICES), checking availability."""
-    requested = requested.lower()
+    """Build the provider list for `requested` (see PROVIDER_CHOICES) at `precision`, checking availability.
+
+    `fp16` says the graph itself is fp16 (TensorRT then builds fp16 engines, as for --precision fp16).
+    """
+    requested, precision = resolve_precision(requested, precision)
     if requested not in PROVIDER_CHOICES:
         choices = f"{', '.join(PROVIDER_CHOICES[:-1])} or {PROVIDER_CHOICES[-1]}"
         raise ProviderError(f"Unknown provider {requested!r}: choose {choices}.")
-    if requested in OPENVINO_PRECISIONS:
+    if graph_precision is not None:
+        check_precision(requested, precision, graph_precision)
+    if requested == "openvino":
         _check_openvino(requested)
-        precision = "bf16" if OPENVINO_PRECISIONS[requested] == "bf16" else "fp32"
         return ProviderChoice(name=requested, threads=threads, requested=requested, precision=precision)
     available = available_providers()
     if requested == "auto":
-        name = next(p for p in _PREFERENCE if PROVIDER_NAMES[p] in available or p == "cpu")
+        name = auto_provider()
         log.info("provider: %s (auto; available: %s)", name, ", ".join(available))
     else:
         name = requested
@@ -114,7 +197,7 @@ def choose_provider(
                 PROVIDER_NAMES["tensorrt"],
                 {
                     "device_id": gpu,
-                    "trt_fp16_enable": bool(fp16),
+                    "trt_fp16_enable": bool(fp16 or precision == "fp16"),
                     "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(cache),
                     "trt_timing_cache_enable": True,
@@ -136,13 +219,8 @@ def choose_provider(
             )
         )
     chain.append((PROVIDER_NAMES["cpu"], cpu_options))
-    precision = "fp16" if fp16 and name == "tensorrt" else "fp32"
+    precision = "fp16" if fp16 and name == "tensorrt" else precision
     return ProviderChoice(name=name, providers=chain, threads=threads, requested=requested, precision=precision)
-
-
-def requested_precision(provider: str) -> str:
-    """The arithmetic a --provider spelling asks for (openvino-bf16: bf16), as far as it changes results."""
-    return "bf16" if OPENVINO_PRECISIONS.get(provider.lower()) == "bf16" else "fp32"
 
 
 #: What ONNX Runtime needs to start a GPU provider, for the error that says why it could not.
@@ -174,18 +252,11 @@ def provider_in_use(session_providers: Sequence[str], choice: ProviderChoice) ->
 
 
 def _check_openvino(requested: str) -> None:
-    """OpenVINO is an optional extra; bf16 without native CPU support is emulated (slow), so say so."""
+    """OpenVINO is an optional extra: missing, it is an error saying what to install."""
     try:
-        import openvino
+        import openvino  # noqa: F401
     except ModuleNotFoundError:
         raise missing_extra(f"--provider {requested}", "OpenVINO", "openvino", kind=ProviderError) from None
-    if OPENVINO_PRECISIONS[requested] == "bf16":
-        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        if "BF16" not in capabilities:
-            log.warning(
-                "This CPU has no native bfloat16 (OpenVINO reports %s): bf16 is emulated and slower than "
-                "--provider openvino.", ", ".join(capabilities)
-            )
 
 
 class OpenVinoSession:
@@ -270,7 +341,7 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     """
     threads = threads or choice.threads
     if choice.uses_openvino:
-        return OpenVinoSession(graph, OPENVINO_PRECISIONS[choice.name], threads, provider_name=choice.name)
+        return OpenVinoSession(graph, OPENVINO_PRECISIONS[choice.precision], threads, provider_name=choice.name)
     import onnxruntime as ort
 
     options = ort.SessionOptions()

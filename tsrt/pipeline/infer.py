@@ -86,15 +86,20 @@ def load_model(
     provider: str | ProviderChoice = "auto",
     device: str | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> LoadedModel:
     """Read the recorded plans of the chosen folds and open their graphs on the chosen provider."""
     plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
     if isinstance(provider, ProviderChoice):
         choice = provider
     else:
-        choice = choose_provider(provider, device=device, fp16=plans[0].graph_precision == "fp16", threads=threads)
+        graph_precision = plans[0].graph_precision
+        choice = choose_provider(
+            provider, precision=precision, device=device, fp16=graph_precision == "fp16", threads=threads,
+            graph_precision=graph_precision,
+        )
         if choice.name == "tensorrt":
-            choice = _with_engine_cache(choice, Path(model_dir), provider, device, threads)
+            choice = _with_engine_cache(choice, Path(model_dir), device, threads)
     sessions = []
     for plan in plans:
         if not plan.graph_path.exists():
@@ -103,7 +108,7 @@ def load_model(
     return LoadedModel(directory=Path(model_dir), plans=plans, provider=choice, sessions=sessions)
 
 
-def _with_engine_cache(choice: ProviderChoice, model_dir: Path, provider: str, device: str | None, threads: int | None) -> ProviderChoice:
+def _with_engine_cache(choice: ProviderChoice, model_dir: Path, device: str | None, threads: int | None) -> ProviderChoice:
     """Point TensorRT at this model's engine cache for the precision asked for (never switched by what is cached)."""
     from tsrt.engines.tensorrt import EngineKey, engine_cache_dir, gpu_name, tensorrt_version
 
@@ -111,7 +116,9 @@ def _with_engine_cache(choice: ProviderChoice, model_dir: Path, provider: str, d
     fp16 = choice.precision == "fp16"
     cache = engine_cache_dir(model_dir, EngineKey(name, version, choice.precision))
     log.info("TensorRT engine cache: %s", cache)
-    return choose_provider(provider, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads)
+    return choose_provider(
+        choice.requested, precision=choice.precision, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads
+    )
 
 
 def predict_streaming(

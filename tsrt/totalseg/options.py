@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tsrt.engines.providers import resolve_precision
 from tsrt.errors import TsrtError
 from tsrt.outputs.dicom import normalize_output_types
 
@@ -50,6 +51,7 @@ class SegmentOptions:
     output_type: tuple[str, ...] = ("nifti",)  # nifti, dicom_seg, dicom_rtstruct
     save_probabilities: Path | None = None  # nnU-Net's .npz (+ .pkl) of the task's last model
     provider: str = "auto"
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8: changes voxels, so a rerun at another precision is redone
     device: str | None = None
     threads: int | None = None
     quiet: bool = False
@@ -73,6 +75,9 @@ class SegmentOptions:
                 set_field(name, Path(value))
         if self.remove_small_blobs is None:
             set_field("remove_small_blobs", False)
+        provider, precision = resolve_precision(self.provider, self.precision)  # openvino-bf16: openvino + bf16
+        set_field("provider", provider)
+        set_field("precision", precision)
         if self.stats_aggregation not in STATS_AGGREGATIONS:
             raise TsrtError(f"Statistics aggregate with mean or median, not {self.stats_aggregation!r}.")
 
@@ -90,12 +95,9 @@ class SegmentOptions:
         return dataclasses.replace(self, **changes)
 
     def written_options(self) -> dict[str, Any]:
-        """Every option that changes what is written, by TotalSegmentator's names (the run manifest's options),
-        and the precision the provider asks for (bf16 changes voxels; the engine itself does not)."""
-        from tsrt.engines.providers import requested_precision
-
-        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
-        return {**options, "precision": requested_precision(self.provider)}
+        """Every option that changes what is written, by TotalSegmentator's names (the run manifest's options):
+        the requested precision is one (bf16 changes voxels), the provider - the engine itself - is not."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
 
 
 @dataclass(frozen=True)

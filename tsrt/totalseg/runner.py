@@ -151,9 +151,11 @@ class ModelRunner:
         device: str | None = None,
         threads: int | None = None,
         progress: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.store_root = store_root
         self.provider = provider
+        self.precision = precision
         self.device = device
         self.threads = threads
         self.progress = progress
@@ -185,7 +187,10 @@ class ModelRunner:
         """One provider choice per graph precision for all models (and one log line, not one per model)."""
         fp16 = load_model_plans(folder, list(part.fold_names) if part.fold_names else None)[0].graph_precision == "fp16"
         if fp16 not in self._providers:
-            self._providers[fp16] = choose_provider(self.provider, device=self.device, fp16=fp16, threads=self.threads)
+            self._providers[fp16] = choose_provider(
+                self.provider, precision=self.precision, device=self.device, fp16=fp16, threads=self.threads,
+                graph_precision="fp16" if fp16 else "fp32",
+            )
         return self._providers[fp16]
 
     def predict(
@@ -482,9 +487,11 @@ def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> n
 
 def make_runner(
     store_root: Path | None, provider: str = "auto", device: str | None = None, *, threads: int | None = None,
-    quiet: bool = False,
+    quiet: bool = False, precision: str = "fp32",
 ) -> ModelRunner:
     """A ModelRunner for TotalSegmentator's --device spellings (cpu/mps pick the CPU provider)."""
     if device in ("cpu", "mps"):
         provider, device = ("cpu" if provider == "auto" else provider), None
-    return ModelRunner(store_root, provider=provider, device=device, threads=threads, progress=not quiet)
+    return ModelRunner(
+        store_root, provider=provider, device=device, threads=threads, progress=not quiet, precision=precision
+    )

@@ -77,7 +77,7 @@ def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, Outp
     )
     check_models_installed(request, options.models_dir, offline=options.offline, progress=not options.quiet)
     runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
-                         quiet=options.quiet)
+                         quiet=options.quiet, precision=options.precision)
     output_options = OutputOptions(
         multilabel=options.ml, statistics=bool(options.statistics), preview=options.preview,
         statistics_file=options.statistics if isinstance(options.statistics, Path) else None,
@@ -126,6 +126,7 @@ def segment(
     device: str | None = None,
     quiet: bool = False,
     *,
+    precision: str = "fp32",
     roi_subset_robust: Sequence[str] | None = None,
     output_type: str | Sequence[str] = "nifti",
     statistics_exclude_masks_at_border: bool = True,
@@ -160,7 +161,7 @@ def segment(
         radiomics=radiomics, preview=preview, body_seg=body_seg, force_split=force_split, robust_crop=robust_crop,
         v1_order=v1_order, remove_small_blobs=remove_small_blobs, no_derived_masks=no_derived_masks,
         output_type=output_type, save_probabilities=save_probabilities, provider=provider, device=device,
-        threads=threads, quiet=quiet, models_dir=models_dir, skip_saving=skip_saving, offline=offline,
+        precision=precision, threads=threads, quiet=quiet, models_dir=models_dir, skip_saving=skip_saving, offline=offline,
     )
     return segment_with_options(input, output, options)
 
