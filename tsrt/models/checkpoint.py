@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
-import hashlib
 import io
 import math
 import pickle
@@ -34,6 +33,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from tsrt.errors import ModelError
+from tsrt.models.store import sha256_file
 
 #: The checkpoint file nnU-Net writes at the end of training (what its predictor loads by default).
 CHECKPOINT_NAME = "checkpoint_final.pth"
@@ -47,7 +47,6 @@ MAX_TENSOR_DIMS = 16
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
-_HASH_CHUNK = 1 << 20
 #: A zip local file header: signature, versions, flags, method, time, date, CRC, sizes, name/extra lengths.
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
@@ -112,7 +111,7 @@ def read_checkpoint(path: Path) -> NnunetCheckpoint:
         configuration=_optional_str(init_args.get("configuration")),
         fold=None if init_args.get("fold") is None else str(init_args.get("fold")),
         inference_allowed_mirroring_axes=_mirroring_axes(path, contents.get("inference_allowed_mirroring_axes")),
-        sha256=sha256_of_file(path),
+        sha256=sha256_file(path),
         training_plans=init_args.get("plans") if isinstance(init_args.get("plans"), dict) else None,
         training_dataset_json=init_args.get("dataset_json")
         if isinstance(init_args.get("dataset_json"), dict)
@@ -148,15 +147,6 @@ def read_checkpoint_contents(path: Path) -> Any:
         f"Checkpoint {path} is not a torch checkpoint (neither a zip archive nor torch's legacy format); it is "
         "corrupt or truncated: copy it again from the training machine."
     )
-
-
-def sha256_of_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,5 +779,4 @@ __all__ = [
     "allowed_globals",
     "read_checkpoint",
     "read_checkpoint_contents",
-    "sha256_of_file",
 ]
