@@ -75,11 +75,11 @@ FOLD = 0
 RESULT_SUBDIR = f"{TRAINER_NAME}__{PLANS_NAME}__{CONFIGURATION}"
 
 # Training schedule (the trainer's own hyperparameters; the defaults are 1000 x 250 / 50).
-NUM_EPOCHS = 20
+NUM_EPOCHS = 60
 ITERATIONS_PER_EPOCH = 50
 VAL_ITERATIONS_PER_EPOCH = 3
 
-NUM_CASES = 30
+NUM_CASES = 40
 TRAIN_SPACING = (3.0, 3.0, 3.0)
 
 # The small network written into the 3d_fullres plans.
@@ -126,7 +126,9 @@ def training_cases(n: int = NUM_CASES) -> list[dict]:
     rng = np.random.default_rng(20241125)
     cases = []
     for i in range(n):
-        shape = (int(rng.integers(110, 136)), int(rng.integers(80, 106)), int(rng.integers(90, 111)))
+        # Fields of view from tight (the body fills the slice) to wide (as much air around the body as
+        # the demo phantom has), so the network learns that air outside the body is not lung.
+        shape = (int(rng.integers(110, 166)), int(rng.integers(80, 136)), int(rng.integers(90, 116)))
         cases.append(dict(shape=shape, spacing=TRAIN_SPACING, seed=i, vary=True))
     return cases
 
@@ -229,6 +231,7 @@ def make_trainer_class(num_epochs: int, iterations: int, val_iterations: int):
             self.num_epochs = num_epochs
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = val_iterations
+            self.save_every = 1  # checkpoint_latest.pth every epoch: a stopped session resumes (--resume)
 
     assert nnUNetTrainerNoMirroring.__name__ == TRAINER_NAME
     return nnUNetTrainerNoMirroring

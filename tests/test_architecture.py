@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 3,  # the nnU-Net runtime, one module per stage
     "outputs": 4,  # statistics, preview, DICOM, radiomics, per-class files
     "api": 5, "totalseg": 5,  # one exported model / one TotalSegmentator task
-    "companions": 6, "demo": 6,  # phase, modality, Evans index; the demo job
+    "companions": 6, "demo": 6, "reports": 6,  # phase, modality, Evans index; the demo job; clinical reports
     "cohort": 7,  # many cases, here or on Ray
     "ui": 8,  # the web page
     "cli": 9,  # the command line (it starts the UI)

@@ -25,6 +25,7 @@ def _register_subcommands() -> None:
     from tsrt.cli.companions import register as register_companion
     from tsrt.cli.engine import engine_app
     from tsrt.cli.models import models_app
+    from tsrt.cli.report import report_app
     from tsrt.cli.totalseg import register
     from tsrt.cli.ui import ui
 
@@ -34,6 +35,7 @@ def _register_subcommands() -> None:
     register(app)
     app.add_typer(engine_app, name="engine")
     register_companion(app)
+    app.add_typer(report_app, name="report")
 
 
 @app.command()

@@ -93,8 +93,14 @@ def make_phantom(
     # jitter plus noise, so a small network can tell them apart; left/right pairs differ only
     # by position, with the heart (unlabelled, left-anterior) and the liver (right) as cues.
     # Thorax (superior, +z): lungs are air-filled. x points to the patient's left (the affine's x step is negative).
-    organ(7, (-75.0, 5.0, 105.0), (62.0, 78.0, 110.0), -840.0)
-    organ(6, (75.0, 5.0, 110.0), (58.0, 75.0, 105.0), -850.0)
+    # Lung parenchyma (about -820 HU) is threaded with vessels (blood, about +40 HU), so a lung has
+    # a texture the uniform air around the body (-1000 HU) lacks: the network must not call air lung.
+    organ(7, (-75.0, 5.0, 105.0), (62.0, 78.0, 110.0), -820.0)
+    organ(6, (75.0, 5.0, 110.0), (58.0, 75.0, 105.0), -830.0)
+    phase = [float(rng.uniform(0.0, 2.0 * np.pi)) for _ in range(3)]
+    lattice = np.sin(x / 6.0 + phase[0]) * np.sin(y / 7.0 + phase[1]) * np.sin(z / 6.5 + phase[2])
+    vessels = (lattice > 0.55) & ((labels == 6) | (labels == 7))
+    image[vessels] = 40.0 + jitter(15)
     heart = _ellipsoid(x, y, z, (25.0 + jitter(6), 40.0 + jitter(6), 45.0 + jitter(8)), (55.0, 42.0, 45.0)) & body
     image[heart] = 150.0 + jitter(10)
     labels[heart] = 0
@@ -103,11 +109,15 @@ def make_phantom(
     organ(1, (85.0, -30.0, 20.0), (35.0, 45.0, 50.0), 140.0)
     for label, side in ((2, -1.0), (3, 1.0)):
         kidney_x = side * 55.0 + jitter(6)
-        kidney_z = -72.0 + jitter(8)
+        kidney_z = -72.0 - 8.0 * (side < 0) + jitter(8)  # the right kidney sits lower, under the liver
         organ(label, (kidney_x, -55.0, kidney_z), (28.0, 24.0, 50.0), 190.0)
         # The renal sinus: a darker core, so kidneys have the texture aorta and spleen lack.
         sinus = _ellipsoid(x, y, z, (kidney_x - side * 8.0, -55.0, kidney_z), (10.0, 9.0, 22.0)) & (labels == label)
         image[sinus] = 60.0
+
+    # Inferior vena cava: an unlabelled tube right of the spine (the aorta runs left of it), a side cue.
+    ivc = np.broadcast_to(((x + 24.0 + jitter(4)) ** 2 + (y + 28.0 + jitter(4)) ** 2) <= 11.0**2, shape) & body
+    image[ivc & np.broadcast_to(z < 40.0, shape) & (labels == 0)] = 160.0 + jitter(15)
 
     # Aorta: a contrast-filled tube running the full length, anterior-left of the spine.
     ax, ay, ar = 18.0 + jitter(4), -30.0 + jitter(4), 12.0 * (1.0 + jitter(0.15))
