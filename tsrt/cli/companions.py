@@ -18,6 +18,9 @@ from tsrt.errors import TsrtError
 
 _PROVIDER = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt.")
 _DEVICE = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT).")
+_PRECISION = typer.Option(
+    "fp32", "--precision", help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: tensorrt."
+)
 _QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages.")
 _VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Cohorts: process finished cases again instead of skipping them.")
@@ -77,6 +80,7 @@ def phase(
     ),
     provider: str = _PROVIDER,
     device: Optional[str] = _DEVICE,
+    precision: str = _PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = _QUIET,
     verbose: bool = _VERBOSE,
@@ -103,7 +107,7 @@ def phase(
 
         if find_cases(Path(input_path), Path(output), False) is not None:
             raise TsrtError("--existing-stats belongs to one image; drop it for a cohort.")
-    estimator = PhaseEstimator(RuntimeOptions(provider=provider, device=device, quiet=quiet))
+    estimator = PhaseEstimator(RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision))
     run_single_or_cohort(
         input_path, output, "contrast_phase.json", process, overwrite=overwrite, quiet=quiet, verb="phased"
     )
@@ -120,6 +124,7 @@ def modality(
     ),
     provider: str = _PROVIDER,
     device: Optional[str] = _DEVICE,
+    precision: str = _PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = _QUIET,
     verbose: bool = _VERBOSE,
@@ -131,7 +136,7 @@ def modality(
 
     _configure(quiet, verbose)
     classifier = ModalityClassifier(
-        normalized=normalized, runtime=RuntimeOptions(provider=provider, device=device, quiet=quiet)
+        normalized=normalized, runtime=RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision)
     )
 
     def process(image: Path, target: Path) -> None:
@@ -155,6 +160,7 @@ def evans_index(
     ),
     provider: str = _PROVIDER,
     device: Optional[str] = _DEVICE,
+    precision: str = _PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = _QUIET,
     verbose: bool = _VERBOSE,
@@ -164,7 +170,7 @@ def evans_index(
     from tsrt.totalseg.options import RuntimeOptions
 
     _configure(quiet, verbose)
-    indexer = EvansIndexer(RuntimeOptions(provider=provider, device=device, quiet=quiet))
+    indexer = EvansIndexer(RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision))
 
     def process(image: Path, target: Path) -> None:
         picture = preview if preview is not None and target == output else target.with_suffix(".png")

@@ -419,7 +419,11 @@ def _segment_cohort(
 def demo(
     output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Folder for the phantom and its results."),
     provider: str = typer.Option(
-        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino, openvino-bf16 (tsrt[openvino])."
+        "auto", "--provider", help="auto, cpu, cuda, tensorrt; opt-in CPU: openvino (tsrt[openvino])."
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; "
+        "fp16: --provider tensorrt; int8: a model quantized with `tsrt models quantize`."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -436,7 +440,7 @@ def demo(
     console = Console(stderr=False, quiet=quiet)
     started = time.perf_counter()
     say = partial(console.print, markup=False)  # paths as written, never rich markup
-    summary = run_demo(output, provider=provider, progress=not quiet, say=say)
+    summary = run_demo(output, provider=provider, precision=precision, progress=not quiet, say=say)
     table = Table(title=f"tsrt demo: {len(summary)} structures in {time.perf_counter() - started:.1f} s")
     for column in ("structure", "volume (ml)", "mean HU", "Dice vs truth"):
         table.add_column(column, justify="left" if column == "structure" else "right")

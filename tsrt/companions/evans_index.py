@@ -325,11 +325,12 @@ def measure_evans_index(
     device: str | None = None,
     quiet: bool = False,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """The Evans index report like `totalseg_evans_index` (JSON to `output`, the slice PNG to `preview`)."""
     from tsrt.totalseg.options import RuntimeOptions
 
-    indexer = EvansIndexer(RuntimeOptions(models_dir, provider, device, quiet, threads))
+    indexer = EvansIndexer(RuntimeOptions(models_dir, provider, device, quiet, threads, precision))
     if output is None:
         measurement = indexer.measure(input)
         if preview is not None:

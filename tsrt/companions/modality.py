@@ -124,11 +124,12 @@ def image_modality(
     device: str | None = None,
     quiet: bool = False,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Predict CT or MR like `totalseg_get_modality` (`normalized=True`: its `-n` region way); JSON to `output`."""
     from tsrt.totalseg.options import RuntimeOptions
 
-    runtime = RuntimeOptions(models_dir, provider, device, quiet, threads)
+    runtime = RuntimeOptions(models_dir, provider, device, quiet, threads, precision)
     classifier = ModalityClassifier(normalized=normalized, runtime=runtime)
     result = classifier.predict(input)
     if output is not None:

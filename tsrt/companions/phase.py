@@ -207,6 +207,7 @@ def contrast_phase(
     device: str | None = None,
     quiet: bool = False,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Predict the contrast phase like `totalseg_get_phase`; also write it as JSON when `output` is given.
 
@@ -216,7 +217,7 @@ def contrast_phase(
     stats = read_statistics(existing_stats) if isinstance(existing_stats, (str, Path)) else existing_stats
     from tsrt.totalseg.options import RuntimeOptions
 
-    estimator = PhaseEstimator(RuntimeOptions(models_dir, provider, device, quiet, threads))
+    estimator = PhaseEstimator(RuntimeOptions(models_dir, provider, device, quiet, threads, precision))
     result = estimator.predict(input, stats)
     if output is not None:
         from tsrt.pipeline.write import write_json

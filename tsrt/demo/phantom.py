@@ -97,7 +97,7 @@ def make_phantom(
     # a texture the uniform air around the body (-1000 HU) lacks: the network must not call air lung.
     organ(7, (-75.0, 5.0, 105.0), (62.0, 78.0, 110.0), -820.0)
     organ(6, (75.0, 5.0, 110.0), (58.0, 75.0, 105.0), -830.0)
-    phase = [float(rng.uniform(0.0, 2.0 * np.pi)) for _ in range(3)]
+    phase = [jitter(np.pi) for _ in range(3)]  # vessel positions: fixed unless varied, like the anatomy
     lattice = np.sin(x / 6.0 + phase[0]) * np.sin(y / 7.0 + phase[1]) * np.sin(z / 6.5 + phase[2])
     vessels = (lattice > 0.55) & ((labels == 6) | (labels == 7))
     image[vessels] = 40.0 + jitter(15)

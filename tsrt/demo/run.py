@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from tsrt.api import segment_image_with_model
+from tsrt.engines.providers import resolve_precision
 from tsrt.errors import ModelError
 from tsrt.pipeline.infer import InferenceSettings, load_model
 from tsrt.outputs.files import write_segmentation_outputs
@@ -44,13 +45,19 @@ MASKS_FOLDER = "segmentations"
 
 
 def run_demo(
-    output: Path, *, provider: str = "auto", progress: bool = True, say: Callable[[str], None] | None = None
+    output: Path,
+    *,
+    provider: str = "auto",
+    precision: str = "fp32",
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run the demo into `output`; returns per-class volume (ml), mean HU and Dice vs ground truth.
 
     `say` hears what is being done (the CLI prints it); the result table is the caller's to show.
     """
     say = say or (lambda message: None)
+    provider, precision = resolve_precision(provider, precision)  # refused before the phantom is written
     output = Path(output)
     phantom = make_phantom()
     ct_path = output / PHANTOM_FILE
@@ -59,8 +66,9 @@ def run_demo(
         nib.save(nib.Nifti1Image(phantom.image, phantom.affine), temp)
 
     image = read_image(ct_path)
-    model = load_model(demo_model_dir(), provider=provider)
-    say(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {model.provider_used}")
+    model = load_model(demo_model_dir(), provider=provider, precision=precision)
+    on = model.provider_used if precision == "fp32" else f"{model.provider_used} ({precision})"
+    say(f"segmenting {ct_path} {image.spatial_shape} with the demo model on {on}")
     run = segment_image_with_model(image, model, InferenceSettings(progress=progress))
     outputs = write_segmentation_outputs(
         run.labels, image, run.label_names, output / MULTILABEL_FILE, multilabel=True, statistics=True, preview=True

@@ -109,11 +109,17 @@ class RuntimeOptions:
     device: str | None = None
     quiet: bool = False
     threads: int | None = None
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8, checked against the provider on creation
+
+    def __post_init__(self) -> None:
+        provider, precision = resolve_precision(self.provider, self.precision)  # refused before any image is read
+        object.__setattr__(self, "provider", provider)
+        object.__setattr__(self, "precision", precision)
 
     def segment_options(self, task: str, **options: Any) -> SegmentOptions:
         """The request for `task` with these runtime settings and the given task options."""
         return SegmentOptions(
             task=task, models_dir=self.models_dir, provider=self.provider, device=self.device, quiet=self.quiet,
-            threads=self.threads, **options,
+            threads=self.threads, precision=self.precision, **options,
         )
 

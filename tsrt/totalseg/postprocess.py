@@ -460,6 +460,79 @@ def binary_dilation_structure(mask: np.ndarray, structure: np.ndarray) -> np.nda
 
 
 @numba.njit(cache=True)
+def _gather_erode(mask, offsets):
+    """Binary erosion by a structure given as offsets (index - shape // 2): scipy's placement, border 0."""
+    n0, n1, n2 = mask.shape
+    out = np.zeros(mask.shape, dtype=np.bool_)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                keep = True
+                for o in range(offsets.shape[0]):
+                    a = i + offsets[o, 0]
+                    b = j + offsets[o, 1]
+                    c = k + offsets[o, 2]
+                    if not (0 <= a < n0 and 0 <= b < n1 and 0 <= c < n2 and mask[a, b, c]):
+                        keep = False
+                        break
+                out[i, j, k] = keep
+    return out
+
+
+def _mask_box(mask: np.ndarray) -> Box | None:
+    """The bounding box of a 3D mask's True voxels (None when empty)."""
+    spans = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if present.size == 0:
+            return None
+        spans.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(spans)  # type: ignore[return-value]
+
+
+def binary_erosion_structure(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_erosion(mask, structure=structure)` (one iteration, border 0), 3D.
+
+    Only the mask's bounding box is scanned: any offset leaving it meets background or the border.
+    """
+    mask = np.asarray(mask) != 0
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _mask_box(mask)
+    if box is None:
+        return out
+    offsets = (np.argwhere(structure) - np.array(structure.shape) // 2).astype(np.int64)
+    out[box] = _gather_erode(np.ascontiguousarray(mask[box]), offsets)
+    return out
+
+
+def binary_erosion_box(mask: np.ndarray, radii: Sequence[int]) -> np.ndarray:
+    """`skimage.morphology.binary_erosion(mask, np.ones(2 * radii + 1))`: a box erosion that ignores the image border.
+
+    Voxels outside the image count as foreground (skimage's mode="ignore"), so a mask touching the
+    border is not eaten from that side. Separable: one running-window test per axis over the mask's
+    bounding box grown by the radii.
+    """
+    mask = np.asarray(mask) != 0
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _mask_box(mask)
+    if box is None:
+        return out
+    radii = [int(r) for r in radii]
+    grown = tuple(slice(max(s.start - r, 0), min(s.stop + r, n)) for s, r, n in zip(box, radii, mask.shape))
+    # pad to exactly box +- r: True beyond the image (ignored), the image's own voxels elsewhere
+    pad = [(r - (s.start - g.start), r - (g.stop - s.stop)) for s, g, r in zip(box, grown, radii)]
+    region = np.pad(mask[grown], pad, constant_values=True)
+    for axis, r in enumerate(radii):
+        holes = np.cumsum(~region, axis=axis, dtype=np.int32)
+        holes = np.concatenate([np.zeros_like(np.take(holes, [0], axis=axis)), holes], axis=axis)
+        n = region.shape[axis] - 2 * r
+        window = np.take(holes, np.arange(2 * r + 1, 2 * r + 1 + n), axis=axis) - np.take(holes, np.arange(n), axis=axis)
+        region = window == 0
+    out[box] = region
+    return out
+
+
+@numba.njit(cache=True)
 def _labels_touch(data):
     """Whether two different non-zero labels are 6-neighbours anywhere."""
     n0, n1, n2 = data.shape

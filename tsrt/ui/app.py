@@ -31,6 +31,7 @@ from tsrt.ui.runner import (
     default_fast,
     demo_fits,
     model_choices,
+    precision_choices,
     provider_choices,
     scan_modality,
     segment_for_ui,
@@ -61,6 +62,7 @@ class RunOptions:
     fast: bool
     structures: list[str]
     provider: str
+    precision: str = "fp32"
 
 
 @dataclass
@@ -224,8 +226,14 @@ def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
         help="Leave empty for all. Whole-body tasks then crop around the chosen ones, which is faster.",
     )
     provider = st.selectbox("Compute on", providers, key="provider")
+    precisions = precision_choices(providers)
+    precision = st.selectbox(
+        "Precision", precisions, key="precision", disabled=len(precisions) < 2,
+        help="fp32 gives the reference masks; bf16 (OpenVINO on a CPU with native bf16) and fp16 (TensorRT) "
+        "are faster and may differ in a few voxels.",
+    )
     run = st.button("Segment", type="primary", disabled=opened is None, key="run", width="stretch")
-    return RunOptions(choice, fast, structures, provider), run
+    return RunOptions(choice, fast, structures, provider, precision), run
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -236,7 +244,7 @@ def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder) -> 
     try:
         segmentation = segment_for_ui(
             opened.source, options.choice, fast=options.fast, structures=options.structures,
-            provider=options.provider, reporter=bars,
+            provider=options.provider, precision=options.precision, reporter=bars,
         )
         bars.stage("Measuring volumes and intensities")
         report = structure_report(segmentation)

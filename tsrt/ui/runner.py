@@ -146,6 +146,21 @@ def demo_fits(source) -> bool:
     return is_phantom(np.asarray(image.array), image.affine, image.spacing)
 
 
+def precision_choices(providers: Sequence[str]) -> list[str]:
+    """fp32 first (the default), then the reduced precisions an installed provider runs natively here.
+
+    int8 is not offered: it needs a model quantized with `tsrt models quantize`, chosen on the command line.
+    """
+    from tsrt.engines.providers import native_bf16
+
+    choices = ["fp32"]
+    if "openvino" in providers and native_bf16():
+        choices.append("bf16")
+    if "tensorrt" in providers:
+        choices.append("fp16")
+    return choices
+
+
 def provider_choices() -> list[str]:
     """auto, then the execution providers this onnxruntime build has, by tsrt's names."""
     from tsrt.engines.providers import PROVIDER_NAMES, available_providers
@@ -177,6 +192,7 @@ def segment_for_ui(
     fast: bool = False,
     structures: Sequence[str] = (),
     provider: str = "auto",
+    precision: str = "fp32",
     reporter: StageReporter | None = None,
     store_root: Path | None = None,
 ) -> Segmentation:
@@ -187,10 +203,10 @@ def segment_for_ui(
     reporter = reporter or SilentReporter()
     recorder = RunRecorder()
     if choice.key == DEMO_KEY:
-        result, request, precision = _segment_with_demo_model(source, provider, reporter)
+        result, request, precision = _segment_with_demo_model(source, provider, precision, reporter)
     else:
         result, request, precision = _segment_with_task(
-            source, choice, fast, structures, provider, reporter, store_root
+            source, choice, fast, structures, provider, precision, reporter, store_root
         )
     if structures and set(result.label_names.values()) - set(structures):
         result.labels, result.label_names = keep_structures(result.labels, result.label_names, structures)
@@ -213,16 +229,18 @@ def keep_structures(
 
 
 def _segment_with_demo_model(
-    source, provider: str, reporter: StageReporter
+    source, provider: str, precision: str, reporter: StageReporter
 ) -> tuple[Segmentation, RunRequest, str]:
     """The demo model's segmentation, its request and the precision it ran in."""
     from tsrt.api import model_run_request, segment_image_with_model
     from tsrt.demo.run import demo_model_dir
+    from tsrt.engines.providers import resolve_precision
     from tsrt.pipeline.infer import InferenceSettings, load_model
 
     reporter.stage("Loading the model")
     started = time.perf_counter()
-    model = load_model(demo_model_dir(), provider=provider)
+    provider, precision = resolve_precision(provider, precision)
+    model = load_model(demo_model_dir(), provider=provider, precision=precision)
     loaded = time.perf_counter()
     reporter.stage(f"Segmenting ({model.provider_used})")
     settings = InferenceSettings(progress=False, on_tiles=reporter.tiles)
@@ -242,6 +260,7 @@ def _segment_with_task(
     fast: bool,
     structures: Sequence[str],
     provider: str,
+    precision: str,
     reporter: StageReporter,
     store_root: Path | None,
 ) -> tuple[Segmentation, RunRequest, str]:
@@ -262,7 +281,8 @@ def _segment_with_task(
             notes.append("Segmented every structure and kept the chosen ones (the crop model is not installed).")
             roi_subset = None
     options = SegmentOptions(
-        task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, quiet=True, models_dir=store_root
+        task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, precision=precision, quiet=True,
+        models_dir=store_root,
     )
     request, runner, _ = prepare_run(options)
     runner.on_tiles = reporter.tiles
