@@ -118,6 +118,7 @@ def _summed_weight(shape, patch, step):
         ((1, 20, 50, 45), (32, 32, 32), 0.5, None),  # smaller than the patch on one axis: padding
         ((2, 40, 36, 50), (24, 24, 24), 0.8, (0, 1, 2)),  # two channels, TotalSegmentator step, full TTA
         ((1, 5, 60, 50), (32, 32), 0.5, (0, 1)),  # a 2d configuration on a 3d volume
+        ((1, 30, 28, 25), (32, 32, 32), 0.5, None),  # one tile: added and emitted a few rows at a time
     ],
 )
 def test_sliding_window_equals_nnunet(shape, patch, step, mirror):
@@ -160,3 +161,61 @@ def test_round_to_half_equals_numpy_float16():
         expected = values.astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(whole, expected)
     np.testing.assert_array_equal(by_row, expected)
+
+
+def _pointwise_head(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """A 1x1x1 output layer, (..., C_feat, *spatial) -> (..., C, *spatial), summed in a fixed order in float64
+    so the same voxel gives the same logit whatever block of rows it is computed in."""
+    axis = features.ndim - 4
+    total = 0.0
+    for c in range(weights.shape[1]):
+        channel = np.take(features, [c], axis=axis).astype(np.float64)
+        shape = [1] * features.ndim
+        shape[axis] = weights.shape[0]
+        total = total + channel * weights[:, c].reshape(shape)
+    return total.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 70, 50, 45), (1, 30, 28, 25)], ids=["tiles", "one tile"])
+def test_a_separate_head_applied_to_blocks_of_rows_equals_nnunet(shape, monkeypatch):
+    """With `head`, the network stops at its last features and the output layer runs a few rows at a time:
+    nnU-Net's float16 logits (made from whole-tile logits) come out bit for bit."""
+    import tsrt.pipeline.sliding_window as sliding_window
+
+    patch, classes, step = (32, 32, 32), 5, 0.5
+    monkeypatch.setattr(sliding_window, "EMIT_CHUNK_BYTES", 4 * classes * 32 * 32 * 5)  # blocks of 5 rows
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=shape).astype(np.float32)
+    body = _SmallNet(1, 8, 3).eval()
+    weights = rng.normal(size=(classes, 8)).astype(np.float32)
+
+    class WholeNet(torch.nn.Module):
+        def forward(self, x):
+            return torch.from_numpy(_pointwise_head(weights, body(x).detach().numpy()))
+
+    theirs = _nnunet_logits(WholeNet(), data, patch, classes, step, None)
+    ours = np.full((classes, *shape[1:]), np.nan, dtype=np.float32)
+    blocks = []
+
+    def consume(first_row, slab):
+        ours[:, first_row : first_row + slab.shape[1]] = slab
+
+    def features(tiles):
+        with torch.no_grad():
+            return body(torch.from_numpy(tiles)).numpy()[None]
+
+    def head(block):
+        blocks.append(block.shape)
+        return _pointwise_head(weights, block)
+
+    sliding_window_inference(data, features, patch, classes, consume, step_size=step, head=head)
+    np.testing.assert_array_equal(ours, theirs)
+    assert all(b[1] == 8 and b[2] <= 5 for b in blocks) and len(blocks) >= 7 * count_tiles(shape[1:], patch, step)
+
+
+def test_a_separate_head_refuses_mirroring():
+    with pytest.raises(ValueError, match="no mirroring"):
+        sliding_window_inference(
+            np.zeros((1, 8, 8, 8), np.float32), lambda t: t[None], (8, 8, 8), 1, lambda r, s: None,
+            mirror_axes=(0,), head=lambda b: b,
+        )

@@ -309,7 +309,7 @@ def _cache_seal(cached: Path) -> Path:
     return cached.with_name(cached.name + ".sha256")
 
 
-def _intact_cache(cached: Path) -> bool:
+def intact_cache(cached: Path) -> bool:
     """Whether a cached optimised graph exists and is byte for byte what tsrt wrote (else it is removed)."""
     if not cached.exists():
         return False
@@ -325,19 +325,20 @@ def _intact_cache(cached: Path) -> bool:
     return False
 
 
-def _seal_cache(temp: Path, cached: Path) -> None:
+def seal_cache(temp: Path, cached: Path) -> None:
     """Move a freshly optimised graph into the cache with its seal (seal first, so no unsealed file is trusted)."""
     _cache_seal(cached).write_text(sha256_file(temp))
     os.replace(temp, cached)
 
 
-def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None = None):
+def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None = None, graph_sha256: str | None = None):
     """An InferenceSession for `graph` on the chosen providers.
 
     On CPU, ONNX Runtime's fully optimised graph is saved once and loaded on later runs with
     optimisation switched off, which removes most of the start-up cost; the cache is keyed by the
     graph's sha256 and sealed with its own, so a changed source or a tampered cache is rebuilt, never
     loaded. GPU providers fuse differently per device, so for them the cache is TensorRT's engine cache.
+    `graph_sha256`: the graph file's sha256 when the caller has just computed it (it is not hashed twice).
     """
     threads = threads or choice.threads
     if choice.uses_openvino:
@@ -355,8 +356,8 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     source = graph
     cached = None
     if choice.name == "cpu":
-        cached = optimized_cache_path(sha256_file(graph), graph, choice)
-        if _intact_cache(cached):
+        cached = optimized_cache_path(graph_sha256 or sha256_file(graph), graph, choice)
+        if intact_cache(cached):
             source = cached
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         else:
@@ -377,7 +378,7 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     used = provider_in_use(session.get_providers(), choice)
     temp = getattr(options, "optimized_model_filepath", "")
     if cached is not None and temp and Path(temp).exists():
-        _seal_cache(Path(temp), cached)
+        seal_cache(Path(temp), cached)
     return _ArenaReleasingSession(session, used)
 
 

@@ -19,7 +19,9 @@ from tsrt.errors import ModelError
 from tsrt.progress import progress
 from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
+from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, parse_device
+from tsrt.models.store import sha256_file
 from tsrt.pipeline.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
 
 log = logging.getLogger("tsrt")
@@ -46,6 +48,10 @@ class LoadedModel:
     plans: list[RecordedPlan]
     provider: ProviderChoice
     sessions: list = field(default_factory=list)
+    #: Per fold, when the graph was split before its pointwise output layer (tsrt.engines.head): the body's
+    #: output (the last features) and the head's session. Empty: the sessions return the logits.
+    feature_outputs: list[str] = field(default_factory=list)
+    heads: list = field(default_factory=list)
     seconds_in_network: float = 0.0  # time spent inside session.run, for the overhead report
     tiles_run: int = 0  # tiles through the network (a mirrored copy counts, folds do not), for tiles/s
 
@@ -68,15 +74,30 @@ class LoadedModel:
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """Logits of every fold for a batch of tiles: (N, C_in, *patch) -> (F, N, C_out, *patch)."""
+        if not self.heads:
+            return self.tile_features(tiles)
+        features = self.tile_features(tiles)
+        return np.stack([self.apply_heads(features[:, n]) for n in range(features.shape[1])], axis=1)
+
+    def tile_features(self, tiles: np.ndarray) -> np.ndarray:
+        """What the sessions return for a batch of tiles, per fold: the logits, or with `heads` the last features."""
         started = time.perf_counter()
+        names = self.feature_outputs or [plan.graph_output_name for plan in self.plans]
         outputs = [
-            session.run([plan.graph_output_name], {plan.graph_input_name: tiles})[0]
-            for session, plan in zip(self.sessions, self.plans)
+            session.run([name], {plan.graph_input_name: tiles})[0]
+            for session, plan, name in zip(self.sessions, self.plans, names)
         ]
         self.seconds_in_network += time.perf_counter() - started
         self.tiles_run += int(tiles.shape[0])
         # One fold (TotalSegmentator's case) needs no copy: a 118-class 128^3 tile is ~1 GB.
         return outputs[0][None] if len(outputs) == 1 else np.stack(outputs)
+
+    def apply_heads(self, features: np.ndarray) -> np.ndarray:
+        """Logits of a block of rows from the body's features: (F, C_feat, rows, ...) -> (F, C, rows, ...)."""
+        started = time.perf_counter()
+        logits = [head.run([HEAD_OUTPUT], {HEAD_INPUT: features[f][None]})[0][0] for f, head in enumerate(self.heads)]
+        self.seconds_in_network += time.perf_counter() - started
+        return logits[0][None] if len(logits) == 1 else np.stack(logits)
 
 
 def load_model(
@@ -100,12 +121,32 @@ def load_model(
         )
         if choice.name == "tensorrt":
             choice = _with_engine_cache(choice, Path(model_dir), device, threads)
-    sessions = []
+    model = LoadedModel(directory=Path(model_dir), plans=plans, provider=choice)
     for plan in plans:
         if not plan.graph_path.exists():
             raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
-        sessions.append(create_session(plan.graph_path, choice, threads=threads))
-    return LoadedModel(directory=Path(model_dir), plans=plans, provider=choice, sessions=sessions)
+    hashes = [sha256_file(plan.graph_path) if choice.name == "cpu" else None for plan in plans]
+    splits = [
+        split_output_head(plan.graph_path, sha256) if sha256 and can_split_head(plan) else None
+        for plan, sha256 in zip(plans, hashes)
+    ]
+    if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
+        for split in splits:
+            model.sessions.append(create_session(split.body, choice, threads=threads))
+            model.heads.append(create_session(split.head, choice, threads=threads))
+            model.feature_outputs.append(split.body_output)
+    else:
+        model.sessions = [
+            create_session(plan.graph_path, choice, threads=threads, graph_sha256=sha256)
+            for plan, sha256 in zip(plans, hashes)
+        ]
+    return model
+
+
+def can_split_head(plan: RecordedPlan) -> bool:
+    """Whether runs of this plan can use a separate output layer: 3d patches, no test-time mirroring
+    (mirrored predictions are averaged as logits, which needs a tile's whole logits)."""
+    return len(plan.patch_size) == 3 and not plan.allowed_mirroring_axes
 
 
 def _with_engine_cache(choice: ProviderChoice, model_dir: Path, device: str | None, threads: int | None) -> ProviderChoice:
@@ -132,12 +173,13 @@ def predict_streaming(
     plan = model.plan
     mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
     n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
+    head = model.apply_heads if model.heads and not mirror_axes else None
     with progress(progress_description, n_tiles, enabled=settings.progress, transient=True) as advance:
         if settings.on_tiles is not None:
             advance = _also_reporting(advance, settings.on_tiles, n_tiles)
         sliding_window_inference(
             preprocessed.data,
-            model.predict_tiles,
+            model.tile_features if head is not None else model.predict_tiles,
             plan.patch_size,
             plan.num_segmentation_heads,
             consume_slab,
@@ -146,6 +188,7 @@ def predict_streaming(
             mirror_axes=mirror_axes,
             accumulation=settings.accumulation,
             progress=advance,
+            head=head,
         )
 
 

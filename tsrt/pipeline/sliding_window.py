@@ -9,6 +9,12 @@ Unlike nnU-Net, which keeps a (classes x volume) buffer for the whole image, thi
 rows of the first axis as soon as no later tile can reach them and hands them to a callback
 (argmax, region thresholds, or a collector). Peak memory is one slab of tiles, not the volume.
 
+Memory, further: tiles are added to the buffer a few rows at a time; the float16 buffer is stored as
+float16 (every value it holds is rounded to float16 anyway, so this is exact); an image of one tile
+needs no buffer beyond those few rows; and with a `head` the network stops at its last features and
+the 1x1x1 output convolution runs on those few rows, so a tile's logits (1 GB for 118 classes at
+128^3) never exist at once.
+
 Accumulation precision. nnU-Net accumulates the weighted logits, the weights, the division and the
 fold average in float16 (computing each step in float32 and rounding it to float16). Where the
 Gaussian weights are tiny (volume corners) that rounding visibly changes nnU-Net's logits, and near
@@ -28,6 +34,8 @@ import numpy as np
 
 #: Called with (first_row, weighted_mean_logits[C, rows, ...]) for every finalised slab, in order.
 SlabConsumer = Callable[[int, np.ndarray], None]
+#: The network's pointwise output layer: features per fold (F, C_feat, rows, ...) -> logits (F, C_out, rows, ...).
+HeadApplier = Callable[[np.ndarray], np.ndarray]
 #: Runs the network(s) on a batch of tiles (N, C_in, *patch); returns logits per fold (F, N, C_out, *patch).
 TilePredictor = Callable[[np.ndarray], np.ndarray]
 ACCUMULATIONS = ("float16", "float32")
@@ -199,27 +207,44 @@ class _SlabAccumulator:
     """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume.
 
     float16 accumulation keeps one buffer per fold (nnU-Net normalises each fold before averaging);
-    float32 accumulation averages the folds per tile and keeps one buffer.
+    float32 accumulation averages the folds per tile and keeps one buffer. With `store_half` the float16
+    buffers are stored as float16 (half the memory; exact, since every sum is rounded to float16) and
+    each added or normalised block of rows is widened to float32 for the arithmetic.
     """
 
-    def __init__(self, n_folds: int, n_outputs: int, padded_shape: Sequence[int], capacity: int, half: bool):
+    def __init__(
+        self, n_folds: int, n_outputs: int, padded_shape: Sequence[int], capacity: int, half: bool, store_half: bool
+    ):
         self.first_row = 0
         self.half = half
         buffers = n_folds if half else 1
-        self.logits = np.zeros((buffers, n_outputs, capacity, *padded_shape[1:]), dtype=np.float32)
-        self.weights = np.zeros((capacity, *padded_shape[1:]), dtype=np.float32)
+        dtype = np.float16 if half and store_half else np.float32
+        self.logits = np.zeros((buffers, n_outputs, capacity, *padded_shape[1:]), dtype=dtype)
+        self.weights = np.zeros((capacity, *padded_shape[1:]), dtype=dtype)
 
     def add(self, fold_logits: np.ndarray, gaussian: np.ndarray, start: Sequence[int]) -> None:
-        """fold_logits: (F, C, *tile) for one tile."""
+        """fold_logits: (F, C, rows, ...) of one tile (or a block of its rows) starting at `start`."""
         if not self.half and fold_logits.shape[0] > 1:
             fold_logits = fold_logits.mean(axis=0, keepdims=True, dtype=np.float32)
+        fold_logits = np.ascontiguousarray(fold_logits, dtype=np.float32)
         x0 = start[0] - self.first_row
-        _accumulate(self.logits, self.weights, np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, x0, start[1], start[2], self.half)
+        if self.logits.dtype == np.float32:
+            _accumulate(self.logits, self.weights, fold_logits, gaussian, x0, start[1], start[2], self.half)
+            return
+        region = tuple(slice(s, s + n) for s, n in zip((x0, *start[1:]), fold_logits.shape[2:]))
+        logits = self.logits[(slice(None), slice(None), *region)].astype(np.float32)
+        weights = self.weights[region].astype(np.float32)
+        _accumulate(logits, weights, fold_logits, gaussian, 0, 0, 0, self.half)
+        self.logits[(slice(None), slice(None), *region)] = logits
+        self.weights[region] = weights
 
     def normalized(self, begin: int, end: int) -> np.ndarray:
         """The weight-normalised logits of rows [begin, end) (padded-volume rows, all inside the buffer)."""
         lo, hi = begin - self.first_row, end - self.first_row
-        return _normalize_rows(self.logits[:, :, lo:hi], self.weights[lo:hi], hi - lo, self.half)
+        logits, weights = self.logits[:, :, lo:hi], self.weights[lo:hi]
+        if logits.dtype != np.float32:
+            logits, weights = logits.astype(np.float32), weights.astype(np.float32)
+        return _normalize_rows(logits, weights, hi - lo, self.half)
 
     def forget(self, upto_row: int) -> None:
         """Shift the buffer so rows before `upto_row` are dropped and new rows start at zero."""
@@ -251,6 +276,7 @@ def sliding_window_inference(
     mirror_axes: Sequence[int] | None = None,
     accumulation: str = "float16",
     progress: Callable[[int], None] | None = None,
+    head: HeadApplier | None = None,
 ) -> None:
     """Predict `data` tile by tile and hand finalised, weight-normalised logits to `consume_slab`.
 
@@ -266,9 +292,14 @@ def sliding_window_inference(
         mirror_axes: spatial axes (of the patch) to flip for test-time augmentation, or None.
         accumulation: "float16" reproduces nnU-Net's float16 buffers exactly; "float32" does not round.
         progress: called with the number of tiles finished after each batch.
+        head: the network's pointwise output layer, when `predict_tiles` stops before it and returns the
+            last features per fold (F, N, C_feat, *patch): it is applied a few rows at a time, so a tile's
+            full logits never exist. 3d patches without mirroring only (flips are averaged as logits).
     """
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
+    if head is not None and (mirror_axes or len(patch_size) != 3):
+        raise ValueError("a separate head needs a 3d patch and no mirroring")
     pads = padding_for(data.shape, patch_size)
     padded = np.pad(data, pads, mode="constant", constant_values=0) if any(p != (0, 0) for p in pads) else data
     spatial = padded.shape[1:]
@@ -286,6 +317,10 @@ def sliding_window_inference(
     # Finished rows are normalised and handed on a few at a time: the float32 copy that normalising
     # makes stays near EMIT_CHUNK_BYTES instead of a whole tile's rows (1 GB for 118 classes at 128^3).
     chunk_rows = max(1, EMIT_CHUNK_BYTES // (4 * n_outputs * int(np.prod(spatial[1:]))))
+    # Tiles are added (and the head applied) a few rows at a time, for the same reason.
+    tile_rows = max(1, EMIT_CHUNK_BYTES // (4 * n_outputs * int(np.prod(tile_extent[1:]))))
+    # One tile covers the image: each block of its rows is final once added, so the buffer holds one block.
+    one_tile = len(tiles) == 1
     emitted = 0
 
     def emit(upto_row: int) -> None:
@@ -303,18 +338,28 @@ def sliding_window_inference(
         group = [t for t in tiles if t.start[0] == row]
         for batch in _batches(group, batch_size):
             inputs = np.stack([_cut_tile(padded, t.start, tile_extent, is_2d) for t in batch])
-            logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C, *patch)
+            logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C or C_feat, *patch)
             if accumulator is None:
                 # Before group k the buffer starts at row_starts[k]; earlier groups reach at most
                 # row_starts[k-1] + extent <= row_starts[k] + extent, so one tile extent suffices.
-                capacity = tile_extent[0]
-                accumulator = _SlabAccumulator(logits.shape[0], n_outputs, spatial, capacity, accumulation == "float16")
+                capacity = min(tile_rows, tile_extent[0]) if one_tile else tile_extent[0]
+                accumulator = _SlabAccumulator(
+                    logits.shape[0], n_outputs, spatial, capacity, accumulation == "float16", store_half=not one_tile
+                )
             for index, tile in enumerate(batch):
-                tile_logits = logits[:, index]
-                accumulator.add(tile_logits[:, :, None] if is_2d else tile_logits, gaussian3d, tile.start)
+                tile_logits = logits[:, index][:, :, None] if is_2d else logits[:, index]
+                for begin in range(0, tile_extent[0], tile_rows):
+                    end = min(tile_extent[0], begin + tile_rows)
+                    block = tile_logits[:, :, begin:end]
+                    if head is not None:
+                        block = head(np.ascontiguousarray(block))
+                    accumulator.add(block, gaussian3d[begin:end], (tile.start[0] + begin, *tile.start[1:]))
+                    if one_tile:
+                        emit(tile.start[0] + end)
+                del tile_logits, block
             if progress is not None:
                 progress(len(batch))
-            del logits, tile_logits  # a tile's logits (1 GB for 118 classes at 128^3) are not needed while emitting
+            del logits  # a tile's logits (1 GB for 118 classes at 128^3) are not needed while emitting
         next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
         emit(next_row)
     if emitted != valid_rows:
