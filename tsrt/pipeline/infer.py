@@ -125,7 +125,7 @@ def load_model(
     for plan in plans:
         if not plan.graph_path.exists():
             raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
-    hashes = [sha256_file(plan.graph_path) if choice.name == "cpu" else None for plan in plans]
+    hashes = [sha256_file(plan.graph_path) if choice.name in SPLIT_HEAD_PROVIDERS else None for plan in plans]
     splits = [
         split_output_head(plan.graph_path, sha256) if sha256 and can_split_head(plan) else None
         for plan, sha256 in zip(plans, hashes)
@@ -141,6 +141,10 @@ def load_model(
             for plan, sha256 in zip(plans, hashes)
         ]
     return model
+
+
+#: Providers whose runs use a separate output layer (GPU providers keep the whole graph: memory is not their limit).
+SPLIT_HEAD_PROVIDERS = ("cpu", "openvino")
 
 
 def can_split_head(plan: RecordedPlan) -> bool:
