@@ -81,6 +81,10 @@ VAL_ITERATIONS_PER_EPOCH = 3
 
 NUM_CASES = 40
 TRAIN_SPACING = (3.0, 3.0, 3.0)
+#: Air around the phantom's body is -1000 HU (+- noise); everything inside, lung included, is above -890 HU.
+OUTSIDE_BODY_HU = -910.0
+#: Inclusive voxel ranges of the training phantoms' shapes (x, y, z) at TRAIN_SPACING.
+TRAIN_SHAPE_RANGE = ((110, 165), (80, 135), (90, 115))
 
 # The small network written into the 3d_fullres plans.
 PATCH_SIZE = [64, 64, 64]
@@ -128,7 +132,7 @@ def training_cases(n: int = NUM_CASES) -> list[dict]:
     for i in range(n):
         # Fields of view from tight (the body fills the slice) to wide (as much air around the body as
         # the demo phantom has), so the network learns that air outside the body is not lung.
-        shape = (int(rng.integers(110, 166)), int(rng.integers(80, 136)), int(rng.integers(90, 116)))
+        shape = tuple(int(rng.integers(low, high + 1)) for low, high in TRAIN_SHAPE_RANGE)
         cases.append(dict(shape=shape, spacing=TRAIN_SPACING, seed=i, vary=True))
     return cases
 
@@ -379,7 +383,8 @@ def evaluate(model_folder: Path) -> dict:
         pred = predict_phantom(predictor, ph)
         secs = time.perf_counter() - t0
         assert pred.shape == ph.labels.shape
-        rows.append({"name": name, "kwargs": kwargs, "seconds": secs, "dice": dice_per_class(pred, ph.labels)})
+        rows.append({"name": name, "kwargs": kwargs, "seconds": secs, "dice": dice_per_class(pred, ph.labels),
+                     "labelled_outside_body": int(((pred > 0) & (ph.image < OUTSIDE_BODY_HU)).sum())})
         print(f"[eval] {name}: {secs:.1f} s, " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["dice"].items()),
               flush=True)
     return {"load_seconds": load_s, "rows": rows, "trainer_name": predictor.trainer_name,
@@ -465,7 +470,7 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         "## Training",
         "",
         f"- Data: {NUM_CASES} phantoms, seeds 0-{NUM_CASES - 1}, `vary=True`, isotropic 3 mm, shapes "
-        "110-135 x 80-105 x 90-110 voxels; nnU-Net's 5-fold split, "
+        f"{' x '.join(f'{low}-{high}' for low, high in TRAIN_SHAPE_RANGE)} voxels; nnU-Net's 5-fold split, "
         f"fold {FOLD}" + (f" ({info['n_train_cases']} training / {info['n_val_cases']} validation cases)."
                           if "n_train_cases" in info else "."),
         f"- Schedule: {info['epochs']} epochs x {info['iterations_per_epoch']} iterations = "
@@ -512,11 +517,16 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         finite = [v for v in vals if v == v]
         means[n] = float(np.mean(finite)) if finite else float("nan")
         lines.append(f"| {n} | " + " | ".join(fmt(v) for v in vals) + f" | **{fmt(means[n])}** |")
+    if all("labelled_outside_body" in r for r in ev["rows"]):
+        counts = [r["labelled_outside_body"] for r in ev["rows"]]
+        lines.append("| voxels labelled outside the body | " + " | ".join(str(c) for c in counts) + f" | {sum(counts)} |")
     lines += ["", "Phantoms (`make_phantom` arguments) and prediction time on this machine:", ""]
     for i, r in enumerate(ev["rows"]):
         lines.append(f"{i + 1}. {r['name']}: `{r['kwargs'] or 'defaults'}`, {r['seconds']:.1f} s")
     lines += ["", f"Predictor set-up (load of the folder): {ev['load_seconds']:.1f} s. "
-              "'–' means the class is absent from both ground truth and prediction in that field of view.", ""]
+              "'–' means the class is absent from both ground truth and prediction in that field of view. "
+              f"Outside the body: labelled voxels whose phantom value is below {OUTSIDE_BODY_HU:.0f} HU (the air "
+              "around the body; every tissue inside it, lung included, is brighter).", ""]
     summary = out / "nnUNet_results" / DATASET_NAME / RESULT_SUBDIR / f"fold_{FOLD}" / "validation" / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())

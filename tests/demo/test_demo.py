@@ -33,11 +33,14 @@ def test_demo_writes_every_output_and_segments_the_phantom(tmp_path: Path):
     stats = json.loads((out / "statistics.json").read_text())
     assert set(stats) == set(summary)
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A trained model, not seeded weights: Dice vs the phantom's truth (models/demo/TRAINING.md has the table;
-    # on this default phantom the model mixes up the lungs' apices and the kidneys most).
-    floors = {"liver": 0.9, "spleen": 0.9, "aorta": 0.9, "spine": 0.9, "lung_left": 0.6, "lung_right": 0.5}
-    for organ, floor in floors.items():
-        assert summary[organ]["dice"] >= floor, f"{organ}: Dice {summary[organ]['dice']:.3f}"
+    # A trained model, not seeded weights: Dice vs the phantom's truth (models/demo/TRAINING.md has the table:
+    # 0.977-0.985 for every structure on this default phantom).
+    for organ in ("liver", "spleen", "aorta", "spine", "lung_left", "lung_right", "kidney_left", "kidney_right"):
+        assert summary[organ]["dice"] >= 0.93, f"{organ}: Dice {summary[organ]['dice']:.3f}"
+    # Nothing painted into the air around the body (the model before 2026-12 labelled 170,000 voxels of it lung).
+    labels = np.asarray(multilabel.dataobj)
+    air = np.asarray(phantom_ct.dataobj) < -910
+    assert int(((labels > 0) & air).sum()) <= 200
 
 
 def test_bundled_graph_reproduces_a_fresh_export_of_the_committed_checkpoint(tmp_path: Path):

@@ -25,8 +25,8 @@ TEST_PHANTOM = dict(shape=(96, 80, 64), spacing=(3.0, 3.0, 3.0), seed=4242, vary
 # Floors a little under what the committed model reaches on this phantom (TRAINING.md: 0.93-0.99 for the large
 # structures, 0.75 for the kidneys, which the 2000-iteration schedule learned least).
 MIN_DICE = {
-    "liver": 0.9, "spleen": 0.9, "aorta": 0.85, "spine": 0.9, "lung_left": 0.9, "lung_right": 0.9,
-    "kidney_left": 0.6, "kidney_right": 0.6,
+    "liver": 0.95, "spleen": 0.95, "aorta": 0.95, "spine": 0.95, "lung_left": 0.95, "lung_right": 0.95,
+    "kidney_left": 0.85, "kidney_right": 0.9,  # this small field of view cuts the kidneys (TRAINING.md, #5)
 }
 
 
