@@ -897,7 +897,12 @@ def write_totalseg_home(
             if source is not None:
                 shape_kwargs: dict[str, Any] = {"patch_size": _patch_for_source(source, small)}
             elif intensity_bands is not None:  # cheap per voxel; large tiles keep 0.44 mm models to few tiles
-                shape_kwargs = {"patch_size": (96, 96, 96), "n_stages": 4, "features": (4, 8, 16, 32)}
+                # the first stage holds two ramps per band edge (many classes, e.g. vertebrae, need more)
+                edges = {v for name, band in intensity_bands.items() if name in model.labels for v in band
+                         if abs(v) != float("inf")}
+                first = max(4, 2 * len(edges))
+                shape_kwargs = {"patch_size": (96, 96, 96), "n_stages": 4,
+                                "features": (first, max(8, first), max(16, first), 32)}
             elif small:
                 shape_kwargs = {"patch_size": (48, 48, 48), "n_stages": 4, "features": (4, 8, 16, 32)}
             else:

@@ -121,7 +121,21 @@ def run_official(body: str, work: Path, *args: str, home: Path | None = None) ->
 
 
 def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
-    """The NIfTI volume as an axial CT DICOM series (one file per slice), as a scanner would store it."""
+    """The NIfTI volume as an axial CT DICOM series (one file per slice), as a scanner would store it.
+
+    SimpleITK's DICOM writer (GDCM) switches the process to the C locale; it is put back afterwards, or
+    later tests that read files with the default encoding would read ASCII.
+    """
+    import locale
+
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(nifti_path, folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_dicom_series(nifti_path: Path, folder: Path) -> Path:
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)

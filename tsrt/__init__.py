@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from tsrt.version import __version__
 
-__all__ = ["__version__", "contrast_phase", "image_modality", "measure_evans_index", "segment"]
+__all__ = [
+    "__version__", "aorta_report", "contrast_phase", "image_modality", "measure_evans_index", "pulmonary_report",
+    "segment", "spine_report",
+]
 
 #: Lazily imported public functions: name -> module.
 #: (Named for what they return, not like their modules, so no module attribute is shadowed.)
@@ -21,12 +24,18 @@ _LAZY = {
     "contrast_phase": "tsrt.companions.phase",
     "image_modality": "tsrt.companions.modality",
     "measure_evans_index": "tsrt.companions.evans_index",
+    "spine_report": "tsrt.reports.spine",
+    "aorta_report": "tsrt.reports.aorta",
+    "pulmonary_report": "tsrt.reports.pulmonary",
 }
 
 if TYPE_CHECKING:
     from tsrt.companions.evans_index import measure_evans_index
     from tsrt.companions.modality import image_modality
     from tsrt.companions.phase import contrast_phase
+    from tsrt.reports.spine import spine_report
+    from tsrt.reports.aorta import aorta_report
+    from tsrt.reports.pulmonary import pulmonary_report
     from tsrt.totalseg.task import segment
 
 

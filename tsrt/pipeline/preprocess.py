@@ -67,6 +67,11 @@ def _fill_holes_3d(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
+def fill_holes_3d(mask: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_fill_holes` of a 3D mask (face connectivity), as bool."""
+    return _fill_holes_3d(np.ascontiguousarray(np.asarray(mask) != 0))
+
+
 def nonzero_mask(data: np.ndarray, fill_holes: bool = True) -> np.ndarray:
     """nnU-Net's mask of 'inside the scan': voxels nonzero in any channel, holes filled.
 

@@ -1,12 +1,17 @@
-"""What every report shares: refusing to measure structures that are missing or cut by the field of view."""
+"""What every report shares: refusing to measure structures that are missing or cut by the field of view, and
+handing report pages to image archives as RGB NIfTI."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tsrt.errors import InputError
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 
 class MissingStructuresError(InputError):
@@ -48,3 +53,23 @@ def require_structures(
             f"The {report} report {'; and '.join(problems)}: use a scan that covers "
             f"{'it' if len(missing) + len(cut) == 1 else 'them'} (nothing was measured)."
         )
+
+
+def rgb_pages_nifti(pages: Sequence[np.ndarray]) -> nib.Nifti1Image:
+    """Report pictures ((H, W, 3) uint8, top row first) stacked as one RGB NIfTI, one page per slice.
+
+    TotalSegmentator's reports hand their pages to image archives (PACS) this way
+    (reporting.combine_rgb_slices_as_nifti): each page turned so a viewer shows it upright, placed at
+    the top of a canvas one pixel larger than the largest page, RGB24 voxels, affine diag(-1, -1, 1).
+    """
+    import nibabel as nib
+
+    width = max(page.shape[1] for page in pages) + 1
+    height = max(page.shape[0] for page in pages) + 1
+    canvas = np.zeros((width, height, len(pages), 3), dtype=np.uint8)
+    for index, page in enumerate(pages):
+        turned = np.asarray(page, dtype=np.uint8).transpose(1, 0, 2)[::-1, ::-1]
+        canvas[: turned.shape[0], canvas.shape[1] - turned.shape[1] :, index] = turned
+    rgb = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    voxels = np.ascontiguousarray(canvas[::-1, ::-1]).view(rgb).reshape(canvas.shape[:-1])
+    return nib.Nifti1Image(voxels, np.diag([-1.0, -1.0, 1.0, 1.0]))
