@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "outputs": 4,  # statistics, preview, DICOM, radiomics, per-class files
     "api": 5, "totalseg": 5,  # one exported model / one TotalSegmentator task
     "companions": 6, "demo": 6, "reports": 6,  # phase, modality, Evans index; the demo job; clinical reports
+    "quantization": 6,  # int8 graphs: calibrated on scans by the pipeline, gated by fp32-vs-int8 segmentations
     "cohort": 7,  # many cases, here or on Ray
     "ui": 8,  # the web page
     "cli": 9,  # the command line (it starts the UI)
@@ -54,7 +55,7 @@ def imports_of(path: Path, modules: dict[str, Path]) -> list[ImportEdge]:
     """Every import in the file, resolved to a module where it names a tsrt module."""
     source = module_name(path)
     edges = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             edges += [ImportEdge(source, alias.name, (), node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

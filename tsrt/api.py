@@ -12,7 +12,7 @@ import numpy as np
 
 from tsrt.engines.providers import resolve_precision
 from tsrt.models.plan import RecordedPlan, load_model_plans
-from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model
+from tsrt.pipeline.infer import InferenceSettings, LoadedModel, check_int8_model, load_model
 from tsrt.outputs.files import WrittenOutputs
 from tsrt.outputs.manifest import (
     InputRecord, RunFacts, RunManifest, RunRecorder, RunRequest, manifest_path, plan_graph_records,
@@ -74,6 +74,8 @@ def segment(
     The run manifest is written last, beside the label file (`tsrt.outputs.manifest`).
     """
     provider, precision = resolve_precision(provider, precision)
+    if precision == "int8":  # before the image is read: the gated int8 graphs, or how to make them
+        check_int8_model(Path(model_dir), folds=folds)
     recorder = RunRecorder()
     started = time.perf_counter()
     image = read_image(input_path)
@@ -160,6 +162,8 @@ class ModelJob:
     def __post_init__(self) -> None:
         """Checked (and openvino-bf16 mapped) once, before any case is read."""
         provider, precision = resolve_precision(self.provider, self.precision)
+        if precision == "int8":
+            check_int8_model(Path(self.model_dir), folds=self.folds)
         object.__setattr__(self, "provider", provider)
         object.__setattr__(self, "precision", precision)
 

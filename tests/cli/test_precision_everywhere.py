@@ -75,3 +75,10 @@ def test_demo_runs_in_bf16_on_openvino(tmp_path: Path) -> None:
     result = _tsrt("demo", "-o", str(out), "--provider", "openvino", "--precision", "bf16", home=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "(bf16)" in result.stdout and (out / "segmentation.nii.gz").exists()
+
+
+def test_demo_refuses_int8_without_a_quantized_model_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = _tsrt("demo", "-o", str(out), "--precision", "int8", home=tmp_path)
+    _assert_one_line(result, "tsrt models quantize")
+    assert not out.exists()

@@ -90,12 +90,12 @@ def test_runtime_imports_every_runtime_module(runtime_venv):
     assert int(result.stdout.strip()) >= 8
 
 
-def _phantom_ct(path: Path) -> Path:
+def _phantom_ct(path: Path, seed: int = 0) -> Path:
     import nibabel as nib
 
     from tsrt.demo.phantom import make_phantom
 
-    phantom = make_phantom(shape=(48, 40, 32), spacing=(3.0, 3.0, 3.0))
+    phantom = make_phantom(shape=(48, 40, 32), spacing=(3.0, 3.0, 3.0), seed=seed, vary=seed != 0)
     nib.save(nib.Nifti1Image(phantom.image, phantom.affine), path)
     return path
 
@@ -164,3 +164,29 @@ def test_runtime_ui_without_the_extra_says_what_to_install(runtime_venv):
     assert result.stderr.strip() == (
         "tsrt: error: `tsrt ui` needs Streamlit, which is not installed: pip install 'tsrt[ui]'."
     )
+
+
+def test_runtime_install_quantizes_and_runs_int8(runtime_venv, tmp_path):
+    """`tsrt models quantize` (ONNX Runtime's quantization: onnx + onnxruntime only) and `--precision int8` in the
+    runtime-only venv. The demo model's gate verdict is not this test's subject, so --force installs it either way."""
+    import json
+    import shutil
+
+    from tsrt.demo.run import demo_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_dir(), model)
+    scans = [_phantom_ct(tmp_path / f"ct{i}.nii.gz", seed=i) for i in range(2)]
+    tsrt = str(runtime_venv / "bin" / "tsrt")
+    env = {"TSRT_HOME": str(tmp_path / "home")}
+    steps = [
+        [tsrt, "models", "quantize", str(model), "-c", str(scans[0]), "--validation", str(scans[1]), "--tiles", "2",
+         "--force", "-q"],
+        [tsrt, "segment", str(scans[1]), "-o", str(tmp_path / "int8.nii.gz"), "--model", str(model), "--precision",
+         "int8", "-q"],
+    ]
+    for step in steps:
+        result = _run(runtime_venv, *step, cwd=str(tmp_path), env_extra=env)
+        assert result.returncode == 0, f"{step[1:3]}: {result.stderr}"
+    assert json.loads((tmp_path / "int8.tsrt.json").read_text())["precision"] == "int8"
+    assert json.loads((model / "fold_0.plan.json").read_text())["int8"]["graph_file"] == "fold_0.int8.onnx"

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from tsrt.cli.common import EXPORT_EXTRA_MODULES
-from tsrt.errors import is_missing, missing_extra
+from tsrt.cli.common import EXPORT_EXTRA_MODULES, configure_logging
+from tsrt.errors import InputError, is_missing, missing_extra
 from tsrt.models.store import human_size
 
 if TYPE_CHECKING:
@@ -81,18 +81,23 @@ def list_models(
         console.print(_models_table([s for s in statuses.values() if s.state != "missing"], models_root()))
         return
     table = Table(title=f"TotalSegmentator {registry.totalsegmentator_version} tasks — store: {models_root()}")
-    for column in ("task", "modality", "license", "normal", "fast", "fastest"):
+    for column in ("task", "modality", "license", "normal", "fast", "fastest", "int8"):
         table.add_column(column)
+    int8_states = {name: _int8_state(status) for name, status in statuses.items()}
     for name in registry.task_names():
-        cells = []
+        cells, int8_modes = [], []
         for mode in ("normal", "fast", "fastest"):
             if mode not in registry.modes(name):
                 cells.append("")
                 continue
             task = registry.task(name, fast=mode == "fast", fastest=mode == "fastest")
             cells.append(_mode_cell([statuses[m.name] for m in task.required_models]))
+            records = [int8_states[m.name] for m in task.required_models]
+            if all(record is not None for record in records):
+                forced = any(record["gate"].get("forced") for record in records if record is not None)
+                int8_modes.append(f"{mode} (forced)" if forced else mode)
         first = registry.task(name)
-        table.add_row(name, first.modality, "yes" if first.license else "", *cells)
+        table.add_row(name, first.modality, "yes" if first.license else "", *cells, ", ".join(int8_modes))
     console.print(table)
     incomplete = [s for s in statuses.values() if s.state == "incomplete"]
     for status in incomplete:
@@ -103,12 +108,33 @@ def _models_table(statuses: list, root: Path):
     from rich.table import Table
 
     table = Table(title=f"Models in {root}")
-    for column in ("model", "state", "folds", "size"):
+    for column in ("model", "state", "folds", "size", "int8 (tsrt models quantize)"):
         table.add_column(column)
     for status in statuses:
         state = "[green]complete[/green]" if status.complete else f"[red]incomplete[/red]: {status.problems[0]}"
-        table.add_row(status.model.name, state, ", ".join(status.folds), human_size(status.size_bytes))
+        table.add_row(status.model.name, state, ", ".join(status.folds), human_size(status.size_bytes),
+                      _int8_summary(_int8_state(status)))
     return table
+
+
+def _int8_state(status) -> dict | None:
+    """The gate record of a stored model's int8 graphs (every fold has one), else None."""
+    from tsrt.models.plan import has_int8, load_model_plans
+
+    if not status.complete:
+        return None
+    plans = load_model_plans(status.path, list(status.model.fold_names) if status.model.fold_names else None)
+    return plans[0].int8 if has_int8(plans) else None
+
+
+def _int8_summary(record: dict | None) -> str:
+    """`gated`/`forced` with the gate's numbers and its seconds per run (int8 vs fp32), or a dash."""
+    if record is None:
+        return "[dim]–[/dim]"
+    gate = record["gate"]
+    word = "[yellow]forced[/yellow]" if gate.get("forced") else "[green]gated[/green]"
+    return (f"{word}: mean Dice {gate['mean_dice']:.3f}, min {gate['min_dice']:.3f}, agreement "
+            f"{100 * gate['agreement']:.2f} %, {gate['seconds_int8']:.1f} s vs {gate['seconds_fp32']:.1f} s fp32")
 
 
 def _mode_cell(statuses: list) -> str:
@@ -197,3 +223,98 @@ def set_license(
 
     path = set_license_key(key, validate=not skip_validation)
     typer.echo(f"License key saved in {path}.")
+
+
+@models_app.command("quantize")
+def quantize_models(
+    target: str = typer.Argument(..., help="A TotalSegmentator task in the store (e.g. total) or an exported model folder."),
+    calibration: list[str] = typer.Option(
+        ..., "--calibration", "-c",
+        help="Your own CTs/MRs to calibrate on: a NIfTI file, DICOM folder or zip, a folder of NIfTI files, a "
+        ".txt/.csv list or a quoted glob; repeat the option for several.",
+    ),
+    validation: Optional[list[str]] = typer.Option(
+        None, "--validation",
+        help="Held-out scans for the accuracy gate (same forms); default: every fourth calibration scan.",
+    ),
+    fast: bool = _FAST,
+    fastest: bool = _FASTEST,
+    with_optional: bool = _OPTIONAL,
+    method: str = typer.Option("percentile", "--method", help="Calibration: percentile (default), entropy or minmax."),
+    tiles: int = typer.Option(32, "--tiles", min=1, help="Calibration tiles per model, spread over the scans."),
+    force: bool = typer.Option(
+        False, "--force", help="Install int8 even when the accuracy gate refuses it (recorded as forced)."
+    ),
+    quiet: bool = _QUIET,
+) -> None:
+    """Make int8 graphs from your scans, installed only when they segment held-out scans like fp32.
+
+    Each fp32 graph gets an int8 QDQ graph beside it (fold_N.int8.onnx, for ONNX Runtime CPU and OpenVINO),
+    recorded in its plan, with quantization_report.json: per-class Dice int8 vs fp32, voxel agreement,
+    seconds. Refused (nothing installed) when mean Dice < 0.99 or a class of >= 1000 voxels is below 0.95.
+    Then `tsrt segment ... --precision int8` runs them.
+    """
+    from tsrt.quantization.install import GateRefused, model_dir_targets, quantize, task_targets
+
+    configure_logging(quiet, False)
+    folder = Path(target)
+    targets = model_dir_targets(folder) if folder.is_dir() else task_targets(
+        _task(target, fast, fastest), with_optional=with_optional
+    )
+    try:
+        outcomes = quantize(
+            targets, _scans(calibration), _scans(validation) if validation else None, method=method, force=force,
+            max_tiles=tiles, show_progress=not quiet,
+        )
+    except GateRefused as refused:
+        if not quiet:
+            _print_gate(refused.outcomes)
+        raise
+    if not quiet:
+        _print_gate(outcomes)
+        for outcome in outcomes:
+            forced = " (forced: the gate refused it)" if outcome.report["forced"] else ""
+            typer.echo(f"{outcome.target.name}: int8 installed{forced}; report: {outcome.report_path}")
+
+
+def _scans(values: list[str]) -> list[Path]:
+    """Scan files from each value: an image (file, DICOM folder or zip), or a cohort form (folder, list, glob)."""
+    from tsrt.cohort.cases import find_cases
+
+    scans: list[Path] = []
+    for value in values:
+        cases = find_cases(Path(value), Path("."), False)
+        if cases is None and not Path(value).exists():
+            raise InputError(f"Scan {value} does not exist: give a NIfTI file, a DICOM folder, a folder, list or glob.")
+        scans.extend([Path(value)] if cases is None else [case.input for case in cases])
+    return scans
+
+
+def _print_gate(outcomes: list) -> None:
+    """One table per model: per-class Dice int8 vs fp32, then agreement, mean Dice and seconds per run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for outcome in outcomes:
+        report = outcome.report
+        verdict = "[green]passed[/green]" if report["passed"] else "[red]refused[/red]"
+        limits = report["thresholds"]
+        table = Table(title=f"{outcome.target.name}: int8 vs fp32", caption=(
+            f"{len(report['validation']['scans'])} held-out scan(s); {report['calibration']['tiles']} calibration "
+            f"tiles ({report['calibration']['method']}); dim: under {limits['mean_over_classes_min_voxels']} voxels, "
+            "not in the mean"))
+        for column in ("class", "voxels fp32", "voxels int8", "Dice"):
+            table.add_column(column, justify="left" if column == "class" else "right")
+        for name, row in report["per_class"].items():
+            dice = f"{row['dice']:.4f}"
+            if row["voxels_fp32"] >= limits["class_min_voxels"] and row["dice"] < limits["class_dice"]:
+                dice = f"[red]{dice}[/red]"
+            style = "dim" if row["voxels_fp32"] < limits["mean_over_classes_min_voxels"] else None
+            table.add_row(name, str(row["voxels_fp32"]), str(row["voxels_int8"]), dice, style=style)
+        console.print(table)
+        console.print(
+            f"gate {verdict}: mean Dice {report['mean_dice']:.4f} (>= {report['thresholds']['mean_dice']}), voxel "
+            f"agreement {100 * report['agreement']:.3f} %, seconds per run fp32 {report['seconds_fp32']:.2f} / "
+            f"int8 {report['seconds_int8']:.2f}"
+        )

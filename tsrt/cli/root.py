@@ -232,7 +232,7 @@ def segment(
     precision: str = typer.Option(
         "fp32", "--precision",
         help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: --provider tensorrt; "
-        "int8: needs a calibrated int8 graph (not made by this version).",
+        "int8: the gated int8 graph `tsrt models quantize` makes (CPU: ONNX Runtime or OpenVINO).",
     ),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
     offline: bool = typer.Option(

@@ -17,7 +17,7 @@ import numpy as np
 from tsrt.api import segment_image_with_model
 from tsrt.engines.providers import resolve_precision
 from tsrt.errors import ModelError
-from tsrt.pipeline.infer import InferenceSettings, load_model
+from tsrt.pipeline.infer import InferenceSettings, check_int8_model, load_model
 from tsrt.outputs.files import write_segmentation_outputs
 from tsrt.demo.phantom import PHANTOM_LABELS, make_phantom
 from tsrt.pipeline.read import read_image
@@ -58,6 +58,8 @@ def run_demo(
     """
     say = say or (lambda message: None)
     provider, precision = resolve_precision(provider, precision)  # refused before the phantom is written
+    if precision == "int8":
+        check_int8_model(demo_model_dir())  # the bundled model has no gated int8 graph unless quantized
     output = Path(output)
     phantom = make_phantom()
     ct_path = output / PHANTOM_FILE

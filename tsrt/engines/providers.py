@@ -9,8 +9,10 @@ to load, so every new session is checked for the provider it actually runs (`pro
 
 Precision is its own option (`--precision`, default fp32), separate from the provider (the engine):
 bf16 runs on OpenVINO and only on CPUs with native bf16 (AVX512_BF16 / AMX; emulated it was 2x slower),
-fp16 on TensorRT (or CUDA with an fp16 graph), int8 only with a calibrated int8 graph. A precision the
-provider cannot run is refused in one line before any image is read (`check_precision`), never run slowly.
+fp16 on TensorRT (or CUDA with an fp16 graph), int8 on the CPU (ONNX Runtime or OpenVINO) and only with the
+gated int8 graph `tsrt models quantize` installs (tsrt.models.plan.require_int8 says how to make one). A
+precision the provider cannot run is refused in one line before any image is read (`check_precision`), never
+run slowly.
 The old `--provider openvino-bf16` spelling still means `--provider openvino --precision bf16`.
 """
 
@@ -41,7 +43,7 @@ _PREFERENCE = ("tensorrt", "cuda", "cpu")
 #: The precisions tsrt can be asked for (`--precision`); fp32 is always the default.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: The inference precision hint OpenVINO (not an ONNX Runtime provider) gets for each precision it runs.
-OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the QDQ graph's own int8 ops
 #: Old provider spellings that named a precision too: spelling -> (provider, precision).
 DEPRECATED_PROVIDERS = {"openvino-bf16": ("openvino", "bf16")}
 PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES, "openvino")
@@ -103,13 +105,18 @@ def check_precision(provider: str, precision: str, graph_precision: str | None =
     """Refuse, in one line, a precision the provider cannot run (fast) - said before any work, not run slowly.
 
     `graph_precision` is the model's graphs' (when known): CUDA runs fp16 only from an fp16 graph, and
-    int8 needs a calibrated int8 graph (which this version cannot make yet, so none exists).
+    int8 runs the model's gated int8 graph ("int8" when it has one; the model layer names the command that
+    makes one, so unknown passes here).
     """
     if precision not in PRECISIONS:
         raise ProviderError(f"Unknown precision {precision!r}: choose {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}.")
-    if precision == "int8" and graph_precision != "int8":
-        raise ProviderError("--precision int8 needs a calibrated int8 graph, which this version of tsrt cannot "
-                            "make yet: use --precision fp32.")
+    if precision == "int8":
+        if provider in ("cuda", "tensorrt"):
+            raise ProviderError(f"--precision int8 runs on the CPU (--provider cpu or openvino), not --provider {provider}: "
+                                "TensorRT int8 engines are not built by this version; use --precision fp16 on the GPU.")
+        if graph_precision is not None and graph_precision != "int8":
+            raise ProviderError("--precision int8 needs a calibrated int8 graph, which this model does not have: make "
+                                "one with `tsrt models quantize MODEL --calibration SCANS`, or use --precision fp32.")
     if precision == "bf16":
         if provider != "openvino":
             raise ProviderError(f"--precision bf16 runs on OpenVINO, not --provider {provider}: use --provider openvino "
@@ -177,7 +184,7 @@ def choose_provider(
         return ProviderChoice(name=requested, threads=threads, requested=requested, precision=precision)
     available = available_providers()
     if requested == "auto":
-        name = auto_provider()
+        name = "cpu" if precision == "int8" else auto_provider()  # int8 graphs run on the CPU
         log.info("provider: %s (auto; available: %s)", name, ", ".join(available))
     else:
         name = requested

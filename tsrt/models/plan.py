@@ -9,6 +9,7 @@ Exported model folder layout::
     MODEL_DIR/
         fold_0.onnx
         fold_0.plan.json
+        fold_0.int8.onnx        (optional: `tsrt models quantize`, recorded in the plan's `int8` entry)
         fold_1.onnx
         fold_1.plan.json
         ...
@@ -21,15 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsrt.errors import ModelError
+from tsrt.errors import ModelError, ProviderError
 
 PLAN_FORMAT_VERSION = 1
 PLAN_SUFFIX = ".plan.json"
+#: An int8 graph sits beside its fp32 graph: fold_0.onnx -> fold_0.int8.onnx.
+INT8_GRAPH_SUFFIX = ".int8.onnx"
 #: `graph_builder` of graphs written by torch's ONNX exporter (tsrt_export.onnx_export), and of every plan
 #: written before the field existed: until then only that exporter wrote graphs.
 TORCH_GRAPH_BUILDER = "torch.onnx"
 #: Fields a plan may lack (added after format version 1 shipped); they take their default.
-_OPTIONAL_FIELDS = frozenset({"graph_builder"})
+_OPTIONAL_FIELDS = frozenset({"graph_builder", "int8"})
 
 #: Fields that must be equal across the folds of one model, since the folds share one
 #: preprocessing pass and their logits are averaged.
@@ -115,6 +118,9 @@ class RecordedPlan:
     versions: dict[str, str] = field(default_factory=dict)
     #: Which path built the graph: TORCH_GRAPH_BUILDER, or tsrt.models.onnx_graph.BUILDER_NAME (torch-free).
     graph_builder: str = TORCH_GRAPH_BUILDER
+    #: The int8 graph `tsrt models quantize` installed after its accuracy gate (graph_file, graph_sha256,
+    #: calibration, gate, ...), or None. Absent from plans without one, so they stay byte for byte as exported.
+    int8: dict[str, Any] | None = None
     path: Path | None = None
 
     @property
@@ -133,6 +139,14 @@ class RecordedPlan:
         return self.path.parent / self.graph_file
 
     @property
+    def int8_graph_path(self) -> Path | None:
+        """The installed int8 graph, when the plan records one that passed its gate (or was forced)."""
+        gate = (self.int8 or {}).get("gate", {})
+        if not (gate.get("passed") or gate.get("forced")):
+            return None
+        return self.graph_path.with_name(str(self.int8["graph_file"]))
+
+    @property
     def label_names(self) -> dict[int, str]:
         """Output label number -> class name (background excluded).
 
@@ -146,7 +160,7 @@ class RecordedPlan:
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
-            if name == "path":
+            if name == "path" or (name == "int8" and self.int8 is None):
                 continue
             value = getattr(self, name)
             if isinstance(value, Resampling):
@@ -172,6 +186,30 @@ class RecordedPlan:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+
+def int8_graph_name(plan: RecordedPlan) -> str:
+    """fold_0.onnx -> fold_0.int8.onnx: where `tsrt models quantize` puts a fold's int8 graph."""
+    return plan.graph_file.removesuffix(".onnx") + INT8_GRAPH_SUFFIX
+
+
+def has_int8(plans: list[RecordedPlan]) -> bool:
+    """Whether every fold has a gated int8 graph (`--precision int8` runs only those)."""
+    return bool(plans) and all(plan.int8_graph_path is not None for plan in plans)
+
+
+def int8_missing(what: str, quantize_target: str) -> ProviderError:
+    """The one line `--precision int8` stops with when `what` lacks gated int8 graphs, saying how to make them
+    (`quantize_target` is what `tsrt models quantize` takes: a model folder, or a task and its mode)."""
+    return ProviderError(
+        f"--precision int8 needs a calibrated int8 graph, which {what} does not have: make one with "
+        f"`tsrt models quantize {quantize_target} --calibration SCANS` (a few of your own scans), or use --precision fp32."
+    )
+
+
+def require_int8(plans: list[RecordedPlan], what: str, quantize_target: str) -> None:
+    if not has_int8(plans):
+        raise int8_missing(what, quantize_target)
 
 
 def read_plan(path: Path) -> RecordedPlan:

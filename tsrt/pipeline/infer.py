@@ -17,7 +17,7 @@ import numpy as np
 
 from tsrt.errors import ModelError
 from tsrt.progress import progress
-from tsrt.models.plan import RecordedPlan, load_model_plans
+from tsrt.models.plan import RecordedPlan, load_model_plans, require_int8
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, parse_device
@@ -108,13 +108,21 @@ def load_model(
     device: str | None = None,
     threads: int | None = None,
     precision: str = "fp32",
+    graphs: Sequence[Path] | None = None,
 ) -> LoadedModel:
-    """Read the recorded plans of the chosen folds and open their graphs on the chosen provider."""
+    """Read the recorded plans of the chosen folds and open their graphs on the chosen provider.
+
+    `graphs` (one per fold) replaces the graphs the plans name: `tsrt models quantize` gates candidate
+    int8 graphs this way before they are installed.
+    """
     plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
+    wanted = provider.precision if isinstance(provider, ProviderChoice) else precision
+    if graphs is None:  # int8: the gated graphs, refused (one line) before a provider is chosen and named
+        graphs = check_int8_model(Path(model_dir), plans) if wanted == "int8" else [_exported_graph(p) for p in plans]
     if isinstance(provider, ProviderChoice):
         choice = provider
     else:
-        graph_precision = plans[0].graph_precision
+        graph_precision = "int8" if wanted == "int8" else plans[0].graph_precision
         choice = choose_provider(
             provider, precision=precision, device=device, fp16=graph_precision == "fp16", threads=threads,
             graph_precision=graph_precision,
@@ -122,13 +130,10 @@ def load_model(
         if choice.name == "tensorrt":
             choice = _with_engine_cache(choice, Path(model_dir), device, threads)
     model = LoadedModel(directory=Path(model_dir), plans=plans, provider=choice)
-    for plan in plans:
-        if not plan.graph_path.exists():
-            raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
-    hashes = [sha256_file(plan.graph_path) if choice.name in SPLIT_HEAD_PROVIDERS else None for plan in plans]
+    hashes = [sha256_file(graph) if choice.name in SPLIT_HEAD_PROVIDERS else None for graph in graphs]
     splits = [
-        split_output_head(plan.graph_path, sha256) if sha256 and can_split_head(plan) else None
-        for plan, sha256 in zip(plans, hashes)
+        split_output_head(graph, sha256) if sha256 and can_split_head(plan) else None
+        for graph, plan, sha256 in zip(graphs, plans, hashes)
     ]
     if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
         for split in splits:
@@ -137,10 +142,37 @@ def load_model(
             model.feature_outputs.append(split.body_output)
     else:
         model.sessions = [
-            create_session(plan.graph_path, choice, threads=threads, graph_sha256=sha256)
-            for plan, sha256 in zip(plans, hashes)
+            create_session(graph, choice, threads=threads, graph_sha256=sha256) for graph, sha256 in zip(graphs, hashes)
         ]
     return model
+
+
+def check_int8_model(
+    model_dir: Path, plans: list[RecordedPlan] | None = None, folds: Sequence[str | int] | None = None
+) -> list[Path]:
+    """`--precision int8` on an exported model: its gated int8 graphs, each only while its bytes are the ones
+    its plan recorded at the gate; else one line naming the `tsrt models quantize` call that makes them
+    (callers check before reading any image)."""
+    if plans is None:
+        plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
+    require_int8(plans, f"the model in {model_dir}", str(model_dir))
+    graphs = []
+    for plan in plans:
+        graph = plan.int8_graph_path
+        assert graph is not None and plan.int8 is not None  # require_int8
+        if not graph.exists() or sha256_file(graph) != plan.int8.get("graph_sha256"):
+            raise ModelError(
+                f"The int8 graph {graph} is missing or not the one its plan's gate passed: run "
+                f"`tsrt models quantize {graph.parent} --calibration SCANS` again."
+            )
+        graphs.append(graph)
+    return graphs
+
+
+def _exported_graph(plan: RecordedPlan) -> Path:
+    if not plan.graph_path.exists():
+        raise ModelError(f"Graph {plan.graph_path} named by {plan.path} is missing: re-export the model.")
+    return plan.graph_path
 
 
 #: Providers whose runs use a separate output layer (GPU providers keep the whole graph: memory is not their limit).

@@ -300,8 +300,7 @@ def sliding_window_inference(
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
     if head is not None and (mirror_axes or len(patch_size) != 3):
         raise ValueError("a separate head needs a 3d patch and no mirroring")
-    pads = padding_for(data.shape, patch_size)
-    padded = np.pad(data, pads, mode="constant", constant_values=0) if any(p != (0, 0) for p in pads) else data
+    padded, pads = pad_to_patch(data, patch_size)
     spatial = padded.shape[1:]
     is_2d = len(patch_size) == len(spatial) - 1
     tile_extent = (1, *patch_size) if is_2d else tuple(patch_size)
@@ -364,6 +363,23 @@ def sliding_window_inference(
         emit(next_row)
     if emitted != valid_rows:
         raise AssertionError(f"sliding window emitted {emitted} of {valid_rows} rows")
+
+
+def pad_to_patch(data: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(data zero-padded to at least the patch, the padding): the volume the tiles are cut from."""
+    pads = padding_for(data.shape, patch_size)
+    padded = np.pad(data, pads, mode="constant", constant_values=0) if any(p != (0, 0) for p in pads) else data
+    return padded, pads
+
+
+def network_tiles(data: np.ndarray, patch_size: Sequence[int], step_size: float = 0.5) -> Iterator[np.ndarray]:
+    """Every network input of `data` (channels, *spatial), (channels, *patch) each, in the order and with the
+    padding `sliding_window_inference` feeds them (without mirrored copies): calibration data for int8."""
+    padded, _ = pad_to_patch(data, patch_size)
+    is_2d = len(patch_size) == padded.ndim - 2
+    extent = (1, *patch_size) if is_2d else tuple(patch_size)
+    for tile in tile_positions(padded.shape[1:], patch_size, step_size):
+        yield _cut_tile(padded, tile.start, extent, is_2d)
 
 
 def _cut_tile(padded: np.ndarray, start: Sequence[int], extent: Sequence[int], is_2d: bool) -> np.ndarray:

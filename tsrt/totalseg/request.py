@@ -34,6 +34,28 @@ def missing_models(models: Sequence[ModelPart], store_root: Path | None = None) 
 
     return [model for model in models if not model_status(model, store_root).complete]
 
+def check_int8_installed(request: TaskRequest, store_root: Path | None = None) -> None:
+    """`--precision int8`: every model the request runs needs its gated int8 graph (`tsrt models quantize`).
+    Said in one line before any model is fetched or image read (a model fetched now would have none)."""
+    from tsrt.models.plan import has_int8, int8_missing, load_model_plans
+    from tsrt.models.store import model_dir
+
+    needed, optional = models_to_run(request)
+    missing = {model.name for model in missing_models(needed, store_root)}
+    lacking = [
+        model for model in needed
+        if model.name in missing or not has_int8(load_model_plans(model_dir(model, store_root), _folds(model)))
+    ]
+    if not lacking:
+        return
+    task = request.task
+    mode = {"fast": " --fast", "fastest": " --fastest"}.get(task.mode, "")
+    with_optional = " --with-optional" if any(m.name in {o.name for o in optional} for m in lacking) else ""
+    raise int8_missing(f"task {task.name}{mode} ({', '.join(m.name for m in lacking)})", f"{task.name}{mode}{with_optional}")
+
+def _folds(model: ModelPart) -> list[str] | None:
+    return list(model.fold_names) if model.fold_names else None
+
 def models_to_run(request: TaskRequest) -> tuple[list[ModelPart], list[ModelPart]]:
     """(models this request runs, those among them that are optional for the task's mode)."""
     task = request.task

@@ -189,7 +189,8 @@ class ModelRunner:
         if fp16 not in self._providers:
             self._providers[fp16] = choose_provider(
                 self.provider, precision=self.precision, device=self.device, fp16=fp16, threads=self.threads,
-                graph_precision="fp16" if fp16 else "fp32",
+                # int8: the task layer checked every model's gated int8 graph first (check_int8_installed)
+                graph_precision="int8" if self.precision == "int8" else "fp16" if fp16 else "fp32",
             )
         return self._providers[fp16]
 
@@ -203,8 +204,7 @@ class ModelRunner:
         With `probabilities`, the class probabilities are written there as nnU-Net exports them.
         """
         model = self.model(part)
-        header = _nifti_header_for(values.shape, affine)
-        image = Image(values, np.asarray(affine, dtype=np.float64), header, part.name)
+        image = part_image(part, values, affine)
         data, properties = to_nnunet_array(image, model.plan.image_reader_writer)
         settings = InferenceSettings(
             step_size=part.step_size, use_mirroring=part.mirroring, progress=self.progress, on_tiles=self.on_tiles
@@ -225,6 +225,18 @@ class ModelRunner:
 
     def _add_seconds(self, stage: str, started: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+def part_image(part: ModelPart, values: np.ndarray, affine: np.ndarray) -> Image:
+    """The volume as nnU-Net's reader would return the NIfTI upstream writes for it (see ModelRunner.predict)."""
+    return Image(values, np.asarray(affine, dtype=np.float64), _nifti_header_for(values.shape, affine), part.name)
+
+def part_input(source: SourceImage, part: ModelPart) -> Image:
+    """What `part` is given when it runs alone on all of `source` (no crop, no z split): the closest
+    canonical image at the part's spacing. `tsrt models quantize` calibrates and gates on this view."""
+    data, affine, _ = crop_input(source, None)
+    data, affine = ops.as_closest_canonical(data, affine)
+    values, affine = resample_input(data, affine, part.resample_mm)
+    return part_image(part, values, affine)
 
 def _nifti_header_for(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Header:
     """The header nibabel writes for Nifti1Image(data, affine): sform 'aligned', pixdim = float32 column norms."""

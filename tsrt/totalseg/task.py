@@ -17,7 +17,7 @@ from tsrt.outputs.dicom import require_dicom_extra, require_dicom_input
 from tsrt.outputs.manifest import InputRecord, RunFacts, RunRecorder, RunRequest, graph_records, manifest_path
 from tsrt.totalseg.options import SegmentOptions
 from tsrt.totalseg.outputs import OutputOptions, check_output_name, label_image, statistics_for, write_task_outputs
-from tsrt.totalseg.request import TaskRequest, build_request, check_models_installed
+from tsrt.totalseg.request import TaskRequest, build_request, check_int8_installed, check_models_installed
 from tsrt.totalseg.runner import ModelRunner, TaskResult, make_runner, run_task
 from tsrt.totalseg.source import SourceImage, read_source
 
@@ -75,6 +75,8 @@ def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, Outp
         roi_subset_robust=options.roi_subset_robust, robust_crop=options.robust_crop, body_seg=options.body_seg,
         force_split=options.force_split, v1_order=options.v1_order, remove_small_blobs=options.remove_small_blobs,
     )
+    if options.precision == "int8":
+        check_int8_installed(request, options.models_dir)
     check_models_installed(request, options.models_dir, offline=options.offline, progress=not options.quiet)
     runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
                          quiet=options.quiet, precision=options.precision)
