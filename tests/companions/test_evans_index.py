@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pictures import decode_png
 from totalseg_official import start_official, tsrt_cli, tsrt_process, write_dicom_series
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -232,25 +233,9 @@ def test_phantom_index_is_analytic_for_tsrt_and_official(
     # the picture: the measured slice with both widths drawn (green brain, orange horns)
     png = render_png(measurement)
     assert png.startswith(b"\x89PNG")
-    picture = _decode_png(png)
+    picture = decode_png(png)
     for colour in ((40, 220, 40), (255, 140, 0)):
         assert np.all(picture == colour, axis=-1).any(), colour
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    """tsrt's own PNGs (8-bit RGB, filter 0 rows) back to an array."""
-    import struct
-    import zlib
-
-    width, height = struct.unpack(">II", data[16:24])
-    chunks, offset = [], 8
-    while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
-        if kind == b"IDAT":
-            chunks.append(data[offset + 8 : offset + 8 + length])
-        offset += 12 + length
-    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + 3 * width)
-    return raw[:, 1:].reshape(height, width, 3)
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -373,7 +358,7 @@ def test_command_with_models_matches_official_on_nifti_and_dicom(
                               "--device", "cpu", home=store)
             assert result.exit_code == 0, (result.output, result.exception)
             reports[source.name] = json.loads(output.read_text())
-            image = _decode_png(picture.read_bytes())
+            image = decode_png(picture.read_bytes())
             for colour in ((40, 220, 40), (255, 140, 0)):  # both widths drawn
                 assert np.all(image == colour, axis=-1).any(), colour
         theirs = official.result()

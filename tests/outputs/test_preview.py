@@ -3,14 +3,13 @@ names in the built-in bitmap font, and a window chosen by modality."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from pictures import decode_png
 from tsrt.outputs.font import ADVANCE, FONT, GLYPH_HEIGHT, GLYPH_WIDTH, render_text
 from tsrt.outputs.preview import (
     MIN_WIDTH, SWATCH, WINDOWS, body_percentile_window, legend_entries, looks_like_ct, preview_window,
@@ -21,22 +20,6 @@ from tsrt.pipeline.label_table import label_colour, read_label_table
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CT, CT_SEG = DATA / "example_ct_sm.nii.gz", DATA / "example_seg_fast.nii.gz"
 MR = DATA / "example_mr_sm.nii.gz"
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """(H, W, 3) of an 8-bit RGB PNG whose rows use filter 0 (what `encode_png` writes)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    position, chunks = 8, {}
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position : position + 4])
-        kind = data[position + 4 : position + 8]
-        chunks[kind] = chunks.get(kind, b"") + data[position + 8 : position + 8 + length]
-        position += 12 + length
-    width, height, depth, colour_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour_type) == (8, 2)
-    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + width * 3)
-    assert not rows[:, 0].any(), "filter 0 on every row"
-    return rows[:, 1:].reshape(height, width, 3)
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:

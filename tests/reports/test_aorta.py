@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from pictures import decode_png
 from totalseg_official import start_official, tsrt_cli, tsrt_process
 
 SPACING = 0.8
@@ -281,22 +281,9 @@ def test_page_files(tsrt_run: dict) -> None:
     raw = np.asarray(image.dataobj)[:, :, 0]
     volume = np.stack([raw[name] for name in "RGB"], axis=-1)[::-1, ::-1]  # upstream flips the stacked frames
     page = volume[:width, 1:][::-1, ::-1].transpose(1, 0, 2)  # each frame: transposed, flipped, top-right
-    assert np.array_equal(page, _decode_png(png))  # the same page, laid out as upstream's NIfTI
-    cpr = _decode_png(json_path.with_name("aorta_report_cpr.png").read_bytes())  # the straightened aorta
+    assert np.array_equal(page, decode_png(png))  # the same page, laid out as upstream's NIfTI
+    cpr = decode_png(json_path.with_name("aorta_report_cpr.png").read_bytes())  # the straightened aorta
     assert cpr.shape[0] > 900 and (cpr == (255, 77, 77)).all(axis=-1).any()  # with the aorta's outline
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    """tsrt's own PNGs (8-bit RGB, filter 0 rows) back to an array."""
-    width, height = struct.unpack(">II", data[16:24])
-    chunks, offset = [], 8
-    while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
-        if kind == b"IDAT":
-            chunks.append(data[offset + 8 : offset + 8 + length])
-        offset += 12 + length
-    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + 3 * width)
-    return raw[:, 1:].reshape(height, width, 3)
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -126,20 +126,20 @@ def phantom_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     return write_phantom(tmp_path_factory.mktemp("pulmonary_phantom"), phantom), phantom
 
 
-def _run(*args: str, home: Path) -> subprocess.CompletedProcess:
+def _run(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`tsrt ARGS` through the console entry point (one-line errors, exit codes)."""
     return subprocess.run(
         [sys.executable, "-c", "from tsrt.cli.root import main; main()", *args], capture_output=True, text=True,
-        env={**os.environ, "TSRT_HOME": str(home)}, cwd=REPO_ROOT,
+        env={**os.environ, "TSRT_HOME": str(home), **(env or {})}, cwd=REPO_ROOT,
     )
 
 
-def _cli(*args: str, home: Path):
+def _cli(*args: str, home: Path, env: dict[str, str] | None = None):
     from typer.testing import CliRunner
 
     from tsrt.cli.root import app
 
-    return CliRunner().invoke(app, list(args), env={"TSRT_HOME": str(home)})
+    return CliRunner().invoke(app, list(args), env={"TSRT_HOME": str(home), **(env or {})})
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -228,19 +228,30 @@ def test_report_page_nifti_has_upstreams_layout(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- phantom parity
 
+#: The official measurement of a folder of masks (ct.nii.gz beside them), or of a CT file after upstream's
+#: models ran on it (totalseg_pulmonary_report --run_models); argv: the folder or file, the work folder.
 _ORACLE = """
 def main():
-    import logging
+    import logging, os
     import matplotlib
     matplotlib.use("Agg")
     from totalsegmentator.pulmonary_report.measurements import create_landmark_planes, measure_landmarks
-    from totalsegmentator.pulmonary_report.pipeline import _load_report_data
+    from totalsegmentator.pulmonary_report.pipeline import _load_report_data, _run_segmentation_models
     from totalsegmentator.pulmonary_report.rendering import prepare_results
     from totalsegmentator.serialization_utils import convert_to_serializable
 
-    folder, work = Path(sys.argv[1]), Path(sys.argv[2])
+    source, work = Path(sys.argv[1]), Path(sys.argv[2])
     logger = logging.getLogger("oracle")
-    data = _load_report_data(folder / "ct.nii.gz", folder, folder, "pulmonary_artery.nii.gz", work, logger, False)
+    if source.is_dir():
+        ct_path, masks = source / "ct.nii.gz", source
+    else:  # upstream runs its models through the TotalSegmentator command
+        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+        masks = work / "models"
+        masks.mkdir(parents=True, exist_ok=True)
+        ct_path, statuses = _run_segmentation_models(source, masks, logger, "None", False, "local")
+        for _ in statuses:
+            pass
+    data = _load_report_data(ct_path, masks, masks, "pulmonary_artery.nii.gz", work, logger, False)
     widest = create_landmark_planes(data["landmarks"], data["pulmonary_artery"], data["spacing"], logger)
     measure_landmarks(data["landmarks"], data["ct_img"], data["affine"], widest, work, logger, False)
     metadata = {"PatientName": "Unknown", "PatientSex": "M", "PatientAge": 83, "PatientBirthDate": "19000101",
@@ -360,33 +371,6 @@ BANDS = {
 MODEL_TASKS = ("total_fast", "total_fastest", "body_fast", "heartchambers_highres", "pulmonary_artery_landmarks")
 E2E_SPACING, E2E_EXTENT, E2E_SCALE = (0.9, 0.9, 1.2), ((-75, 75), (-65, 65), (-110, 75)), 0.5
 
-_ORACLE_WITH_MODELS = """
-def main():
-    import logging, os
-    import matplotlib
-    matplotlib.use("Agg")
-    from totalsegmentator.pulmonary_report.measurements import create_landmark_planes, measure_landmarks
-    from totalsegmentator.pulmonary_report.pipeline import _load_report_data, _run_segmentation_models
-    from totalsegmentator.pulmonary_report.rendering import prepare_results
-    from totalsegmentator.serialization_utils import convert_to_serializable
-
-    # upstream runs its models through the TotalSegmentator command
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    work = Path(sys.argv[2])
-    models, logger = work / "models", logging.getLogger("oracle")
-    models.mkdir(parents=True, exist_ok=True)
-    ct_path, statuses = _run_segmentation_models(Path(sys.argv[1]), models, logger, "None", False, "local")
-    for _ in statuses:
-        pass
-    data = _load_report_data(ct_path, models, models, "pulmonary_artery.nii.gz", work, logger, False)
-    widest = create_landmark_planes(data["landmarks"], data["pulmonary_artery"], data["spacing"], logger)
-    measure_landmarks(data["landmarks"], data["ct_img"], data["affine"], widest, work, logger, False)
-    metadata = {"PatientName": "Unknown", "PatientSex": "M", "PatientAge": 83, "PatientBirthDate": "19000101",
-                "PatientID": "Unknown", "StudyID": "Unknown", "StudyDescription": "Unknown",
-                "StudyDate": "19000101", "version": "0.2.1"}
-    return json.loads(json.dumps(convert_to_serializable(prepare_results(data["landmarks"], metadata))))
-"""
-
 
 @pytest.fixture(scope="module")
 def banded_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -411,20 +395,15 @@ def test_command_with_models_equals_official_on_nifti_and_dicom(banded_home: Pat
     phantom = make_phantom(E2E_SPACING, E2E_EXTENT, heart=True, scale=E2E_SCALE)
     nifti = tmp_path / "chest.nii.gz"
     nib.save(nib.Nifti1Image(phantom["ct"], phantom["affine"]), nifti)
-    official = start_official(_ORACLE_WITH_MODELS, tmp_path / "official", str(nifti), str(tmp_path / "official" / "work"),
+    official = start_official(_ORACLE, tmp_path / "official", str(nifti), str(tmp_path / "official" / "work"),
                               home=banded_home)
-    store = tmp_path / "tsrt_home"
-    env = {"TSRT_HOME": str(store), "TOTALSEG_HOME_DIR": str(banded_home)}
+    store, env = tmp_path / "tsrt_home", {"TOTALSEG_HOME_DIR": str(banded_home)}
     try:
         reports = {}
         for source in (nifti, write_dicom_series(nifti, tmp_path / "chest_dicom")):
             output = tmp_path / f"{source.name}.report" / "pulmonary_report.json"
-            from typer.testing import CliRunner
-
-            from tsrt.cli.root import app
-
-            result = CliRunner().invoke(app, ["report", "pulmonary", str(source), "-o", str(output), "-q", "--device",
-                                              "cpu"], env=env)
+            result = _cli("report", "pulmonary", str(source), "-o", str(output), "-q", "--device", "cpu", home=store,
+                          env=env)
             assert result.exit_code == 0, (result.output, result.exception)
             reports[source.name] = json.loads(output.read_text())
         theirs = official.result()
@@ -444,9 +423,6 @@ def test_command_with_models_equals_official_on_nifti_and_dicom(banded_home: Pat
     tissue = np.where(phantom["ct"] == TISSUE_HU, TISSUE_HU, -1000).astype(np.int16)
     nib.save(nib.Nifti1Image(tissue, phantom["affine"]), no_heart)
     output = tmp_path / "no_heart_report" / "pulmonary_report.json"
-    done = subprocess.run(
-        [sys.executable, "-c", "from tsrt.cli.root import main; main()", "report", "pulmonary", str(no_heart), "-o",
-         str(output), "--device", "cpu", "-q"], capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO_ROOT,
-    )
-    _refused(done, "pulmonary report", "heart")
+    _refused(_run("report", "pulmonary", str(no_heart), "-o", str(output), "--device", "cpu", "-q", home=store, env=env),
+             "pulmonary report", "heart")
     assert not output.parent.exists()

@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pictures import decode_png
 from totalseg_official import start_official, tsrt_cli, tsrt_process, write_dicom_series
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -302,22 +303,6 @@ def test_refuses_missing_or_cut_lumbar_vertebrae() -> None:
     assert tsrt_report(cut, spine_range="l1_l4").results["vertebrae_L4_volume_ml"] > 0  # L5 not needed there
 
 
-def _decode_png(data: bytes) -> np.ndarray:
-    """tsrt's own PNGs (8-bit RGB, filter 0 rows) back to an array."""
-    import struct
-    import zlib
-
-    width, height = struct.unpack(">II", data[16:24])
-    chunks, offset = [], 8
-    while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
-        if kind == b"IDAT":
-            chunks.append(data[offset + 8 : offset + 8 + length])
-        offset += 12 + length
-    raw = np.frombuffer(zlib.decompress(b"".join(chunks)), np.uint8).reshape(height, 1 + 3 * width)
-    return raw[:, 1:].reshape(height, width, 3)
-
-
 def test_report_files(tmp_path: Path) -> None:
     """JSON (upstream's -j), the page as HTML, PNG and RGB NIfTI laid out like upstream's, the overview."""
     from tsrt.reports.spine import write_report
@@ -330,10 +315,10 @@ def test_report_files(tmp_path: Path) -> None:
     document = json.loads(files["json"].read_text())
     assert list(document) == ["results", "metadata"] and document["results"] == report.results
     assert document["metadata"]["version"] == "0.1.0" and document["metadata"]["PatientSex"] == "M"
-    overview = _decode_png(files["overview"].read_bytes())
+    overview = decode_png(files["overview"].read_bytes())
     for colour in (GREEN, RED, YELLOW):  # outlines, height lines, the fractured L1's label
         assert np.all(overview == colour, axis=-1).any(), colour
-    page = _decode_png(files["page"].read_bytes())
+    page = decode_png(files["page"].read_bytes())
     html = files["html"].read_text()
     assert "Lumbar spine compression fracture in:" in html and "portal venous" in html
     assert "data:image/png;base64," in html

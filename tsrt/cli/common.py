@@ -1,4 +1,5 @@
-"""What several command groups share: logging set-up, help shown as written, the export extra's module names."""
+"""What several command groups share: logging set-up, help shown as written, the export extra's module names,
+and the typer options declared alike (`provider: str = PROVIDER` in tsrt/cli/companions.py and report.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ import typer
 EXPORT_EXTRA_MODULES = (
     "torch", "torchvision", "nnunetv2", "dynamic_network_architectures", "onnxscript", "tsrt_export"
 )
+
+PROVIDER = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt.")
+DEVICE = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT).")
+PRECISION = typer.Option(
+    "fp32", "--precision", help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: tensorrt."
+)
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail.")
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:

@@ -14,15 +14,9 @@ from typing import Any, Optional
 
 import typer
 
+from tsrt.cli.common import DEVICE, PRECISION, PROVIDER, QUIET, VERBOSE
 from tsrt.errors import TsrtError
 
-_PROVIDER = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt.")
-_DEVICE = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT).")
-_PRECISION = typer.Option(
-    "fp32", "--precision", help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: tensorrt."
-)
-_QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages.")
-_VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Cohorts: process finished cases again instead of skipping them.")
 _INPUT = typer.Argument(
     ..., metavar="INPUT", help="NIfTI file, DICOM folder or zip; or a cohort: a folder of NIfTI files or a .txt list."
@@ -78,12 +72,12 @@ def phase(
         None, "-s", "--existing-stats", "--existing_stats",
         help="statistics.json of `tsrt segment --fast --statistics -sa median -sii`: task total is not run again.",
     ),
-    provider: str = _PROVIDER,
-    device: Optional[str] = _DEVICE,
-    precision: str = _PRECISION,
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
-    quiet: bool = _QUIET,
-    verbose: bool = _VERBOSE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Contrast phase of a CT (pi time in seconds, phase, probability), as totalseg_get_phase."""
     from tsrt.companions.phase import PhaseEstimator, read_statistics
@@ -122,12 +116,12 @@ def modality(
         False, "-n", "--normalized", "--normalized-intensities",
         help="Read the modality from regions of task total_mr --fast (works on rescaled images; slower).",
     ),
-    provider: str = _PROVIDER,
-    device: Optional[str] = _DEVICE,
-    precision: str = _PRECISION,
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
-    quiet: bool = _QUIET,
-    verbose: bool = _VERBOSE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """CT or MR, with probability, as totalseg_get_modality (from intensities, or with -n from regions)."""
     from tsrt.companions.modality import ModalityClassifier
@@ -158,12 +152,12 @@ def evans_index(
     preview: Optional[Path] = typer.Option(
         None, "-p", "--preview", help="PNG of the measured slice with both widths (default: next to the JSON)."
     ),
-    provider: str = _PROVIDER,
-    device: Optional[str] = _DEVICE,
-    precision: str = _PRECISION,
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
-    quiet: bool = _QUIET,
-    verbose: bool = _VERBOSE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Evans index of a head CT (frontal horn width / inner skull width), as totalseg_evans_index."""
     from tsrt.companions.evans_index import EvansIndexer

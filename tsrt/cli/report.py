@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import typer
 
+from tsrt.cli.common import DEVICE, PROVIDER, QUIET, VERBOSE, configure_logging
+from tsrt.errors import InputError, TsrtError
+
 if TYPE_CHECKING:
     from tsrt.totalseg.options import RuntimeOptions
     from tsrt.totalseg.source import SourceImage
@@ -20,13 +23,19 @@ report_app = typer.Typer(
     no_args_is_help=True,
 )
 
+_CT_INPUT = typer.Argument(
+    ..., metavar="INPUT",
+    help="CT: NIfTI file, DICOM folder or zip; or a cohort (a folder of NIfTI files, a .txt list).",
+)
+_NODEINFO = typer.Option(
+    None, "-n", "--nodeinfo", help="Patient details (nodeinfo.json: PatientName, PatientAge, StudyDate, ...)."
+)
+_OVERWRITE = typer.Option(False, "--overwrite", help="Cohorts: report on finished cases again.")
+
 
 @report_app.command("spine")
 def spine(
-    input_path: Path = typer.Argument(
-        ..., metavar="INPUT",
-        help="CT: NIfTI file, DICOM folder or zip; or a cohort (a folder of NIfTI files, a .txt list).",
-    ),
+    input_path: Path = _CT_INPUT,
     output: Path = typer.Option(
         "spine_report.json", "-o", "--output",
         help="Result JSON; the page (.html, .png, RGB .nii.gz) and _overview.png go beside it "
@@ -46,22 +55,19 @@ def spine(
         help="Patient details for the page: JSON with DICOM keys "
         "(PatientSex, PatientAge, StudyDescription, StudyDate).",
     ),
-    provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Cohorts: report on finished cases again."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Vertebral body heights, volumes and attenuation, with a lumbar verdict, as totalseg_spine_report."""
-    from tsrt.cli.common import configure_logging
     from tsrt.cli.companions import run_single_or_cohort
-    from tsrt.errors import TsrtError
     from tsrt.reports.spine import SpineReporter, check_spine_range, output_files, read_nodeinfo
     from tsrt.totalseg.options import RuntimeOptions
 
     configure_logging(quiet, verbose)
-    if Path(output).suffix and not str(output).lower().endswith(".json"):
-        raise TsrtError(f"-o {output} names the report's JSON: give it the ending .json (or a cohort folder).")
+    _check_json_output(output)
     check_spine_range(spine_range)  # the cheap checks before the phase classifier and the models
     details = read_nodeinfo(nodeinfo) if nodeinfo is not None else None
     runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet)
@@ -79,11 +85,24 @@ def spine(
     )
 
 
+def _check_json_output(output: Path) -> None:
+    """`-o` is the report's JSON (or a cohort folder): a file name with another ending is refused."""
+    if Path(output).suffix and not str(output).lower().endswith(".json"):
+        raise TsrtError(f"-o {output} names the report's JSON: give it the ending .json (or a cohort folder).")
+
+
+def _refuse_masks_for_cohort(option: str, input_path: Path, output: Path) -> None:
+    """Masks given with `option` belong to one image: a cohort INPUT is refused."""
+    from tsrt.cohort.cases import find_cases
+
+    if find_cases(Path(input_path), Path(output), False) is not None:
+        raise TsrtError(f"{option} holds the masks of one image; drop it for a cohort.")
+
+
 def _spine_phase(choice: str, runtime: RuntimeOptions) -> Union[str, Callable[[SourceImage], str]]:
     """The contrast phase for the spine report: a named phase, or tsrt's phase classifier on each image."""
     import logging
 
-    from tsrt.errors import InputError
     from tsrt.reports.spine import UNKNOWN_PHASE
 
     phase = _named_phase_or_estimator(choice, runtime, extra=(UNKNOWN_PHASE,))
@@ -103,7 +122,6 @@ def _spine_phase(choice: str, runtime: RuntimeOptions) -> Union[str, Callable[[S
 def _named_phase_or_estimator(choice: str, runtime: RuntimeOptions, extra: tuple[str, ...] = ()) -> Any:
     """`--contrast-phase`: a phase name as given, or (auto) tsrt's phase estimator; anything else is refused."""
     from tsrt.companions.phase import PHASE_BANDS, PhaseEstimator
-    from tsrt.errors import TsrtError
 
     named = (*dict.fromkeys(phase for _, phase, _ in PHASE_BANDS), *extra)
     if choice in named:
@@ -131,21 +149,17 @@ def pulmonary(
         help="Use these masks instead of running the models: a folder with pulmonary_artery.nii.gz and "
         "pul_annulus, pul_sinotubular_junction, pul_bifurcation, pul_left_start, pul_right_start (.nii.gz) on INPUT.",
     ),
-    nodeinfo: Optional[Path] = typer.Option(
-        None, "-n", "--nodeinfo", help="Patient details (nodeinfo.json: PatientName, PatientAge, StudyDate, ...)."
-    ),
-    provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Cohorts: report on finished cases again."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+    nodeinfo: Optional[Path] = _NODEINFO,
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Pulmonary artery area and diameters at five landmarks, as totalseg_pulmonary_report --run_models."""
     import time
 
-    from tsrt.cli.common import configure_logging
     from tsrt.cli.companions import run_single_or_cohort
-    from tsrt.errors import TsrtError
     from tsrt.reports.pulmonary import (
         JSON_NAME, PulmonaryReporter, check_ct_shape, check_masks, load_metadata, masks_from_folder, measure,
         output_files, write_report,
@@ -155,10 +169,7 @@ def pulmonary(
     configure_logging(quiet, verbose)
     metadata = load_metadata(nodeinfo)  # the cheap checks (age) before the models
     if rois is not None:
-        from tsrt.cohort.cases import find_cases
-
-        if find_cases(Path(input_path), Path(output), False) is not None:
-            raise TsrtError("--rois holds the masks of one image; drop it for a cohort.")
+        _refuse_masks_for_cohort("--rois", input_path, output)
         reporter = None
     else:
         reporter = PulmonaryReporter(RuntimeOptions(provider=provider, device=device, quiet=quiet))
@@ -183,10 +194,7 @@ def pulmonary(
 
 @report_app.command("aorta")
 def aorta(
-    input_path: Path = typer.Argument(
-        ..., metavar="INPUT",
-        help="CT: NIfTI file, DICOM folder or zip; or a cohort (a folder of NIfTI files, a .txt list).",
-    ),
+    input_path: Path = _CT_INPUT,
     output: Path = typer.Option(
         "aorta_report.json", "-o", "--output",
         help="Result JSON (upstream's -j); the page (.png) and the diameter profile (_profile.csv) go beside it "
@@ -213,19 +221,15 @@ def aorta(
         False, "-sd", "--skip-dissection", "--skip_dissection", help="Do not use the true/false lumen model."
     ),
     erosion: bool = typer.Option(False, "-e", "--erosion", help="Erode the masks by one voxel before cutting them."),
-    nodeinfo: Optional[Path] = typer.Option(
-        None, "-n", "--nodeinfo", help="Patient details (nodeinfo.json: PatientName, PatientAge, StudyDate, ...)."
-    ),
-    provider: str = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt."),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Cohorts: report on finished cases again."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail."),
+    nodeinfo: Optional[Path] = _NODEINFO,
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Aorta diameters at 11 landmarks and per section (centerline, cross-sections), as totalseg_aorta_report."""
-    from tsrt.cli.common import configure_logging
     from tsrt.cli.companions import run_single_or_cohort
-    from tsrt.errors import TsrtError
     from tsrt.reports.aorta import (
         AortaReporter, aorta_output_files, load_metadata, masks_from_folders, measure, write_outputs,
     )
@@ -233,17 +237,13 @@ def aorta(
     from tsrt.totalseg.options import RuntimeOptions
 
     configure_logging(quiet, verbose)
-    if Path(output).suffix and not str(output).lower().endswith(".json"):
-        raise TsrtError(f"-o {output} names the report's JSON: give it the ending .json (or a cohort folder).")
+    _check_json_output(output)
     require_scientific()
     metadata = load_metadata(nodeinfo)  # the cheap checks (age) before the models
     runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet)
     phase = _aorta_phase(contrast_phase, runtime, skip_dissection)
     if rois_totalseg is not None:
-        from tsrt.cohort.cases import find_cases
-
-        if find_cases(Path(input_path), Path(output), False) is not None:
-            raise TsrtError("--rois-totalseg holds the masks of one image; drop it for a cohort.")
+        _refuse_masks_for_cohort("--rois-totalseg", input_path, output)
         reporter = None
     else:
         reporter = AortaReporter(runtime, contrast_phase=phase, skip_dissection=skip_dissection, erosion=erosion)

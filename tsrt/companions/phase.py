@@ -228,16 +228,10 @@ def contrast_phase(
 
 def read_statistics(path: str | Path) -> dict[str, Any]:
     """A statistics.json, or one line saying why it cannot be used."""
-    import json
+    from tsrt.totalseg.json_input import read_json_object
 
-    path = Path(path)
-    try:
-        stats = json.loads(path.read_text())
-    except OSError as err:
-        raise InputError(f"Cannot read the statistics file {path} ({err.strerror}).") from None
-    except ValueError:
-        raise InputError(f"{path} is not JSON: give the statistics.json `tsrt segment --statistics` wrote.") from None
-    if not isinstance(stats, dict):
-        raise InputError(f"{path} is not a statistics.json (expected one entry per structure).")
-    return stats
+    return read_json_object(
+        path, "the statistics file", "give the statistics.json `tsrt segment --statistics` wrote",
+        "is not a statistics.json (expected one entry per structure)",
+    )
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from tsrt.errors import InputError
 from tsrt.reports import aorta_centerline as cl
-from tsrt.reports.aorta_geometry import Volume, center_of, require_scientific, smooth_mask
+from tsrt.reports.aorta_geometry import Volume, require_scientific, smooth_mask
 from tsrt.reports.aorta_landmarks import STRUCTURES, anchor_structures, place_landmarks
 from tsrt.reports.aorta_measure import (
     AortaReport,
@@ -47,6 +47,7 @@ from tsrt.reports.aorta_measure import (
     report_json,
 )
 from tsrt.reports.common import require_structures
+from tsrt.reports.pulmonary_geometry import find_center
 from tsrt.totalseg import ops
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def report_grid(inputs: AortaMasks, use_lumen: bool) -> ReportGrid:
 
 def build_centerline(grid: ReportGrid) -> Centerline:
     """Skeleton of the grown, smoothed aorta, distal end first, continued to the annulus centre (+1 voxel)."""
-    annulus_center = center_of(grid.annulus)
+    annulus_center = find_center(grid.annulus)
     if annulus_center is None:
         raise InputError("The aortic annulus is empty, so the centerline has no proximal end (nothing was measured).")
     smooth = smooth_mask(ops.binary_dilation_cross(grid.aorta, CENTERLINE_DILATION), CENTERLINE_SIGMA)

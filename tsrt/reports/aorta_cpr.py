@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tsrt.outputs.font import GLYPH_HEIGHT, draw_text, text_width
+from tsrt.outputs.font import GLYPH_HEIGHT, draw_text
 from tsrt.reports import aorta_centerline as cl
-from tsrt.reports.aorta_geometry import boundary
+from tsrt.reports.common import centred_text
+from tsrt.reports.pulmonary_geometry import boundary
 from tsrt.reports.pulmonary_render import draw_line
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def render_cpr_overview(report: AortaReport, height: int = 900) -> np.ndarray:
     canvas = np.zeros((height + top + 30, sum(p.shape[1] for p in panels) + plot.shape[1] + 60, 3), dtype=np.uint8)
     left = 10
     for title, panel in zip(("Sagittal CPR", "Coronal CPR", "Diameter Profile"), (*panels, plot)):
-        draw_text(canvas, title, 10, left + max(0, (panel.shape[1] - text_width(title, 2)) // 2), (255, 255, 255), 2)
+        centred_text(canvas, title, 10, left, panel.shape[1], (255, 255, 255), 2)
         canvas[top : top + panel.shape[0], left : left + panel.shape[1]] = panel
         left += panel.shape[1] + 20
     return canvas

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from tsrt.reports import aorta_centerline as cl
-from tsrt.reports.aorta_geometry import Volume, center_of, local_cross_section, most_distant_points
+from tsrt.reports.aorta_geometry import Volume, local_cross_section, most_distant_points
+from tsrt.reports.pulmonary_geometry import find_center
 from tsrt.totalseg import ops
 
 log = logging.getLogger("tsrt")
@@ -110,7 +111,7 @@ def anchor_structures(
         elif key in branches:  # the two branch vessels: their mutually farthest contact voxels
             structure.endpoint = tuple(branches[key])
         else:
-            structure.endpoint = tuple(center_of(structure.touching, True))
+            structure.endpoint = tuple(find_center(structure.touching, True))
         section = None
         if key == "sinotub_junc" and not structures["brachio"].empty:
             section = centerline[structures["brachio"].index :]

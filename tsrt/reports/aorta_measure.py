@@ -19,8 +19,6 @@ from tsrt.reports import aorta_centerline as cl
 from tsrt.reports.aorta_geometry import (
     PlaneCut,
     Volume,
-    box_around,
-    center_of,
     cross_section,
     fill_closed,
     first_region_diameter_mm,
@@ -31,6 +29,7 @@ from tsrt.reports.aorta_geometry import (
     turn_into_z_plane,
 )
 from tsrt.reports.aorta_landmarks import Landmark, widest_section
+from tsrt.reports.pulmonary_geometry import box_around, find_center
 from tsrt.totalseg import ops
 
 log = logging.getLogger("tsrt")
@@ -105,7 +104,7 @@ def measure_cut(cut: PlaneCut) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSON values of one turned cross-section, and what its picture needs (slices and chord ends)."""
     plane = cut.plane.get_fdata().astype(np.uint8)
     false_volume, true_volume = (mask.get_fdata().astype(np.uint8) for mask in cut.masks)
-    center = center_of(plane, True)
+    center = find_center(plane, True)
     z = plane.shape[2] // 2 if center is None else int(center[2])
     whole, false, true = (fill_closed(volume[:, :, z]) for volume in (plane, false_volume, true_volume))
     spacing = np.asarray(cut.plane.header.get_zooms())[:2]

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tsrt.outputs.font import GLYPH_HEIGHT, draw_text, text_width
+from tsrt.outputs.font import GLYPH_HEIGHT, draw_text
 from tsrt.outputs.preview import encode_png
 from tsrt.pipeline.write import atomic_output
-from tsrt.reports.aorta_geometry import boundary, center_of
+from tsrt.reports.pulmonary_geometry import boundary, find_center
+from tsrt.reports.common import centred_text, draw_footer, paste, wrap_text
 from tsrt.reports.pulmonary_render import DISCLAIMER, plane_picture, rgb_frames_nifti
 
 if TYPE_CHECKING:
@@ -40,33 +41,12 @@ SCALE = 2
 LINE = GLYPH_HEIGHT * SCALE + 6
 
 
-def _centred(canvas: np.ndarray, text: str, top: int, left: int, width: int, colour, scale: int = SCALE) -> None:
-    draw_text(canvas, text, top, left + max(0, (width - text_width(text, scale)) // 2), colour, scale)
-
-
-def _paste(canvas: np.ndarray, picture: np.ndarray, top: int, left: int) -> None:
-    height, width = min(picture.shape[0], canvas.shape[0] - top), min(picture.shape[1], canvas.shape[1] - left)
-    canvas[top : top + height, left : left + width] = picture[:height, :width]
-
-
 def _resize(picture: np.ndarray, height: int) -> np.ndarray:
     """Nearest-neighbour resize to `height` rows, keeping the aspect ratio."""
     rows = np.minimum((np.arange(height) * picture.shape[0] / height).astype(int), picture.shape[0] - 1)
     width = max(1, int(round(picture.shape[1] * height / picture.shape[0])))
     cols = np.minimum((np.arange(width) * picture.shape[1] / width).astype(int), picture.shape[1] - 1)
     return picture[rows][:, cols]
-
-
-def _wrap(text: str, width: int, scale: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if text_width(candidate, scale) > width and line:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + ([line] if line else [])
 
 
 # --------------------------------------------------------------------------------------------- overview
@@ -101,7 +81,7 @@ def projection(report: AortaReport, axis: int) -> np.ndarray:
             continue
         cut = landmark.roi.any(axis=axis)
         image[cut] = LANDMARK_COLOURS[number - 1]
-        centre = center_of(cut)
+        centre = find_center(cut)
         if centre is not None:
             labels.append((number, centre))
     # rows: superior at the top; columns: the remaining grid axis (x: right->left shown left->right for axis 1)
@@ -151,7 +131,7 @@ def _value(value, unit: str) -> str:
 
 def render_page(report: AortaReport) -> np.ndarray:
     """The report page (RGB uint8): header, overview and section table, landmarks, disclaimer."""
-    footer = [line for paragraph in DISCLAIMER for line in _wrap(paragraph, PAGE_WIDTH - 20, 1)]
+    footer = [line for paragraph in DISCLAIMER for line in wrap_text(paragraph, PAGE_WIDTH - 20, 1)]
     picture = overview(report)
     left_width = max(picture.shape[1] + 20, 690)
     header, title_row = 84, 34
@@ -162,11 +142,11 @@ def render_page(report: AortaReport) -> np.ndarray:
     height = main_top + main_height + 24 + len(footer) * (GLYPH_HEIGHT + 4) + 10
     page = np.zeros((height, PAGE_WIDTH, 3), dtype=np.uint8)
     metadata = report.json["metadata"]
-    _centred(page, "Aorta Report", 12, 0, PAGE_WIDTH, WHITE, 3)
-    _centred(page, f"version {metadata.get('version', '')}", 42, 0, PAGE_WIDTH, GREY, 1)
-    _centred(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 58, 0, PAGE_WIDTH, WHITE)
-    _centred(page, "Overview (front, left)", main_top, 0, left_width, WHITE)
-    _paste(page, picture, main_top + title_row, 10)
+    centred_text(page, "Aorta Report", 12, 0, PAGE_WIDTH, WHITE, 3)
+    centred_text(page, f"version {metadata.get('version', '')}", 42, 0, PAGE_WIDTH, GREY, 1)
+    centred_text(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 58, 0, PAGE_WIDTH, WHITE, SCALE)
+    centred_text(page, "Overview (front, left)", main_top, 0, left_width, WHITE, SCALE)
+    paste(page, picture, main_top + title_row, 10)
     top = main_top + table_top
     columns = (("Section", 10), ("Length", 230), ("Max. Dia.", 340), ("Volume", 460), ("Volume FL", 570))
     for name, left in columns:
@@ -178,14 +158,14 @@ def render_page(report: AortaReport) -> np.ndarray:
                                            ("volume_false_lumen", "ml")), columns[1:]):
             value = stats[key]
             draw_text(page, _value(None if value is None else round(float(value), 1), unit), y, left, GREY, SCALE)
-    _centred(page, "Landmarks", main_top, left_width, PAGE_WIDTH - left_width, WHITE)
+    centred_text(page, "Landmarks", main_top, left_width, PAGE_WIDTH - left_width, WHITE, SCALE)
     for row, (number, landmark) in enumerate(sorted(report.landmarks.items())):
         y = main_top + title_row + row * ROW
         left = left_width + 10
         if landmark.empty or landmark.picture is None:
             page[y : y + PICTURE, left : left + PICTURE] = 40
         else:
-            _paste(page, landmark_picture(landmark), y, left)
+            paste(page, landmark_picture(landmark), y, left)
         text_left = left + PICTURE + 10
         draw_text(page, f"{number} - {landmark.name}", y + 4, text_left, WHITE, SCALE)
         values = landmark.values
@@ -199,9 +179,7 @@ def render_page(report: AortaReport) -> np.ndarray:
             draw_text(page, f"FL: {values['area_fl']} cm2, {values['diameter_fl']} x {values['diameter_fl_pd']} cm",
                       y + 4 + 3 * LINE, text_left, RED, SCALE)
     footer_top = main_top + main_height + 24
-    page[footer_top - 10, 10 : PAGE_WIDTH - 10] = GREY
-    for number, line in enumerate(footer):
-        draw_text(page, line, footer_top + number * (GLYPH_HEIGHT + 4), 10, GREY, 1)
+    draw_footer(page, footer_top, footer, GREY)
     return page
 
 

@@ -1,5 +1,5 @@
-"""What every report shares: refusing to measure structures that are missing or cut by the field of view, and
-handing report pages to image archives as RGB NIfTI."""
+"""What every report shares: refusing to measure structures that are missing or cut by the field of view,
+drawing report pages with tsrt's bitmap font, and handing them to image archives as RGB NIfTI."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tsrt.errors import InputError
+from tsrt.outputs.font import GLYPH_HEIGHT, draw_text, text_width
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -53,6 +54,40 @@ def require_structures(
             f"The {report} report {'; and '.join(problems)}: use a scan that covers "
             f"{'it' if len(missing) + len(cut) == 1 else 'them'} (nothing was measured)."
         )
+
+
+def wrap_text(text: str, width: int, scale: int) -> list[str]:
+    """`text` broken into lines at most `width` pixels wide at `scale` (a single longer word keeps its own line)."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if text_width(candidate, scale) > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+def centred_text(
+    canvas: np.ndarray, text: str, top: int, left: int, width: int, colour: Sequence[int], scale: int = 2
+) -> None:
+    """`text` centred in the `width` pixels from `left` (left-aligned when it is wider)."""
+    draw_text(canvas, text, top, left + max(0, (width - text_width(text, scale)) // 2), colour, scale)
+
+
+def paste(canvas: np.ndarray, picture: np.ndarray, top: int, left: int) -> None:
+    """`picture` copied onto `canvas` at (top, left), cut off at the canvas's edges."""
+    height = min(picture.shape[0], canvas.shape[0] - top)
+    width = min(picture.shape[1], canvas.shape[1] - left)
+    canvas[top : top + height, left : left + width] = picture[:height, :width]
+
+
+def draw_footer(page: np.ndarray, top: int, lines: Sequence[str], colour: Sequence[int]) -> None:
+    """A rule 10 pixels above `top` across the page (10 pixels in from each side), then `lines` at scale 1."""
+    page[top - 10, 10 : page.shape[1] - 10] = colour
+    for number, line in enumerate(lines):
+        draw_text(page, line, top + number * (GLYPH_HEIGHT + 4), 10, colour, 1)
 
 
 def rgb_pages_nifti(pages: Sequence[np.ndarray]) -> nib.Nifti1Image:

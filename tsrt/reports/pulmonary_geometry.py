@@ -18,13 +18,14 @@ module does the same arithmetic with numpy, numba and SimpleITK (tsrt's runtime 
 * Farthest pairs compare exact integer squared distances, so ties resolve to the pair pdist's argmax
   picks (the first in (i, j) order).
 
-The functions are not specific to the pulmonary artery: the aorta report cuts the aorta the same way.
+The functions are not specific to the pulmonary artery: the aorta report (tsrt.reports.aorta_geometry)
+cuts, measures and turns the aorta with them too.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -341,11 +342,14 @@ def farthest_pair(points: np.ndarray) -> tuple[float, np.ndarray | None, np.ndar
     return math.sqrt(best), points[pair[0]].copy(), points[pair[1]].copy()
 
 
-def region_diameter(mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray] | None:
+def region_diameter(
+    mask: np.ndarray, farthest: Callable[[np.ndarray], tuple] = farthest_pair
+) -> tuple[float, np.ndarray, np.ndarray] | None:
     """The widest span of the border of the mask's first blob (full connectivity): (length, start, end) in voxels.
 
     Upstream's `next(get_region_diameters(mask))`: the blob is taken alone in its bounding box, its
-    border is blob minus its erosion (so a blob at the box's edge keeps that face).
+    border is blob minus its erosion (so a blob at the box's edge keeps that face). `farthest` finds
+    the span among the border voxels (`farthest_pair`, or one that gives the same pair faster).
     """
     outer = _bounding_box(mask)
     if outer is None:
@@ -353,7 +357,7 @@ def region_diameter(mask: np.ndarray) -> tuple[float, np.ndarray, np.ndarray] | 
     blob = label_full(mask[outer])[0] == 1
     inner = _bounding_box(blob)
     low = np.array([a.start + b.start for a, b in zip(outer, inner)])
-    length, start, end = farthest_pair(np.argwhere(boundary(blob[inner])))
+    length, start, end = farthest(np.argwhere(boundary(blob[inner])))
     return length, start + low, end + low
 
 
@@ -437,22 +441,59 @@ def rotation_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.eye(3) + skew + skew @ skew * (1 - dot) / np.linalg.norm(cross) ** 2
 
 
-def crop_around_mask(
-    data: np.ndarray, affine: np.ndarray, mask: np.ndarray, size_mm: Sequence[float], dtype: type
-) -> tuple[np.ndarray, np.ndarray]:
-    """A box of `size_mm` around the mask's mean voxel (clipped to the image), cast to `dtype`.
+def box_around(centre: Sequence[float], radius: Sequence[int], shape: Sequence[int]) -> list[list[int]]:
+    """[[lo, hi)] per axis, `radius` voxels either side of `centre` (truncated), clipped to the image."""
+    return [[max(0, int(centre[a] - radius[a])), min(shape[a], int(centre[a] + radius[a]))] for a in range(3)]
+
+
+def fixed_size_box(mask: np.ndarray, zooms: Sequence[float], size_mm: Sequence[float]) -> list[list[int]]:
+    """A box of `size_mm` around the mean voxel of mask > 0.5 (the image centre if there is none), clipped.
 
     Upstream's crop_to_masks(..., fixed_size=True): half sizes in voxels are int(int(size / zoom) / 2).
     """
-    size = (np.asarray(size_mm) / np.asarray(ops.nifti_zooms(affine))).astype(int)
-    half = (size / 2).astype(int)
-    coordinates = np.where(mask > 0.5)
+    half = ((np.asarray(size_mm) / np.asarray(zooms)[:3]).astype(int) / 2).astype(int)
+    coordinates = np.where(np.asarray(mask) > 0.5)
     if len(coordinates[0]):
         centre = [int(np.mean(coordinates[axis])) for axis in range(3)]
     else:
         centre = [n // 2 for n in mask.shape]
-    box = [[max(0, int(centre[a] - half[a])), min(mask.shape[a], int(centre[a] + half[a]))] for a in range(3)]
-    return ops.crop_to_bbox(data, affine, box, dtype)
+    return box_around(centre, half, mask.shape)
+
+
+def crop_around_mask(
+    data: np.ndarray, affine: np.ndarray, mask: np.ndarray, size_mm: Sequence[float], dtype: type
+) -> tuple[np.ndarray, np.ndarray]:
+    """A box of `size_mm` around the mask's mean voxel (clipped to the image), cast to `dtype`."""
+    return ops.crop_to_bbox(data, affine, fixed_size_box(mask, ops.nifti_zooms(affine), size_mm), dtype)
+
+
+def turn_onto_z(
+    plane: np.ndarray, affine: np.ndarray, normal_of: Callable[[np.ndarray], np.ndarray] = mask_normal
+) -> np.ndarray:
+    """The world transform (4x4) turning a cut's normal onto its grid's z axis, about the cut's centre in mm.
+
+    Upstream's get_2d_plane (rotate_affine_of_image_and_translate): the normal (`normal_of` the cut, in
+    voxels) and the grid's z axis go to mm, the z axis flips to the normal's side, and the rotation
+    between them is applied about the centre. An empty cut turns about the grid's centre, by nothing.
+    """
+    centre_voxel = find_center(plane)
+    if centre_voxel is None:
+        centre_voxel = (np.asarray(plane.shape) - 1) / 2
+        normal_voxel = np.array([0.0, 0.0, 1.0])
+    else:
+        normal_voxel = normal_of(plane)
+    linear = affine[:3, :3]
+    centre = linear @ centre_voxel + affine[:3, 3]
+    normal = linear @ normal_voxel
+    target = linear @ np.array([0, 0, 1])
+    if np.dot(normal, target) < 0:
+        target = -target
+    rotation = np.eye(4)
+    rotation[:3, :3] = rotation_matrix(normal, target)
+    to_origin, back = np.eye(4), np.eye(4)
+    to_origin[:3, 3] -= centre
+    back[:3, 3] += centre
+    return back @ rotation @ to_origin
 
 
 @dataclass
@@ -475,24 +516,7 @@ def rotate_into_axial(plane: np.ndarray, ct: np.ndarray, affine: np.ndarray, siz
     plane_crop, crop_affine = crop_around_mask(plane, affine, plane, size, np.uint8)
     ct_crop, _ = crop_around_mask(ct, affine, plane, size, np.int32)
     plane_values = plane_crop.astype(np.float64)
-    centre_voxel = find_center(plane_values)
-    if centre_voxel is None:
-        centre_voxel = (np.asarray(plane_values.shape) - 1) / 2
-        normal_voxel = np.array([0.0, 0.0, 1.0])
-    else:
-        normal_voxel = mask_normal(plane_values)
-    linear = crop_affine[:3, :3]
-    centre = linear @ centre_voxel + crop_affine[:3, 3]
-    normal = linear @ normal_voxel
-    target = linear @ np.array([0, 0, 1])
-    if np.dot(normal, target) < 0:
-        target = -target
-    rotation = np.eye(4)
-    rotation[:3, :3] = rotation_matrix(normal, target)
-    to_origin, back = np.eye(4), np.eye(4)
-    to_origin[:3, 3] -= centre
-    back[:3, 3] += centre
-    combined = back @ rotation @ to_origin
+    combined = turn_onto_z(plane_values, crop_affine)
     rotated_affine = combined @ crop_affine
     shape = plane_values.shape
     return PlaneSlab(

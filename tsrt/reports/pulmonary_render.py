@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tsrt.outputs.font import GLYPH_HEIGHT, draw_text, text_width
+from tsrt.outputs.font import GLYPH_HEIGHT, draw_text
 from tsrt.outputs.preview import encode_png
 from tsrt.reports import pulmonary_geometry as geometry
-from tsrt.reports.common import rgb_pages_nifti
+from tsrt.reports.common import centred_text, draw_footer, paste, rgb_pages_nifti, wrap_text
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -189,28 +189,6 @@ class OverviewRenderer:
 # --------------------------------------------------------------------------------------------- page
 
 
-def _wrap(text: str, width: int, scale: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        candidate = f"{line} {word}".strip()
-        if text_width(candidate, scale) > width and line:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return lines + ([line] if line else [])
-
-
-def _centred(canvas: np.ndarray, text: str, top: int, left: int, width: int, colour, scale: int) -> None:
-    draw_text(canvas, text, top, left + max(0, (width - text_width(text, scale)) // 2), colour, scale)
-
-
-def _paste(canvas: np.ndarray, picture: np.ndarray, top: int, left: int) -> None:
-    height = min(picture.shape[0], canvas.shape[0] - top)
-    width = min(picture.shape[1], canvas.shape[1] - left)
-    canvas[top : top + height, left : left + width] = picture[:height, :width]
-
-
 def _fit(picture: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour shrink so the longer side is at most `size`."""
     longest = max(picture.shape[:2])
@@ -223,24 +201,24 @@ def _fit(picture: np.ndarray, size: int) -> np.ndarray:
 
 def page_frames(measurement: PulmonaryMeasurement, frames: int = FRAMES) -> list[np.ndarray]:
     """The report page, once per overview frame: (height, PAGE_WIDTH, 3) uint8 each."""
-    footer_lines = [line for paragraph in DISCLAIMER for line in _wrap(paragraph, PAGE_WIDTH - 20, 1)]
+    footer_lines = [line for paragraph in DISCLAIMER for line in wrap_text(paragraph, PAGE_WIDTH - 20, 1)]
     header, title_row = 80, 36
     main_top = header + 10
     main_height = title_row + max(OVERVIEW, len(measurement.landmarks) * ROW)
     height = main_top + main_height + 20 + len(footer_lines) * (GLYPH_HEIGHT + 4) + 10
     page = np.zeros((height, PAGE_WIDTH, 3), dtype=np.uint8)
     version = str(measurement.metadata.get("version", ""))
-    _centred(page, "Pulmonary Artery Report", 12, 0, PAGE_WIDTH, WHITE, 3)
-    _centred(page, f"version {version}", 40, 0, PAGE_WIDTH, GREY, 1)
-    _centred(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 56, 0, PAGE_WIDTH, WHITE, 2)
+    centred_text(page, "Pulmonary Artery Report", 12, 0, PAGE_WIDTH, WHITE, 3)
+    centred_text(page, f"version {version}", 40, 0, PAGE_WIDTH, GREY, 1)
+    centred_text(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 56, 0, PAGE_WIDTH, WHITE, 2)
     left_width = OVERVIEW + 20
-    _centred(page, "Overview", main_top, 0, left_width, WHITE, 2)
-    _centred(page, "Landmarks", main_top, left_width, PAGE_WIDTH - left_width, WHITE, 2)
+    centred_text(page, "Overview", main_top, 0, left_width, WHITE, 2)
+    centred_text(page, "Landmarks", main_top, left_width, PAGE_WIDTH - left_width, WHITE, 2)
     for row, (index, landmark) in enumerate(sorted(measurement.landmarks.items())):
         top = main_top + title_row + row * ROW
         left = left_width + 6
         if landmark.present and landmark.slice_ct is not None:
-            _paste(page, _fit(plane_picture(landmark), PICTURE), top, left)
+            paste(page, _fit(plane_picture(landmark), PICTURE), top, left)
         else:
             page[top : top + PICTURE, left : left + PICTURE] = 40
         text_left = left + PICTURE + 10
@@ -251,14 +229,12 @@ def page_frames(measurement: PulmonaryMeasurement, frames: int = FRAMES) -> list
         else:
             draw_text(page, "not in image", top + 30, text_left, GREY, 2)
     footer_top = main_top + main_height + 20
-    page[footer_top - 10, 10 : PAGE_WIDTH - 10] = GREY
-    for number, line in enumerate(footer_lines):
-        draw_text(page, line, footer_top + number * (GLYPH_HEIGHT + 4), 10, GREY, 1)
+    draw_footer(page, footer_top, footer_lines, GREY)
     renderer = OverviewRenderer(measurement)
     pages = []
     for number in range(frames):
         frame = page.copy()
-        _paste(frame, renderer.frame(number), main_top + title_row, 10)
+        paste(frame, renderer.frame(number), main_top + title_row, 10)
         pages.append(frame)
     return pages
 

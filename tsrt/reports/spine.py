@@ -25,7 +25,6 @@ companion tools and cannot call them; `tsrt report spine` runs tsrt's `phase` fo
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from tsrt.reports.common import require_structures, rgb_pages_nifti
 from tsrt.reports.spine_heights import LUMBAR, SPINE_RANGES, SpineHeights, measure_spine, results_json
 from tsrt.reports.spine_render import Verdict, render_html, render_overview, render_page
 from tsrt.totalseg import ops
+from tsrt.totalseg.json_input import read_json_object
 
 if TYPE_CHECKING:
     from tsrt.totalseg.options import RuntimeOptions
@@ -127,16 +127,7 @@ def report_metadata(nodeinfo: Mapping[str, Any] | None = None) -> dict[str, Any]
 
 def read_nodeinfo(path: str | Path) -> dict[str, Any]:
     """A node info JSON (DICOM-style patient keys), or one line saying why it cannot be used."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except OSError as error:
-        raise InputError(f"Cannot read the node info {path} ({error.strerror}).") from None
-    except ValueError:
-        raise InputError(f"{path} is not JSON: give a node info file like {{\"PatientSex\": \"F\"}}.") from None
-    if not isinstance(document, dict):
-        raise InputError(f"{path} holds no JSON object: give a node info file like {{\"PatientSex\": \"F\"}}.")
-    return document
+    return read_json_object(path, "the node info", 'give a node info file like {"PatientSex": "F"}')
 
 
 # --------------------------------------------------------------------------------------------- pipeline
