@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tsrt.config import tsrt_home
-from tsrt.engines.providers import intact_cache, seal_cache
+from tsrt.engines.providers import cache_seal, intact_cache, seal_cache
 
 log = logging.getLogger("tsrt")
 
@@ -33,6 +33,9 @@ class SplitGraph:
     body: Path
     body_output: str
     head: Path
+    #: The graphs' sha256 as sealed (already checked), so sessions need not hash them again at start-up.
+    body_sha256: str = ""
+    head_sha256: str = ""
 
 
 def split_output_head(graph: Path, graph_sha256: str) -> SplitGraph | None:
@@ -47,7 +50,7 @@ def split_output_head(graph: Path, graph_sha256: str) -> SplitGraph | None:
     if not_split.exists():
         return None
     if intact_cache(body) and intact_cache(head):
-        return SplitGraph(body, body.with_suffix(".output").read_text().strip(), head)
+        return sealed_split(body, body.with_suffix(".output").read_text().strip(), head)
     import onnx
 
     model = onnx.load(str(graph))
@@ -66,7 +69,14 @@ def split_output_head(graph: Path, graph_sha256: str) -> SplitGraph | None:
     except OSError as error:  # a read-only home: run the whole graph, as before
         log.debug("cannot cache the split graph of %s: %s", graph, error)
         return None
-    return SplitGraph(body, features, head)
+    return sealed_split(body, features, head)
+
+
+def sealed_split(body: Path, features: str, head: Path) -> SplitGraph:
+    """The split graph with the sha256 values its seals hold (written or checked by the caller)."""
+    return SplitGraph(
+        body, features, head, cache_seal(body).read_text().strip(), cache_seal(head).read_text().strip()
+    )
 
 
 def _split(model):

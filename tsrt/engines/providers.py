@@ -311,7 +311,7 @@ def optimized_cache_path(graph_sha256: str, graph: Path, choice: ProviderChoice)
     return tsrt_home() / "cache" / "ort" / f"{graph.stem}-{digest}.onnx"
 
 
-def _cache_seal(cached: Path) -> Path:
+def cache_seal(cached: Path) -> Path:
     """The sha256 of a cached optimised graph, written when tsrt made it: it is loaded only if it still matches."""
     return cached.with_name(cached.name + ".sha256")
 
@@ -320,7 +320,7 @@ def intact_cache(cached: Path) -> bool:
     """Whether a cached optimised graph exists and is byte for byte what tsrt wrote (else it is removed)."""
     if not cached.exists():
         return False
-    seal = _cache_seal(cached)
+    seal = cache_seal(cached)
     try:
         if seal.read_text().strip() == sha256_file(cached):
             return True
@@ -334,7 +334,7 @@ def intact_cache(cached: Path) -> bool:
 
 def seal_cache(temp: Path, cached: Path) -> None:
     """Move a freshly optimised graph into the cache with its seal (seal first, so no unsealed file is trusted)."""
-    _cache_seal(cached).write_text(sha256_file(temp))
+    cache_seal(cached).write_text(sha256_file(temp))
     os.replace(temp, cached)
 
 

@@ -137,8 +137,8 @@ def load_model(
     ]
     if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
         for split in splits:
-            model.sessions.append(create_session(split.body, choice, threads=threads))
-            model.heads.append(create_session(split.head, choice, threads=threads))
+            model.sessions.append(create_session(split.body, choice, threads=threads, graph_sha256=split.body_sha256))
+            model.heads.append(create_session(split.head, choice, threads=threads, graph_sha256=split.head_sha256))
             model.feature_outputs.append(split.body_output)
     else:
         model.sessions = [
