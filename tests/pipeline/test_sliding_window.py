@@ -219,3 +219,25 @@ def test_a_separate_head_refuses_mirroring():
             np.zeros((1, 8, 8, 8), np.float32), lambda t: t[None], (8, 8, 8), 1, lambda r, s: None,
             mirror_axes=(0,), head=lambda b: b,
         )
+
+
+@pytest.mark.parametrize("accumulation", ["float16", "float32"])
+@pytest.mark.parametrize("folds", [1, 3])
+def test_the_one_tile_path_equals_the_accumulation_buffer(accumulation, folds):
+    """An image of one tile skips the buffer; its numbers must be the buffered path's, bit for bit, for any folds,
+    logits from tiny to past float16's range (subnormal products at the Gaussian's corners, overflow to inf)."""
+    import tsrt.pipeline.sliding_window as sliding_window
+    from tsrt.pipeline.sliding_window import one_tile_mean
+
+    rng = np.random.default_rng(7)
+    patch = (12, 10, 14)
+    gaussian = gaussian_importance_map(patch)
+    logits = (rng.normal(size=(folds, 3, *patch)) * np.exp(rng.uniform(-12, 9, size=(folds, 3, *patch)))).astype(np.float32)
+    half = accumulation == "float16"
+    buffered = sliding_window._SlabAccumulator(folds, 3, patch, patch[0], half, store_half=False)
+    buffered.add(logits, gaussian, (0, 0, 0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = buffered.normalized(0, patch[0])
+        fused = np.concatenate([one_tile_mean(logits[:, :, b : b + 5], gaussian[b : b + 5], half) for b in range(0, 12, 5)], axis=1)
+    np.testing.assert_array_equal(fused, expected)
+    assert np.isfinite(expected).mean() > 0.9

@@ -203,6 +203,60 @@ def _normalize_rows(acc, weight_acc, rows, half):
     return out
 
 
+@numba.njit(parallel=True, cache=True)
+def _one_tile_mean(fold_logits, gaussian, half):
+    """(C, rows, Y, Z) weighted mean of rows that one tile alone covers: what `_accumulate` into a zeroed
+    buffer followed by `_normalize_rows` gives, bit for bit, in one pass without the buffer.
+
+    Every step keeps the buffered path's arithmetic (0 + logit * weight, the weight 0 + g, each rounded
+    to float16 with `half`, then the division and the fold mean), so the masks do not change.
+    """
+    n_folds, n_classes, px, py, pz = fold_logits.shape
+    out = np.empty((n_classes, px, py, pz), dtype=np.float32)
+    for i in numba.prange(px):
+        weight = np.empty(pz, dtype=np.float32)
+        row = np.empty(pz, dtype=np.float32)
+        total = np.empty(pz, dtype=np.float32)
+        for j in range(py):
+            for k in range(pz):
+                weight[k] = np.float32(0.0) + gaussian[i, j, k]
+            if half:
+                round_to_half(weight)
+            for c in range(n_classes):
+                for f in range(n_folds):
+                    for k in range(pz):
+                        row[k] = np.float32(0.0) + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
+                    if half:
+                        round_to_half(row)
+                    for k in range(pz):
+                        row[k] = row[k] / weight[k]
+                    if half:
+                        round_to_half(row)
+                    for k in range(pz):
+                        total[k] = row[k] if f == 0 else total[k] + row[k]
+                    if half and f > 0:
+                        round_to_half(total)
+                if n_folds > 1:
+                    for k in range(pz):
+                        total[k] = total[k] / np.float32(n_folds)
+                    if half:
+                        round_to_half(total)
+                for k in range(pz):
+                    out[c, i, j, k] = total[k]
+    return out
+
+
+def one_tile_mean(fold_logits: np.ndarray, gaussian: np.ndarray, half: bool) -> np.ndarray:
+    """Weighted mean logits (C, rows, ...) of a block of rows of the only tile of an image, fold_logits (F, C, rows, ...).
+
+    An image of one tile needs no accumulation buffer: nothing overlaps it. float32 accumulation averages
+    the folds before weighting, as the buffered path does.
+    """
+    if not half and fold_logits.shape[0] > 1:
+        fold_logits = fold_logits.mean(axis=0, keepdims=True, dtype=np.float32)
+    return _one_tile_mean(np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, half)
+
+
 class _SlabAccumulator:
     """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume.
 
@@ -338,12 +392,17 @@ def sliding_window_inference(
         for batch in _batches(group, batch_size):
             inputs = np.stack([_cut_tile(padded, t.start, tile_extent, is_2d) for t in batch])
             logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C or C_feat, *patch)
+            if one_tile:
+                emitted = _emit_one_tile(logits, gaussian3d, head, is_2d, tile_rows, row_offset, valid_rows, crop,
+                                         accumulation == "float16", consume_slab)
+                if progress is not None:
+                    progress(len(batch))
+                continue
             if accumulator is None:
                 # Before group k the buffer starts at row_starts[k]; earlier groups reach at most
                 # row_starts[k-1] + extent <= row_starts[k] + extent, so one tile extent suffices.
-                capacity = min(tile_rows, tile_extent[0]) if one_tile else tile_extent[0]
                 accumulator = _SlabAccumulator(
-                    logits.shape[0], n_outputs, spatial, capacity, accumulation == "float16", store_half=not one_tile
+                    logits.shape[0], n_outputs, spatial, tile_extent[0], accumulation == "float16", store_half=True
                 )
             for index, tile in enumerate(batch):
                 tile_logits = logits[:, index][:, :, None] if is_2d else logits[:, index]
@@ -353,16 +412,46 @@ def sliding_window_inference(
                     if head is not None:
                         block = head(np.ascontiguousarray(block))
                     accumulator.add(block, gaussian3d[begin:end], (tile.start[0] + begin, *tile.start[1:]))
-                    if one_tile:
-                        emit(tile.start[0] + end)
                 del tile_logits, block
             if progress is not None:
                 progress(len(batch))
             del logits  # a tile's logits (1 GB for 118 classes at 128^3) are not needed while emitting
-        next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
-        emit(next_row)
+        if not one_tile:
+            next_row = row_starts[group_index + 1] if group_index + 1 < len(row_starts) else spatial[0]
+            emit(next_row)
     if emitted != valid_rows:
         raise AssertionError(f"sliding window emitted {emitted} of {valid_rows} rows")
+
+
+def _emit_one_tile(
+    logits: np.ndarray,
+    gaussian: np.ndarray,
+    head: HeadApplier | None,
+    is_2d: bool,
+    block_rows: int,
+    row_offset: int,
+    valid_rows: int,
+    crop: tuple[slice, ...],
+    half: bool,
+    consume_slab: SlabConsumer,
+) -> int:
+    """Hand on the only tile of an image, `block_rows` rows at a time (head applied per block); returns rows emitted.
+
+    The tile starts at row 0 of the padded volume; rows of padding are dropped, not emitted.
+    """
+    tile_logits = logits[:, 0][:, :, None] if is_2d else logits[:, 0]
+    emitted = 0
+    for begin in range(0, tile_logits.shape[2], block_rows):
+        first, last = max(begin, row_offset), min(begin + block_rows, row_offset + valid_rows)
+        if first >= last:
+            continue
+        block = tile_logits[:, :, first:last]
+        if head is not None:
+            block = head(np.ascontiguousarray(block))
+        mean = one_tile_mean(block, gaussian[first:last], half)
+        consume_slab(first - row_offset, mean[(slice(None), slice(None), *crop)])
+        emitted = last - row_offset
+    return emitted
 
 
 def pad_to_patch(data: np.ndarray, patch_size: Sequence[int]) -> tuple[np.ndarray, list[tuple[int, int]]]:
