@@ -79,12 +79,16 @@ NUM_EPOCHS = 60
 ITERATIONS_PER_EPOCH = 50
 VAL_ITERATIONS_PER_EPOCH = 3
 
-NUM_CASES = 40
+NUM_CASES = 48
+#: How many of the NUM_CASES have a small field of view that cuts the body and the kidneys (the CI phantom's kind).
+NUM_SMALL_FOV_CASES = 8
 TRAIN_SPACING = (3.0, 3.0, 3.0)
 #: Air around the phantom's body is -1000 HU (+- noise); everything inside, lung included, is above -890 HU.
 OUTSIDE_BODY_HU = -910.0
 #: Inclusive voxel ranges of the training phantoms' shapes (x, y, z) at TRAIN_SPACING.
 TRAIN_SHAPE_RANGE = ((110, 165), (80, 135), (90, 115))
+#: The same for the small-field-of-view cases: narrower than the body, and too short for the whole kidneys.
+SMALL_FOV_SHAPE_RANGE = ((88, 110), (70, 90), (56, 76))
 
 # The small network written into the 3d_fullres plans.
 PATCH_SIZE = [64, 64, 64]
@@ -131,8 +135,10 @@ def training_cases(n: int = NUM_CASES) -> list[dict]:
     cases = []
     for i in range(n):
         # Fields of view from tight (the body fills the slice) to wide (as much air around the body as
-        # the demo phantom has), so the network learns that air outside the body is not lung.
-        shape = tuple(int(rng.integers(low, high + 1)) for low, high in TRAIN_SHAPE_RANGE)
+        # the demo phantom has), so the network learns that air outside the body is not lung; the last
+        # few are smaller than the body and cut the kidneys, as a short scan does.
+        ranges = SMALL_FOV_SHAPE_RANGE if i >= n - min(NUM_SMALL_FOV_CASES, n // 4) else TRAIN_SHAPE_RANGE
+        shape = tuple(int(rng.integers(low, high + 1)) for low, high in ranges)
         cases.append(dict(shape=shape, spacing=TRAIN_SPACING, seed=i, vary=True))
     return cases
 
@@ -470,7 +476,9 @@ def write_report(out: Path, info: dict, ev: dict) -> None:
         "## Training",
         "",
         f"- Data: {NUM_CASES} phantoms, seeds 0-{NUM_CASES - 1}, `vary=True`, isotropic 3 mm, shapes "
-        f"{' x '.join(f'{low}-{high}' for low, high in TRAIN_SHAPE_RANGE)} voxels; nnU-Net's 5-fold split, "
+        f"{' x '.join(f'{low}-{high}' for low, high in TRAIN_SHAPE_RANGE)} voxels, of which the last {NUM_SMALL_FOV_CASES} "
+        f"{' x '.join(f'{low}-{high}' for low, high in SMALL_FOV_SHAPE_RANGE)} (smaller than the body, kidneys cut); "
+        "nnU-Net's 5-fold split, "
         f"fold {FOLD}" + (f" ({info['n_train_cases']} training / {info['n_val_cases']} validation cases)."
                           if "n_train_cases" in info else "."),
         f"- Schedule: {info['epochs']} epochs x {info['iterations_per_epoch']} iterations = "

@@ -77,14 +77,17 @@ def make_phantom(
     body_rx, body_ry = 165.0 * body_scale, 115.0 * body_scale
     body = (x / body_rx) ** 2 + (y / body_ry) ** 2 <= 1.0
     body = np.broadcast_to(body, shape)
-    fat = (x / (body_rx - 18)) ** 2 + (y / (body_ry - 15)) ** 2 > 1.0
+    fat = np.broadcast_to((x / (body_rx - 18)) ** 2 + (y / (body_ry - 15)) ** 2 > 1.0, shape)
     image[body] = 35.0 + jitter(8)
-    image[body & np.broadcast_to(fat, shape)] = -95.0 + jitter(10)
+    image[body & fat] = -95.0 + jitter(10)
+    # Organs stay inside the body wall, as in a patient: a lung never reaches the skin, so the air
+    # outside the body is never next to lung without the fat rim in between.
+    inside_wall = body & ~fat
 
     def organ(label: int, centre, radii, hu: float) -> None:
         centre = (centre[0] + jitter(10), centre[1] + jitter(8), centre[2] + jitter(10))
         radii = tuple(r * (1.0 + jitter(0.12)) for r in radii)
-        mask = _ellipsoid(x, y, z, centre, radii) & body
+        mask = _ellipsoid(x, y, z, centre, radii) & inside_wall
         image[mask] = hu + jitter(12)
         labels[mask] = label
 
