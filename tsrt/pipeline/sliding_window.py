@@ -169,6 +169,27 @@ def _accumulate(acc, weight_acc, fold_logits, gaussian, x0, y0, z0, half):
                         acc[f, c, x0 + i, y0 + j, z0 + k] = row[k]
 
 
+@numba.njit(cache=True)
+def _add_fold(total, row, fold, half):
+    """Add fold `fold`'s weight-normalised row to the running fold sum, rounded as nnU-Net's float16 buffers are."""
+    if half:
+        round_to_half(row)
+    for k in range(row.size):
+        total[k] = row[k] if fold == 0 else total[k] + row[k]
+    if half and fold > 0:
+        round_to_half(total)
+
+
+@numba.njit(cache=True)
+def _finish_fold_mean(total, n_folds, half):
+    """Divide the fold sum by the fold count (rounded with `half`); one fold is its own mean."""
+    if n_folds > 1:
+        for k in range(total.size):
+            total[k] = total[k] / np.float32(n_folds)
+        if half:
+            round_to_half(total)
+
+
 @numba.njit(parallel=True, cache=True)
 def _normalize_rows(acc, weight_acc, rows, half):
     """Weighted mean over tiles, then the mean over folds, for rows [0, rows); returns (C, rows, Y, Z).
@@ -187,17 +208,8 @@ def _normalize_rows(acc, weight_acc, rows, half):
                 for f in range(n_folds):
                     for k in range(nz):
                         row[k] = acc[f, c, i, j, k] / weight_acc[i, j, k]
-                    if half:
-                        round_to_half(row)
-                    for k in range(nz):
-                        total[k] = row[k] if f == 0 else total[k] + row[k]
-                    if half and f > 0:
-                        round_to_half(total)
-                if n_folds > 1:
-                    for k in range(nz):
-                        total[k] = total[k] / np.float32(n_folds)
-                    if half:
-                        round_to_half(total)
+                    _add_fold(total, row, f, half)
+                _finish_fold_mean(total, n_folds, half)
                 for k in range(nz):
                     out[c, i, j, k] = total[k]
     return out
@@ -230,17 +242,8 @@ def _one_tile_mean(fold_logits, gaussian, half):
                         round_to_half(row)
                     for k in range(pz):
                         row[k] = row[k] / weight[k]
-                    if half:
-                        round_to_half(row)
-                    for k in range(pz):
-                        total[k] = row[k] if f == 0 else total[k] + row[k]
-                    if half and f > 0:
-                        round_to_half(total)
-                if n_folds > 1:
-                    for k in range(pz):
-                        total[k] = total[k] / np.float32(n_folds)
-                    if half:
-                        round_to_half(total)
+                    _add_fold(total, row, f, half)
+                _finish_fold_mean(total, n_folds, half)
                 for k in range(pz):
                     out[c, i, j, k] = total[k]
     return out
