@@ -3,9 +3,10 @@
     python benchmarks/backend_child.py JOB.json
 
 JOB: {"backend": "official" | "nnunet" | "tsrt" | "tsrt-model", "input", "output", "task", "fast",
-"provider", "model_dir"}. Stage times are charged to whichever stage is current: the pipelines'
-own functions are wrapped with timers here (measurement only, results are untouched). A file with
-a main guard, not `python -c`: nnU-Net's worker processes re-import __main__.
+"provider", "precision", "model_dir"}; tsrt rows also print the provider and precision their
+sessions ran (speed.py fails a row that ran another). Stage times are charged to whichever stage is
+current: the pipelines' own functions are wrapped with timers here (measurement only, results are
+untouched). A file with a main guard, not `python -c`: nnU-Net's worker processes re-import __main__.
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
     CLOCK.inside(task_module, "write_task_outputs", "write")
     cpu = job["provider"] in CPU_PROVIDERS
     request, runner, options = task_module.prepare_run(SegmentOptions(
-        task=job["task"], fast=job["fast"], ml=True, provider=job["provider"], quiet=True, device="cpu" if cpu else None,
+        task=job["task"], fast=job["fast"], ml=True, provider=job["provider"], precision=job.get("precision", "fp32"),
+        quiet=True, device="cpu" if cpu else None,
     ))
     CLOCK.inside(runner, "model", "load models")
     CLOCK.switch("read")
@@ -190,7 +192,7 @@ def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
     CLOCK.switch("preprocess")
     task_module.segment_source(source, request, runner, Path(job["output"]), options)
     CLOCK.tiles = runner.tiles_run
-    return {"network_s": network["seconds"], "provider": runner.provider_used}
+    return {"network_s": network["seconds"], "provider": runner.provider_used, "precision": runner.precision_used}
 
 
 def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +202,7 @@ def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
     from tsrt.pipeline.read import read_image
 
     CLOCK.switch("load models")
-    model = load_model(Path(job["model_dir"]), provider=job["provider"])
+    model = load_model(Path(job["model_dir"]), provider=job["provider"], precision=job.get("precision", "fp32"))
     CLOCK.switch("read")
     image = read_image(job["input"])
     CLOCK.switch("done")
@@ -208,7 +210,7 @@ def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
     run = write_model_segmentation(image, model, Path(job["output"]), settings)
     CLOCK.seconds.update({stage: run.seconds[stage] for stage in ("preprocess", "inference", "postprocess", "write")})
     CLOCK.tiles = model.tiles_run
-    return {"network_s": run.seconds["network"], "provider": model.provider_used}
+    return {"network_s": run.seconds["network"], "provider": model.provider_used, "precision": model.precision_used}
 
 
 RUNNERS = {"official": run_official, "nnunet": run_nnunet, "tsrt": run_tsrt, "tsrt-model": run_tsrt_model}

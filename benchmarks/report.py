@@ -21,21 +21,28 @@ from typing import Any
 
 from memory import nvidia_smi
 from speed import STAGES
+from workloads import REPORTED_CPU_FLAGS, cpu_flags
 
 Report = dict[str, Any]
+#: Precisions below fp32: on random weights their agreement and Dice measure rounding on near-ties, not accuracy.
+REDUCED_PRECISIONS = ("fp16", "bf16", "int8")
+#: The CPU flags the Markdown header names (all of REPORTED_CPU_FLAGS are in the JSON).
+HEADER_FLAGS = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def machine() -> dict[str, Any]:
-    """CPU, cores, memory, runtimes and the CPU features reduced precision depends on (bf16, AMX, VNNI)."""
+    """CPU, cores, memory, runtimes and the CPU features reduced precision depends on (VNNI, bf16, AMX)."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                platform.processor())
-    flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    flags = cpu_flags()
     import onnxruntime
 
     info = {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PHYS_PAGES") *
             os.sysconf("SC_PAGE_SIZE") / 2**30), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "load_average_at_start": os.getloadavg(),
+            "cpu_flags": {flag: flag in flags for flag in REPORTED_CPU_FLAGS},
+            # the three the earlier reports had, kept for readers of those
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags}
     try:
         import openvino
@@ -49,15 +56,42 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def row_columns(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(backend, engine, precision) of a measured row; rows of earlier reports (provider "openvino-bf16", no
+    precision) are read as tsrt reads that spelling today."""
+    from tsrt.engines.providers import DEPRECATED_PROVIDERS
+
+    if row["backend"] in ("official", "nnunet"):
+        return {"official": "TotalSegmentator", "nnunet": "nnUNetPredictor"}[row["backend"]], "PyTorch", "fp32"
+    provider, precision = DEPRECATED_PROVIDERS.get(row["provider"], (row["provider"], row.get("precision", "fp32")))
+    return {"tsrt": "tsrt", "tsrt-model": "tsrt --model"}[row["backend"]], provider, precision
+
+
+def legacy_row(label: str) -> dict[str, Any]:
+    """The row fields of a label from reports before rows carried them ("tsrt cpu", "tsrt openvino-bf16 --model")."""
+    words = label.split()
+    return {"backend": "tsrt-model" if "--model" in words else "tsrt", "provider": words[1]}
+
+
+def find_row(rows: dict[str, dict[str, Any]], backend: str, engine: str = "PyTorch",
+             precision: str = "fp32") -> dict[str, Any] | None:
+    """The row of a workload with this backend ("official", "tsrt", ...), engine and precision."""
+    for row in rows.values():
+        name, row_engine, row_precision = row_columns(row)
+        if row["backend"] == backend and (row_engine, row_precision) == (engine, precision):
+            return row
+    return None
+
+
 def targets(report: Report) -> list[dict[str, Any]]:
     """The issue's CPU targets for tsrt (fp32, ONNX Runtime cpu) against official TotalSegmentator."""
     found = []
     rows = report["workloads"]
 
     def pair(workload: str) -> tuple[dict, dict] | None:
-        if workload not in rows or "tsrt cpu" not in rows[workload] or "TotalSegmentator (PyTorch)" not in rows[workload]:
-            return None
-        return rows[workload]["TotalSegmentator (PyTorch)"], rows[workload]["tsrt cpu"]
+        official = find_row(rows.get(workload, {}), "official")
+        tsrt = find_row(rows.get(workload, {}), "tsrt", "cpu")
+        return None if official is None or tsrt is None else (official, tsrt)
 
     if (fast := pair("ct_fast")) is not None:
         speedup = fast[0]["wall_s"] / fast[1]["wall_s"]
@@ -69,78 +103,161 @@ def targets(report: Report) -> list[dict[str, Any]]:
         speedup = total[0]["wall_s"] / total[1]["wall_s"]
         found.append({"target": "total on example_ct >= 2.3x faster (fp32)", "measured": f"{speedup:.2f}x",
                       "reached": speedup >= 2.3})
-    shares = {name: workload["tsrt cpu"]["non_inference_share"] for name, workload in rows.items()
-              if "tsrt cpu" in workload and workload["tsrt cpu"].get("non_inference_share") is not None}
+    cpu_rows = {name: find_row(workload, "tsrt", "cpu") for name, workload in rows.items()}
+    shares = {name: row["non_inference_share"] for name, row in cpu_rows.items()
+              if row is not None and row.get("non_inference_share") is not None}
     if shares:
         worst = max(shares, key=shares.get)
         found.append({"target": "non-inference overhead <= 10 % of tsrt's wall time",
                       "measured": ", ".join(f"{k} {v * 100:.0f} %" for k, v in shares.items()),
                       "reached": shares[worst] <= 0.10})
-    if "phantom_fast" in rows and "tsrt cpu" in rows["phantom_fast"]:
-        peak = rows["phantom_fast"]["tsrt cpu"]["peak_rss_mb"]
+    if (phantom := cpu_rows.get("phantom_fast")) is not None:
+        peak = phantom["peak_rss_mb"]
         found.append({"target": "512x512x800 phantom --fast < 2 GB peak RSS", "measured": f"{peak:.0f} MB",
                       "reached": peak < 2048})
     return found
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """The header's machine: CPU model, cores, memory, and the flags reduced precision runs on."""
+    flags = info.get("cpu_flags") or {"avx512_vnni": info.get("avx512_vnni"), "avx512_bf16": info.get("avx512_bf16"),
+                                      "amx_bf16": info.get("amx")}  # reports from before cpu_flags
+    named = ", ".join(f"{flag} {'yes' if flags[flag] else 'no'}" for flag in HEADER_FLAGS if flags.get(flag) is not None)
+    engines = "; ".join(f"{name} {info[key]}" for name, key in (("ONNX Runtime", "onnxruntime"), ("OpenVINO", "openvino"))
+                        if info.get(key))
+    return (f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gb']} GB; CPU flags: {named}"
+            + (f"; {engines}" if engines else "") + (f"; GPU: {info['gpu']}" if info.get("gpu") else ""))
+
+
+def cell(value: float | None, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def main_table(report: Report) -> list[str]:
+    """Every workload's rows: backend, engine and precision in their own columns, stages, memory, accuracy."""
+    header = ("| workload | backend | engine | precision | wall s | × vs reference | load models | read | preprocess "
+              "| inference | postprocess | write | startup | tiles/s | peak RSS MB | outside network | agreement | Dice |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, rows in report["workloads"].items():
+        accuracy = report["accuracy_random_weights"].get(name, {})
+        references = {row["group"]: row["wall_s"] for row in rows.values() if row["backend"] in ("official", "nnunet")}
+        for label, row in rows.items():
+            backend, engine, precision = row_columns(row)
+            reference = references.get(row["group"])
+            ratio = f"{reference / row['wall_s']:.2f}×" if reference and row["wall_s"] else "–"
+            stages = row["stages_s"]
+            acc = accuracy.get(label, {})
+            mark = " †" if precision in REDUCED_PRECISIONS else ""  # after a measured cell only
+            gpu = f" (GPU {row['gpu_peak_mb']:.0f})" if row.get("gpu_peak_mb") else ""
+            cells = [name, backend, engine, precision, f"{row['wall_s']:.1f}",
+                     "ref" if row["backend"] in ("official", "nnunet") else ratio]
+            cells += [f"{stages[s]:.1f}" if stages.get(s) else "–" for s in
+                      ("load models", "read", "preprocess", "inference", "postprocess", "write", "startup")]
+            cells += [cell(row.get("tiles_per_s"), "{:.2f}"), f"{row['peak_rss_mb']:.0f}{gpu}",
+                      cell(row.get("non_inference_share"), "{:.0%}").replace("%", " %"),
+                      cell(acc.get("agreement"), "{:.2%}").replace("%", " %") + (mark * (acc.get("agreement") is not None)),
+                      cell(acc.get("dice"), "{:.4f}") + (mark * (acc.get("dice") is not None))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def int8_table(report: Report) -> list[str]:
+    """The int8 graphs the rows ran: each model's gate numbers (int8 vs fp32 on the held-out phantom), whether it
+    passed or was forced, and what quantizing took."""
+    lines = ["int8 graphs (`tsrt models quantize ... --force`, calibrated on phantoms, gated on a held-out one; "
+             "random weights cannot pass the gate):", "",
+             "| weights | model | gate | mean Dice | min Dice | agreement | tiles | form | quantize s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for weights, models in report["int8"].items():
+        for model, gate in models.items():
+            verdict = "passed" if gate["passed"] else "refused, forced"
+            lines.append(f"| {weights} | {model} | {verdict} | {gate['mean_dice']:.4f} | {gate['min_dice']:.4f} | "
+                         f"{gate['agreement']:.3%} | {gate['tiles']} | {gate['form']} | "
+                         f"{cell(gate.get('quantize_s'), '{:.0f}')} | {cell(gate.get('quantize_peak_mb'), '{:.0f}')} |"
+                         .replace("%", " %"))
+    return lines + ["", "quantize s / peak MB: the whole `tsrt models quantize` call that made these graphs (for `total` "
+                    "its five models together; peak: the process's PSS); – when they came from the cache.", ""]
+
+
+def precision_cells(row: dict[str, Any]) -> list[str]:
+    """vs, agreement, mean Dice, min Dice (class), classes: a row of precision_agreement's numbers."""
+    if row.get("agreement") is None:
+        return ["–", "–", cell(row.get("dice_vs_fp32"), "{:.4f}"), "–", "–"]  # earlier reports: mean Dice only
+    lowest = f"{row['min_dice']:.4f} ({row['min_class']})" if row.get("min_dice") is not None else "–"
+    return [row.get("reference", "cpu fp32"), f"{row['agreement']:.3%}".replace("%", " %"),
+            cell(row.get("mean_dice"), "{:.4f}"), lowest, str(row.get("classes", "–"))]
+
+
+def demo_engine_precision(key: str, row: dict[str, Any]) -> tuple[str, str]:
+    """A demo row's engine and precision (earlier reports keyed rows by provider alone, e.g. openvino-bf16)."""
+    from tsrt.engines.providers import DEPRECATED_PROVIDERS
+
+    if "precision" in row:
+        return row["provider"], row["precision"]
+    return DEPRECATED_PROVIDERS.get(key, (key, "fp32"))
+
+
 def markdown(report: Report) -> str:
-    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-             f"{report['machine']['memory_gb']} GB; load average at start "
+    lines = [machine_line(report["machine"]) + "; load average at start "
              f"{', '.join(f'{x:.1f}' for x in report['machine']['load_average_at_start'])}; "
              f"{report['runs']} timed run(s) after {report['warmup']} warm-up round(s), medians"
              + "".join(f"; {name}: {n} run, no warm-up" for name, n in report.get("runs_capped", {}).items())
              + ".", "",
              f"Command: `{report['command']}`"
              + (f" (resuming the run of {report['resumed_from']})" if report.get("resumed_from") else ""), ""]
-    header = ("| workload | backend | wall s | × vs reference | load models | read | preprocess | inference | postprocess "
-              "| write | startup | tiles/s | peak RSS MB | outside network | agreement | Dice |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, rows in report["workloads"].items():
-        accuracy = report["accuracy_random_weights"].get(name, {})
-        references = {row["group"]: row["wall_s"] for row in rows.values() if row["backend"] in ("official", "nnunet")}
-        for label, row in rows.items():
-            reference = references.get(row["group"])
-            ratio = f"{reference / row['wall_s']:.2f}×" if reference and row["wall_s"] else "–"
-            stages = row["stages_s"]
-            acc = accuracy.get(label, {})
-            gpu = f" (GPU {row['gpu_peak_mb']:.0f})" if row.get("gpu_peak_mb") else ""
-            cells = [name, label, f"{row['wall_s']:.1f}", "ref" if label in
-                     ("TotalSegmentator (PyTorch)", "nnUNetPredictor (PyTorch)") else ratio]
-            cells += [f"{stages[s]:.1f}" if stages.get(s) else "–" for s in
-                      ("load models", "read", "preprocess", "inference", "postprocess", "write", "startup")]
-            cells += [f"{row['tiles_per_s']:.2f}" if row.get("tiles_per_s") else "–",
-                      f"{row['peak_rss_mb']:.0f}{gpu}",
-                      f"{row['non_inference_share'] * 100:.0f} %" if row.get("non_inference_share") is not None else "–",
-                      f"{acc['agreement'] * 100:.2f} %" if acc.get("agreement") is not None else "–",
-                      f"{acc['dice']:.4f}" if acc.get("dice") is not None else "–"]
-            lines.append("| " + " | ".join(cells) + " |")
+    lines += main_table(report)
     floor = report["random_weights_floor"]
     lines += ["", f"Random weights: float noise alone caps agreement at about {floor * 100:.1f} % "
-              "(near-tied logits); the confident-weights table below is the accuracy check.",
+              "(near-tied logits); the confident-weights tables below are the accuracy check.",
+              "† Reduced precision on random weights: agreement and Dice measure rounding on near-ties, not accuracy "
+              "(not meaningful; their int8 graphs were installed with --force past the accuracy gate, which random "
+              "weights cannot pass); these rows are for speed. Accuracy: the precision tables below.",
               "Official TotalSegmentator's `preprocess` includes nnU-Net's own pipeline around the network "
               "(worker start-up, preprocessing, export in worker processes); `startup` is process start and imports.",
               ""]
+    if report.get("skipped_rows"):
+        lines += ["Rows not run on this machine:", ""] + [f"- {k}: {v}" for k, v in report["skipped_rows"].items()] + [""]
     if report.get("failures"):
         lines += ["Failed runs (left out above):", ""] + [f"- {k}: {v}" for k, v in report["failures"].items()] + [""]
     if report.get("targets"):
         lines += ["| target (tsrt cpu, fp32) | measured | reached |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in report["targets"]]
         lines.append("")
+    if report.get("int8"):
+        lines += int8_table(report)
     if report.get("accuracy_confident"):
         lines += ["Confident weights (trained demo backbone, 128³ patches), Dice vs official TotalSegmentator:", "",
-                  "| workload | backend | agreement | mean Dice | classes |", "|---|---|---|---|---|"]
+                  "| workload | backend | engine | precision | agreement | mean Dice | classes |",
+                  "|---|---|---|---|---|---|---|"]
         for name, rows in report["accuracy_confident"].items():
             for label, acc in rows.items():
-                lines.append(f"| {name} | {label} | {acc['agreement'] * 100:.3f} % | {acc['dice']:.4f} | "
-                             f"{acc.get('classes', '–')} |")
+                backend, engine, precision = row_columns(acc if "backend" in acc else legacy_row(label))
+                lines.append(f"| {name} | {backend} | {engine} | {precision} | {acc['agreement'] * 100:.3f} % | "
+                             f"{acc['dice']:.4f} | {acc.get('classes', '–')} |")
+        lines.append("")
+    if report.get("precision_confident"):
+        lines += ["Reduced precision vs fp32 on confident weights (trained demo backbone, 128³ patches, TotalSegmentator's "
+                  "layout): voxel agreement, and Dice per class over the classes with >= 1000 fp32 voxels (mean, lowest); "
+                  "each precision against its own engine's fp32, fp32 engines against cpu fp32:", "",
+                  "| workload | engine | precision | vs | agreement | mean Dice | min Dice (class) | classes |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, rows in report["precision_confident"].items():
+            for row in rows.values():
+                lines.append("| " + " | ".join([name, row["provider"], row["precision"], *precision_cells(row)]) + " |")
         lines.append("")
     if report.get("demo_precision"):
-        lines += ["Trained demo model on an unseen phantom (reduced precision vs fp32 ONNX Runtime; "
-                  "Dice = mean over the phantom's 8 organs, the demo model has learned only some of them):", "",
-                  "| provider | inference s | speed-up vs cpu | Dice vs fp32 | Dice vs truth |", "|---|---|---|---|---|"]
-        for provider, row in report["demo_precision"].items():
-            lines.append(f"| {provider} | {row['inference_s']:.2f} | {row['speedup_vs_cpu']:.2f}× | "
-                         f"{row['dice_vs_fp32']:.4f} | {row['dice_vs_truth']:.4f} |")
+        lines += ["Trained demo model on an unseen phantom, each precision vs fp32 (agreement; Dice per class over classes "
+                  "with >= 1000 fp32 voxels) and vs the phantom's truth (mean over its 8 organs, of which the demo model "
+                  "has learned only some):", "",
+                  "| engine | precision | inference s | speed-up vs cpu fp32 | vs | agreement | mean Dice | "
+                  "min Dice (class) | classes | Dice vs truth |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for key, row in report["demo_precision"].items():
+            engine, precision = demo_engine_precision(key, row)
+            is_reference = (engine, precision) == ("cpu", "fp32")
+            reference = ["ref", "–", "–", "–", "–"] if is_reference else precision_cells(row)
+            lines.append("| " + " | ".join([engine, precision, f"{row['inference_s']:.2f}",
+                                            f"{row['speedup_vs_cpu']:.2f}×", *reference,
+                                            f"{row['dice_vs_truth']:.4f}"]) + " |")
         lines.append("")
     if report.get("cold_start"):
         lines += ["| cold start | seconds |", "|---|---|"]

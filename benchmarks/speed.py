@@ -3,6 +3,7 @@
     python benchmarks/speed.py ct_fast                                  # tsrt cpu, 3 runs after 1 warm-up
     python benchmarks/speed.py ct_fast --backend official --runs 1 --warmup 0
     python benchmarks/speed.py ct_sm_fast --small --provider openvino   # tiny nets, seconds not minutes
+    python benchmarks/speed.py ct_fast --provider cpu --precision int8   # quantizes the net first (cached)
 
 Every run is a child process (backend_child.py), so wall time includes start-up and peak memory is that
 run's alone (memory.py's process-tree sampler and the child's own VmHWM). The child charges its time
@@ -24,7 +25,7 @@ from typing import Any
 
 from memory import TreeMemory
 from workloads import (
-    GROUPS, WORKLOADS, Backend, Homes, Workload, add_setup_arguments, child_env, job_for, output_path,
+    GROUPS, WORKLOADS, Backend, Homes, Workload, add_setup_arguments, child_env, install_int8, job_for, output_path,
     prepare_input, store_models, tasks_for,
 )
 
@@ -54,6 +55,10 @@ def run_child(job: dict[str, Any], work: Path, env: dict[str, str]) -> dict[str,
     if process.returncode != 0:
         raise RuntimeError(f"{job['label']} failed (exit {process.returncode}); see {log}:\n{log.read_text()[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
+    asked = (job.get("provider"), job.get("precision", "fp32"))
+    if "precision" in result and (result["provider"], result["precision"]) != asked:  # tsrt rows: never a silent switch
+        raise RuntimeError(f"{job['label']} asked for {' '.join(asked)}, its sessions ran "
+                           f"{result['provider']} {result['precision']}")
     stages = result["stages"]
     stages["startup"] = stages.get("startup", 0.0) + max(0.0, wall - result["in_process_s"])
     return {**result, "wall_s": wall, "peak_rss_mb": max(memory.peak_mb, result["vmhwm_mb"]),
@@ -80,7 +85,7 @@ def measure_workload(workload: Workload, rows: list[Backend], image: Path, homes
             key = f"{workload.name}: {row.label}"
             if key in failures:
                 continue
-            label = f"{workload.name}-{row.backend}-{row.provider}-r{round_index}"
+            label = f"{workload.name}-{row.tag}-r{round_index}"
             try:
                 result = run_backend(row, workload, image, homes, work, "last", label)
             except RuntimeError as err:
@@ -108,7 +113,8 @@ def summarise(row: Backend, results: list[dict[str, Any]]) -> dict[str, Any]:
     network = median([r.get("network_s") for r in results])
     tiles = results[-1]["tiles"]
     return {
-        "group": row.group, "backend": row.backend, "provider": row.provider, "runs": len(results),
+        "group": row.group, "backend": row.backend, "provider": row.provider, "precision": row.precision,
+        "runs": len(results),
         "wall_s": wall, "wall_all_s": [r["wall_s"] for r in results], "stages_s": stages,
         "network_s": network, "tiles": tiles, "tiles_per_s": tiles / inference if inference else None,
         "peak_rss_mb": median([r["peak_rss_mb"] for r in results]),
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="official TotalSegmentator, nnUNetPredictor, tsrt's task path, or tsrt --model "
                              "(the last two on --fast's model; default %(default)s)")
     parser.add_argument("--provider", default="cpu", help="tsrt's provider (default %(default)s)")
+    parser.add_argument("--precision", default="fp32", help="tsrt's precision (default %(default)s; int8 quantizes "
+                        "the models first, forced past the gate on random weights)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     add_setup_arguments(parser)
@@ -132,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
     workload = WORKLOADS[args.workload]
     reference = args.backend in ("official", "nnunet")
-    row = Backend(GROUPS[args.backend], args.backend, "cpu" if reference else args.provider)
+    engine = ("cpu", "fp32") if reference else (args.provider, args.precision)
+    row = Backend(GROUPS[args.backend], args.backend, *engine)
     homes = store_models(args.work, args.weights, tasks_for([workload], with_nnunet=row.group == "nnunet"),
                          small=args.small)
+    if row.precision == "int8":
+        tasks = {"total_fast"} if row.backend == "tsrt-model" else set(workload.ts_tasks)
+        install_int8(args.work, args.weights, homes, tasks, "tensorrt" if row.provider == "tensorrt" else "cpu",
+                     small=args.small)
     failures: dict[str, str] = {}
     measured = measure_workload(workload, [row], prepare_input(args.work, workload), homes, args.work, args.runs,
                                 args.warmup, failures)
