@@ -17,6 +17,8 @@ TotalSegmentator task keys of `write_totalseg_home` (see `TOTALSEG_TASKS`):
     total_mr_fastest Dataset853 (--fastest), 6 mm
     body             Dataset299, nnUNetTrainer, 1.5 mm
     body_fast        Dataset300 (--fast, and the --body_seg crop model), 6 mm
+    body_mr          Dataset597, nnUNetTrainer_DASegOrd0, 1.5 mm
+    body_mr_fast     Dataset598 (--fast), 6 mm
     <sub-task>       any single-model task of TotalSegmentator's TASK_CONFIGS (liver_segments, ...)
 
 Folder names, dataset ids, trainers, spacings, folds and class maps are read from the installed
@@ -791,6 +793,8 @@ TOTALSEG_TASKS: dict[str, tuple[str, str]] = {
     "total_mr_fastest": ("total_mr", "fastest"),
     "body": ("body", "default"),
     "body_fast": ("body", "fast"),
+    "body_mr": ("body_mr", "default"),
+    "body_mr_fast": ("body_mr", "fast"),
 }
 #: Plan spacing (mm) of fixture models for tasks TotalSegmentator does not resample (resample=None).
 NATIVE_TASK_SPACING = 1.5
@@ -901,7 +905,10 @@ def write_totalseg_home(
                 edges = {v for name, band in intensity_bands.items() if name in model.labels for v in band
                          if abs(v) != float("inf")}
                 first = max(4, 2 * len(edges))
-                shape_kwargs = {"patch_size": (96, 96, 96), "n_stages": 4,
+                # a band net labels each voxel alone, so the tile size changes only the cost: the coarse (3 and
+                # 6 mm) models see images a few dozen voxels wide, which a 48^3 tile covers at 1/8 of 96^3's work
+                side = 48 if min(model.spacing) >= 3.0 else 96
+                shape_kwargs = {"patch_size": (side, side, side), "n_stages": 4,
                                 "features": (first, max(8, first), max(16, first), 32)}
             elif small:
                 shape_kwargs = {"patch_size": (48, 48, 48), "n_stages": 4, "features": (4, 8, 16, 32)}
@@ -938,3 +945,138 @@ def _patch_for_source(source: CheckpointArchitecture, small: bool) -> list[int]:
     target = 48 if small else 128
     divisor = _total_stride(source.strides)
     return [-(-target // d) * d for d in divisor]
+
+
+# --------------------------------------------------------------------------------------------
+# Body-stats predictors (totalseg_get_body_stats)
+# --------------------------------------------------------------------------------------------
+
+#: TotalSegmentator's file of one xgboost fold, under home/nnunet/results/<BODY_STATS_XGB_FOLDER>/.
+BODY_STATS_XGB_FILE = "{target}_{modality}_classifiers_2026_03_24_fold{fold}.json"
+#: Upper bounds of the synthetic training volumes (mm3; tissue slices: mm2) per kind of feature.
+_BODY_FEATURE_RANGES = {"organ_volume": 2.0e6, "vertebra_volume": 1.2e5, "slice_volume": 4.0e4}
+#: Synthetic targets: mean and spread (sex: the share of males is 1/2).
+_BODY_TARGETS = {"weight": (78.0, 16.0), "size": (172.0, 9.0), "age": (56.0, 15.0)}
+#: Target normalisation the fixture CNNs record (reg_target_mean / std), per output name.
+_BODY_CNN_TARGET_STATS = {
+    "PatientWeight": (78.0, 16.0), "PatientSize": (172.0, 9.0), "PatientAge": (56.0, 15.0),
+    "PatientSex_01": (0.5, 0.5), "Manufacturer_int": (1.5, 1.5), "KVP": (115.0, 10.0),
+    "XRayTubeCurrent": (250.0, 90.0), "ConvolutionKernel": (2.0, 2.0), "contrast": (0.5, 0.5),
+    "pi_time": (60.0, 30.0), "verte_upper": (12.0, 5.0), "verte_lower": (20.0, 3.0), "noise_p75": (15.0, 5.0),
+    "mr_sequence_int": (3.0, 2.0),
+}
+
+
+def _synthetic_body_features(rng: Any, count: int) -> Any:
+    """Feature rows in the predictors' order (tsrt.reports.body.feature_names): a third of them absent (0)."""
+    import numpy as np
+
+    from tsrt.reports.body import ORGANS, feature_names
+
+    rows = []
+    for name in feature_names():
+        structure = name.rsplit("_", 1)[0]
+        if name.endswith("_intensity"):
+            low, high = (-150.0, 120.0) if structure.startswith(("subcutaneous", "torso", "skeletal")) else (-100.0, 600.0)
+        elif structure in ORGANS:
+            low, high = 0.0, _BODY_FEATURE_RANGES["organ_volume"]
+        elif structure.startswith("vertebrae_"):
+            low, high = 0.0, _BODY_FEATURE_RANGES["vertebra_volume"]
+        else:
+            low, high = 0.0, _BODY_FEATURE_RANGES["slice_volume"]
+        values = rng.uniform(low, high, count)
+        values[rng.uniform(size=count) < 1 / 3] = 0.0
+        rows.append(values)
+    return np.stack(rows, axis=1)
+
+
+def write_body_stats_xgb(home: Path, *, seed: int = 0, samples: int = 400, rounds: int = 25) -> Path:
+    """xgboost folds in TotalSegmentator's layout (binary payloads named .json), trained on synthetic features.
+
+    Every target depends on many features (volumes and intensities), so a feature computed differently
+    changes the prediction. The classifiers (sex) are XGBClassifier, the others XGBRegressor, saved by the
+    scikit-learn wrappers as upstream's loader expects. Returns the folder.
+    """
+    import shutil
+
+    import numpy as np
+    import xgboost
+
+    from tsrt.models.resources import BODY_STATS_XGB_FOLDER
+
+    folder = Path(home) / "nnunet" / "results" / BODY_STATS_XGB_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for m_index, modality in enumerate(("ct", "mr")):
+        rng = np.random.default_rng(seed * 1000 + m_index)
+        features = _synthetic_body_features(rng, samples)
+        scaled = features / np.maximum(np.abs(features).max(axis=0), 1e-9)
+        for t_index, target in enumerate(("weight", "size", "age", "sex")):
+            mixing = rng.normal(size=features.shape[1])
+            score = scaled @ mixing
+            score = (score - score.mean()) / score.std()
+            for fold in range(5):
+                picked = rng.choice(samples, size=samples * 4 // 5, replace=False)
+                options = {"n_estimators": rounds, "max_depth": 3, "learning_rate": 0.3, "n_jobs": 1,
+                           "random_state": seed + 31 * fold + 7 * t_index}
+                if target == "sex":
+                    model = xgboost.XGBClassifier(**options)
+                    model.fit(features[picked], (score[picked] > 0).astype(int))
+                else:
+                    mean, spread = _BODY_TARGETS[target]
+                    model = xgboost.XGBRegressor(**options)
+                    model.fit(features[picked], mean + spread * score[picked])
+                binary = folder / f"{target}_{modality}_fold{fold}.ubj"
+                model.save_model(str(binary))
+                shutil.move(binary, folder / BODY_STATS_XGB_FILE.format(target=target, modality=modality, fold=fold))
+    return folder
+
+
+def body_stats_cnn_hparams(modality: str, *, model: str = "resnet3d_10_w05",
+                           crop_size: Sequence[int] = (48, 48, 40)) -> dict[str, Any]:
+    """Hyperparameters of a fixture body-stats network, named as TotalSegmentator's Lightning checkpoints name them."""
+    from tsrt.reports.body_cnn import MODALITY_OUTPUTS
+
+    outputs = list(MODALITY_OUTPUTS[modality])
+    return {
+        "model": model, "dim": 3, "img_files": [f"{modality}.nii.gz"], "crop_size": list(crop_size),
+        "resnet3d_stride": 2, "dropout": 0.1, "nr_classes": len(outputs), "reg_target_names": outputs,
+        "loss": "huber", "normalize": True, "norm_channel_wise": True, "norm_ignore_zero": modality == "mr",
+        "clip": modality == "ct", "clip_low": -1000.0, "clip_high": 1500.0, "multi_orientation": False,
+        "nr_slices": 1, "reg_target_normalize": True,
+        "reg_target_mean": [_BODY_CNN_TARGET_STATS[name][0] for name in outputs],
+        "reg_target_std": [_BODY_CNN_TARGET_STATS[name][1] for name in outputs],
+    }
+
+
+def write_body_stats_cnn(
+    home: Path, modality: str = "ct", *, seed: int = 0, hparams: Mapping[str, Any] | None = None,
+    folds: Sequence[int] = range(5),
+) -> Path:
+    """Lightning checkpoints of body-stats networks in TotalSegmentator's layout, one per fold; returns the folder.
+
+    Each network is built by TotalSegmentator's own constructor (totalsegmentator.cnn, MONAI) with seeded
+    weights and batch-norm statistics, and saved as its loader expects: {"state_dict": backbone.* weights,
+    "hyper_parameters": ...} in version_N/checkpoints/epoch=E-step=S.ckpt.
+    """
+    from totalsegmentator.cnn import _create_model_from_hparams
+
+    from tsrt.models.resources import BODY_STATS_CNN_FOLDERS
+
+    folder = Path(home) / "nnunet" / "results" / BODY_STATS_CNN_FOLDERS[modality]
+    recorded = dict(hparams) if hparams is not None else body_stats_cnn_hparams(modality)
+    for fold in folds:
+        torch.manual_seed(seed * 100 + fold)
+        network = _create_model_from_hparams(recorded)
+        with torch.no_grad():
+            for module in network.modules():
+                if isinstance(module, (torch.nn.BatchNorm3d, torch.nn.BatchNorm2d)):
+                    module.running_mean.uniform_(-0.2, 0.2)
+                    module.running_var.uniform_(0.5, 2.0)
+                    module.weight.uniform_(0.6, 1.4)
+                    module.bias.uniform_(-0.1, 0.1)
+        state = {f"backbone.{key}": value for key, value in network.state_dict().items()}
+        target = folder / f"version_{fold}" / "checkpoints" / f"epoch={40 + fold}-step={400 * (fold + 1)}.ckpt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": 40 + fold, "global_step": 400 * (fold + 1), "pytorch-lightning_version": "2.5.0",
+                    "state_dict": state, "hyper_parameters": dict(recorded)}, target)
+    return folder

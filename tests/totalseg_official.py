@@ -4,7 +4,9 @@ Why a child process: importing totalsegmentator.nnunet (python_api does on first
 nnU-Net's predictor for the whole process, and the companion tools (totalseg_get_phase, ...)
 import python_api at module level. The child refuses every network lookup, and its nnU-Net
 predicts in-process (predict_from_files_sequential: the same preprocessing, network and export
-as predict_from_files, without spawning worker processes that each import torch).
+as predict_from_files, without spawning worker processes that each import torch). Official pipelines
+that start `TotalSegmentator` commands (the report tools) can run them in the child too
+(`totalsegmentator_command_in_process`: the same command line through the same CLI entry point).
 
 A script is PREAMBLE + a body defining `main() -> object`; the child prints that object as JSON on
 its last stdout line. `start_official` returns at once, so tsrt can run while the oracle does.
@@ -50,6 +52,24 @@ PREAMBLE = textwrap.dedent(
                                                       folder_with_segs_from_prev_stage, **kwargs)
 
         nnUNetPredictor.predict_from_files = in_process
+
+    def totalsegmentator_command_in_process(command):
+        # A `TotalSegmentator ...` command line (argv list or shell string) that an official pipeline would
+        # start as a child process, run here through the same argument parser and totalsegmentator() call:
+        # one torch import instead of one per model run. Call sequential_nnunet() first.
+        import shlex
+        from totalsegmentator.bin.TotalSegmentator import main as totalsegmentator_cli
+
+        argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+        if Path(argv[0]).name != "TotalSegmentator":
+            raise AssertionError(f"not a TotalSegmentator command: {argv}")
+        saved_argv = sys.argv
+        sys.argv = argv
+        try:
+            totalsegmentator_cli()
+        finally:
+            sys.argv = saved_argv
+        return 0
 
     def _finish():
         result = main()

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from tsrt.version import __version__
 
 __all__ = [
-    "__version__", "aorta_report", "contrast_phase", "image_modality", "measure_evans_index", "pulmonary_report",
-    "segment", "spine_report",
+    "__version__", "aorta_report", "body_report", "contrast_phase", "image_modality", "measure_evans_index",
+    "pulmonary_report", "segment", "spine_report",
 ]
 
 #: Lazily imported public functions: name -> module.
@@ -27,6 +27,7 @@ _LAZY = {
     "spine_report": "tsrt.reports.spine",
     "aorta_report": "tsrt.reports.aorta",
     "pulmonary_report": "tsrt.reports.pulmonary",
+    "body_report": "tsrt.reports.body",
 }
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from tsrt.reports.spine import spine_report
     from tsrt.reports.aorta import aorta_report
     from tsrt.reports.pulmonary import pulmonary_report
+    from tsrt.reports.body import body_report
     from tsrt.totalseg.task import segment
 
 

@@ -75,7 +75,7 @@ def segment(
     """
     provider, precision = resolve_precision(provider, precision)
     if precision == "int8":  # before the image is read: the gated int8 graphs, or how to make them
-        check_int8_model(Path(model_dir), folds=folds)
+        check_int8_model(Path(model_dir), folds=folds, provider=provider)
     recorder = RunRecorder()
     started = time.perf_counter()
     image = read_image(input_path)
@@ -107,7 +107,9 @@ def model_run_request(
     }
     plan = plans[0]  # nnU-Net's result folder the folds were exported from names the model
     name = f"{plan.dataset_name}/{plan.trainer}__{plan.plans_name}__{plan.configuration}"
-    return RunRequest("model", name, options, plan_graph_records(name, plans), str(Path(model_dir).resolve()))
+    return RunRequest(
+        "model", name, options, plan_graph_records(name, plans, precision), str(Path(model_dir).resolve())
+    )
 
 
 def model_facts(image: Image, model: LoadedModel) -> RunFacts:
@@ -163,7 +165,7 @@ class ModelJob:
         """Checked (and openvino-bf16 mapped) once, before any case is read."""
         provider, precision = resolve_precision(self.provider, self.precision)
         if precision == "int8":
-            check_int8_model(Path(self.model_dir), folds=self.folds)
+            check_int8_model(Path(self.model_dir), folds=self.folds, provider=provider)
         object.__setattr__(self, "provider", provider)
         object.__setattr__(self, "precision", precision)
 

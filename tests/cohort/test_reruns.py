@@ -175,3 +175,59 @@ def test_reruns_skip_only_cases_whose_manifest_matches(small_task_store: Path, c
     assert _state(_segment(store, cohort, out, "--model", str(DEMO_MODEL))) == {
         "a": ("skipped", "matched"), "b": ("skipped", "matched")
     }
+
+
+def test_quantizing_redoes_int8_results_and_keeps_the_others(small_task_store: Path, cohort: Path, tmp_path: Path) -> None:
+    """Installing or replacing a model's int8 graph changes what `--precision int8` runs, not what fp32 runs: an int8
+    cohort is redone after it, an fp32 cohort stays matched (its plan is compared without the int8 record)."""
+    from tsrt.models.registry import get_task
+    from tsrt.quantization.install import quantize, task_targets
+
+    store = tmp_path / "store"
+    shutil.copytree(small_task_store, store)
+    fastest = "Dataset298_TotalSegmentator_total_6mm_1559subj"
+    plan_path = store / "models" / fastest / "fold_0.plan.json"
+    fp32_out, int8_out = tmp_path / "fp32", tmp_path / "int8"
+
+    def install_int8(method: str) -> dict:
+        """`tsrt models quantize total --fastest` (fixture weights are random, so forced), the new int8 record."""
+        targets = task_targets(get_task("total", fastest=True), store / "models")
+        quantize(targets, [cohort / "a.nii.gz"], [cohort / "b.nii.gz"], method=method, force=True, max_tiles=2,
+                 show_progress=False)
+        record = read_plan(plan_path).int8
+        assert record is not None
+        return record
+
+    assert _state(_segment(store, cohort, fp32_out, "--fastest", "--ml")) == {"a": ("done", "missing"), "b": ("done", "missing")}
+    fp32_files, plan_before = _files(fp32_out), _sha256(plan_path)
+
+    # Quantizing rewrites the plan (its int8 record) but not what fp32 runs: the fp32 cohort is kept as it is.
+    first = install_int8("percentile")
+    assert _sha256(plan_path) != plan_before
+    kept = _segment(store, cohort, fp32_out, "--fastest", "--ml")
+    assert _state(kept) == {"a": ("skipped", "matched"), "b": ("skipped", "matched")}, kept["cases"]
+    assert _files(fp32_out) == fp32_files
+
+    # An int8 cohort records the int8 graph it ran and the plan with its int8 record; the same request matches.
+    made = _segment(store, cohort, int8_out, "--fastest", "--ml", "--precision", "int8")
+    assert _state(made) == {"a": ("done", "missing"), "b": ("done", "missing")}
+    manifest = _manifest(int8_out, "a")
+    assert manifest["precision"] == "int8" and manifest["request"]["options"]["precision"] == "int8"
+    [graph] = manifest["request"]["graphs"]
+    assert (graph["sha256"], graph["plan_sha256"]) == (first["graph_sha256"], _sha256(plan_path))
+    assert graph["sha256"] != read_plan(plan_path).graph_sha256  # not the fp32 graph
+    assert _state(_segment(store, cohort, int8_out, "--fastest", "--ml", "--precision", "int8")) == {
+        "a": ("skipped", "matched"), "b": ("skipped", "matched")
+    }
+
+    # Quantizing again (another calibration method: another graph) redoes the int8 cohort, and only it.
+    second = install_int8("minmax")
+    assert second["graph_sha256"] != first["graph_sha256"]
+    redone = _segment(store, cohort, int8_out, "--fastest", "--ml", "--precision", "int8")
+    assert _state(redone) == {"a": ("done", "changed"), "b": ("done", "changed")}
+    assert "other model graphs" in redone["cases"][0]["changes"]
+    assert [g["sha256"] for g in _manifest(int8_out, "b")["request"]["graphs"]] == [second["graph_sha256"]]
+    assert _state(_segment(store, cohort, fp32_out, "--fastest", "--ml")) == {
+        "a": ("skipped", "matched"), "b": ("skipped", "matched")
+    }
+    assert _files(fp32_out) == fp32_files

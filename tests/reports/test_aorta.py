@@ -12,9 +12,11 @@ Parity: tsrt (the command, with -rt masks as upstream's -rt/-rd take them) and o
 `create_aorta_report` (run in a child process on the same files; its 3D previews need VTK under
 Xvfb and its page wkhtmltoimage, so those three rendering steps are replaced by stubs, and its CPR
 overview by one that records the diameter profile) give the same JSON, key for key and number for
-number, and the same diameter profile. Analytic: diameters within 2 voxels plus rounding (the cut
-is grown by one voxel before measuring, so both read about one voxel wide), landmark positions,
-volumes and the false lumen's area.
+number, and the same diameter profile. The animated CPR (-ca) has upstream's frames: as many, each showing
+the CPR slice upstream's generate_animated_cpr_nifti picks (its position line on upstream's pixel row), and
+panels as wide as upstream's helpers draw them (computed in the oracle; its VTK view and browser page left out).
+Analytic: diameters within 2 voxels plus rounding (the cut is grown by one voxel before measuring, so both
+read about one voxel wide), landmark positions, volumes and the false lumen's area.
 """
 
 from __future__ import annotations
@@ -166,6 +168,36 @@ def main():
     def keep_profile(*args):  # plot_cpr_overview: its layout needs wkhtmltoimage too
         positions, aorta, true, false = args[11:15]
         captured["profile"] = [np.asarray(v, float).tolist() for v in (positions, aorta, true, false)]
+        captured["animation"] = animation_geometry(args[0], args[1], positions, aorta, true, false)
+
+    def animation_geometry(cpr_ct, cpr_mask, positions, aorta, true, false):
+        # What generate_animated_cpr_nifti (-ca) makes of this CPR, from its own helpers (VTK and the browser
+        # page left out): the CPR slice and position-line row of every frame, and the content's pixel size.
+        import inspect
+        import re
+        import matplotlib
+        matplotlib.use("Agg")
+        from totalsegmentator.aorta_report import cpr_animated as official
+
+        source = inspect.getsource(official.generate_animated_cpr_nifti)
+        sizes = {name: int(re.search(rf"{name} = (\\d+)", source).group(1))
+                 for name in ("TARGET_H", "TITLE_H", "width_3d", "width_cross_section")}
+        ct, mask = cpr_ct.get_fdata(), (cpr_mask.get_fdata() > 0.5).astype(np.uint8)
+        slices, step = ct.shape[2], float(cpr_ct.header.get_zooms()[2])
+        image, outline = ct[:, ct.shape[1] // 2, :].T[::-1, ::-1], mask[:, mask.shape[1] // 2, :].T[::-1, ::-1]
+        width = max(int(image.shape[1] * sizes["TARGET_H"] / image.shape[0]), 150)
+        cpr_panel, rows = official._render_cpr_panel_base(image, outline, slices, width, sizes["TARGET_H"], -700, 1000)
+        display = np.arange(slices)[::-1] * step
+        frames = [int(np.argmin(np.abs(display - p)))
+                  for p in official._fit_curve_positions_to_display(positions, display)]
+        profile_panel = official._render_profile_panel_base(
+            sizes["TARGET_H"], 0.05, 0.9, official._fit_curve_positions_to_display(positions, display),
+            float(display.max()), aorta, true, false, [])
+        content = [sizes["width_3d"] + cpr_panel.shape[1] + profile_panel.shape[1] + sizes["width_cross_section"],
+                   sizes["TARGET_H"] + sizes["TITLE_H"]]
+        return {"frames": frames, "rows": [int(rows[f]) for f in frames], "content": content,
+                "cpr_width": int(cpr_panel.shape[1]), "profile_width": int(profile_panel.shape[1]),
+                "title_height": sizes["TITLE_H"]}
 
     pipeline.plot_cpr_overview = keep_profile
     work = Path(job["work"])
@@ -205,7 +237,7 @@ def tsrt_run(phantom_case: dict, official, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("tsrt_aorta") / "aorta_report.json"
     started = time.perf_counter()
     result = tsrt_cli("report", "aorta", str(phantom_case["ct"]), "-rt", str(phantom_case["rois"]),
-                      "--contrast-phase", PHASE, "-o", str(out), "--pdf", "--nifti", "-c", "-q",
+                      "--contrast-phase", PHASE, "-o", str(out), "--pdf", "--nifti", "-c", "-ca", "-q",
                       home=tmp_path_factory.mktemp("empty_home"))
     assert result.exit_code == 0, (result.output, result.exception)
     return {"json": out, "seconds": time.perf_counter() - started}
@@ -284,6 +316,64 @@ def test_page_files(tsrt_run: dict) -> None:
     assert np.array_equal(page, decode_png(png))  # the same page, laid out as upstream's NIfTI
     cpr = decode_png(json_path.with_name("aorta_report_cpr.png").read_bytes())  # the straightened aorta
     assert cpr.shape[0] > 900 and (cpr == (255, 77, 77)).all(axis=-1).any()  # with the aorta's outline
+
+
+def _nifti_frames(path: Path) -> np.ndarray:
+    """The frames of an RGB report NIfTI in display order, (frames, rows, columns, 3), as upstream stores them."""
+    raw = np.asarray(nib.load(path).dataobj)
+    volume = np.stack([raw[name] for name in "RGB"], axis=-1)[::-1, ::-1]  # upstream flips the stacked frames
+    return volume[:-1, 1:][::-1, ::-1].transpose(2, 1, 0, 3)[::-1]  # each turned, top-right; last frame first
+
+
+@pytest.mark.slow
+def test_animated_cpr_has_officials_frames_and_panels(tsrt_run: dict, official) -> None:
+    """-ca: upstream's frame count, CPR slice per frame (the position line's row) and content size; it moves."""
+    from tsrt.reports.aorta_animation import POSITION_COLOUR
+    from tsrt.reports.aorta_render import HEADER_HEIGHT
+
+    theirs = official.result()["animation"]
+    path = tsrt_run["json"].with_name("aorta_report_cpr_animated.nii.gz")
+    image = nib.load(path)
+    assert image.get_data_dtype().names == ("R", "G", "B") and np.array_equal(image.affine, np.diag([-1, -1, 1, 1]))
+    frames = _nifti_frames(path)
+    content_width, content_height = theirs["content"]
+    page_width = max(content_width + 48, 900)  # report_layout: the page around the content
+    print(f"frames {len(frames)} (official {len(theirs['frames'])}), page {frames.shape[2]} x {frames.shape[1]}, "
+          f"content {content_width} x {content_height}")
+    assert len(frames) == len(theirs["frames"])
+    assert image.shape[:2] == (page_width + 1, frames.shape[1] + 1)
+    assert frames.shape[1] >= HEADER_HEIGHT + content_height
+    top, left = HEADER_HEIGHT + theirs["title_height"], (page_width - content_width) // 2  # the panels' corner
+    bottom = top + content_height - theirs["title_height"]
+    marked = np.all(frames[:, top:bottom] == POSITION_COLOUR, axis=-1)  # (frame, panel row, column)
+    for index, row in enumerate(theirs["rows"]):
+        line_rows = np.flatnonzero(marked[index].sum(axis=1) >= theirs["cpr_width"] + theirs["profile_width"])
+        assert len(line_rows) == 3 and abs(int(line_rows[1]) - row) <= 1, (index, line_rows, row)
+        line = np.flatnonzero(marked[index, line_rows[1]])
+        assert line[-1] - line[0] + 1 == theirs["cpr_width"] + theirs["profile_width"]  # across CPR and profile
+        assert line[0] == left + 200  # right of the 3D view
+    assert all(not np.array_equal(a, b) for a, b in zip(frames[:-1], frames[1:]))  # every frame moves on
+    views = frames[:, top:bottom, left : left + 200]
+    disk = np.all(views == (255, 128, 0), axis=-1)  # the cutting disk's rim in the 3D view
+    rows = np.array([np.flatnonzero(d.any(axis=1)).mean() for d in disk])
+    # the phantom's descending aorta is 55 % of its length, the ascending one (down to the root) the last 19 %
+    climbing, descending = rows[: int(0.45 * len(rows))], rows[-int(0.15 * len(rows)) :]
+    print("3D view: disk rows", rows.round().astype(int).tolist())
+    assert np.all(np.diff(climbing) <= 0.5) and climbing[0] - climbing[-1] > 300  # up the descending aorta
+    assert np.all(np.diff(descending) >= -0.5) and descending[-1] - descending[0] > 50  # down to the root
+
+
+def test_animation_frames_are_stored_as_upstream_stores_report_frames() -> None:
+    from tsrt.reports.aorta_animation import frames_nifti
+    from tsrt.reports.pulmonary_render import rgb_frames_nifti
+
+    rng = np.random.default_rng(3)
+    frames = [rng.integers(0, 256, size=(7, 11, 3), dtype=np.uint8) for _ in range(4)]
+    ours, theirs = frames_nifti(iter(frames), 4, (11, 7)), rgb_frames_nifti(frames)
+    assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+    assert np.array_equal(ours.affine, theirs.affine) and ours.get_data_dtype() == theirs.get_data_dtype()
+    decoded = np.stack([np.asarray(ours.dataobj)[name] for name in "RGB"], axis=-1)[::-1, ::-1]
+    assert np.array_equal(decoded[:-1, 1:][::-1, ::-1].transpose(2, 1, 0, 3)[::-1], np.stack(frames))
 
 
 # --------------------------------------------------------------------------------------------- refusals

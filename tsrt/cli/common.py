@@ -17,7 +17,9 @@ EXPORT_EXTRA_MODULES = (
 PROVIDER = typer.Option("auto", "--provider", help="auto, cpu, cuda or tensorrt.")
 DEVICE = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT).")
 PRECISION = typer.Option(
-    "fp32", "--precision", help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: tensorrt."
+    "fp32", "--precision",
+    help="fp32 (default); bf16: --provider openvino on a CPU with native bf16; fp16: tensorrt; int8: cpu or openvino "
+    "(or tensorrt engines) with the gated int8 graphs `tsrt models quantize` makes.",
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or info messages.")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="More detail.")

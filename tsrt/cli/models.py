@@ -155,7 +155,10 @@ def _task(name: str, fast: bool, fastest: bool) -> "Task":
 
 @models_app.command("import")
 def import_models(
-    task: str = typer.Argument(..., help="TotalSegmentator task, e.g. total; or phase, modality, evans-index."),
+    task: str = typer.Argument(
+        ..., help="TotalSegmentator task, e.g. total; or phase, modality, evans-index, body_stats_xgb, body_stats_ct, "
+        "body_stats_mr."
+    ),
     fast: bool = _FAST,
     fastest: bool = _FASTEST,
     totalseg_home: Optional[Path] = typer.Option(
@@ -172,14 +175,17 @@ def import_models(
     """Export the models a task needs from an existing TotalSegmentator install into the store (no torch needed).
 
     `phase`, `modality` and `evans-index` import the classifiers / atlas of TotalSegmentator's
-    companion tools instead (converted to xgboost JSON; no torch needed).
+    companion tools instead (converted to xgboost JSON; no torch needed); `body_stats_xgb`,
+    `body_stats_ct` and `body_stats_mr` the predictors of `tsrt report body` from the home's weights
+    (the networks are converted to ONNX with the export extra).
     """
     from tsrt.models.resources import RESOURCES
 
     if task in RESOURCES:
-        from tsrt_export.import_classifiers import import_resource
+        from tsrt.models.first_use import resource_converter
 
-        folder = import_resource(task, resources)
+        from_home = RESOURCES[task].totalseg_folder is not None  # the body-stats predictors: the home's weights
+        folder = resource_converter(task)(task, totalseg_home if from_home else resources)
         if not quiet:
             typer.echo(f"{task}: imported into {folder}")
         return
@@ -196,15 +202,30 @@ def import_models(
 
 @models_app.command("download")
 def download(
-    task: str = typer.Argument(..., help="TotalSegmentator task, e.g. total."),
+    task: str = typer.Argument(
+        ..., help="TotalSegmentator task, e.g. total; or body_stats_xgb, body_stats_ct, body_stats_mr."
+    ),
     fast: bool = _FAST,
     fastest: bool = _FASTEST,
     with_optional: bool = _OPTIONAL,
     quiet: bool = _QUIET,
     verify_with_torch: bool = _VERIFY_WITH_TORCH,
 ) -> None:
-    """Download TotalSegmentator's weights for a task and import them into the store (no torch needed)."""
+    """Download TotalSegmentator's weights for a task and import them into the store (no torch needed).
+
+    `body_stats_xgb`, `body_stats_ct` and `body_stats_mr` download the predictors of `tsrt report body`
+    (the networks: licensed, and converted with the export extra).
+    """
     from tsrt.models.download import download_task
+    from tsrt.models.resources import RESOURCES
+
+    if task in RESOURCES:
+        from tsrt.models.first_use import download_resource
+
+        folder = download_resource(task, progress=not quiet)
+        if not quiet:
+            typer.echo(f"{task}: downloaded and imported into {folder}")
+        return
 
     resolved = _task(task, fast, fastest)
     # Resolved before downloading: a missing export extra must not cost gigabytes first.
@@ -245,11 +266,17 @@ def quantize_models(
     force: bool = typer.Option(
         False, "--force", help="Install int8 even when the accuracy gate refuses it (recorded as forced)."
     ),
+    tensorrt: bool = typer.Option(
+        False, "--tensorrt",
+        help="Symmetric int8 (zero points 0, float weights with Q/DQ pairs), the form `tsrt engine build --precision "
+        "int8` builds; ONNX Runtime and OpenVINO run it too, gated the same way.",
+    ),
     quiet: bool = _QUIET,
 ) -> None:
     """Make int8 graphs from your scans, installed only when they segment held-out scans like fp32.
 
-    Each fp32 graph gets an int8 QDQ graph beside it (fold_N.int8.onnx, for ONNX Runtime CPU and OpenVINO),
+    Each fp32 graph gets an int8 QDQ graph beside it (fold_N.int8.onnx, for ONNX Runtime CPU and OpenVINO;
+    with --tensorrt in the symmetric form `tsrt engine build --precision int8` also builds),
     recorded in its plan, with quantization_report.json: per-class Dice int8 vs fp32, voxel agreement,
     seconds. Refused (nothing installed) when mean Dice < 0.99 or a class of >= 1000 voxels is below 0.95.
     Then `tsrt segment ... --precision int8` runs them.
@@ -264,7 +291,7 @@ def quantize_models(
     try:
         outcomes = quantize(
             targets, _scans(calibration), _scans(validation) if validation else None, method=method, force=force,
-            max_tiles=tiles, show_progress=not quiet,
+            max_tiles=tiles, show_progress=not quiet, form="tensorrt" if tensorrt else "cpu",
         )
     except GateRefused as refused:
         if not quiet:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import typer
 
-from tsrt.cli.common import DEVICE, PROVIDER, QUIET, VERBOSE, configure_logging
+from tsrt.cli.common import DEVICE, PRECISION, PROVIDER, QUIET, VERBOSE, configure_logging
 from tsrt.errors import InputError, TsrtError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def spine(
     ),
     provider: str = PROVIDER,
     device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
@@ -70,7 +71,7 @@ def spine(
     _check_json_output(output)
     check_spine_range(spine_range)  # the cheap checks before the phase classifier and the models
     details = read_nodeinfo(nodeinfo) if nodeinfo is not None else None
-    runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet)
+    runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision)
     phase = _spine_phase(contrast_phase, runtime)
     reporter = SpineReporter(runtime, spine_range=spine_range, contrast_phase=phase, nodeinfo=details)
 
@@ -152,6 +153,7 @@ def pulmonary(
     nodeinfo: Optional[Path] = _NODEINFO,
     provider: str = PROVIDER,
     device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
@@ -168,11 +170,12 @@ def pulmonary(
 
     configure_logging(quiet, verbose)
     metadata = load_metadata(nodeinfo)  # the cheap checks (age) before the models
+    runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision)
     if rois is not None:
         _refuse_masks_for_cohort("--rois", input_path, output)
         reporter = None
     else:
-        reporter = PulmonaryReporter(RuntimeOptions(provider=provider, device=device, quiet=quiet))
+        reporter = PulmonaryReporter(runtime)
 
     def process(image: Path, target: Path) -> None:
         started = time.time()
@@ -203,6 +206,11 @@ def aorta(
     pdf: bool = typer.Option(False, "--pdf", help="Also write the page as a one-page PDF (.pdf beside the JSON)."),
     nifti: bool = typer.Option(False, "--nifti", help="Also write the page as an RGB NIfTI (.nii.gz), upstream's -o."),
     cpr: bool = typer.Option(False, "-c", "--cpr", help="Also write the curved planar reformation overview (_cpr.png)."),
+    cpr_animated: bool = typer.Option(
+        False, "-ca", "--cpr-animated", "--cpr_animated",
+        help="Also write the CPR scrolled along the aorta, one RGB NIfTI frame per diameter-profile sample "
+        "(_cpr_animated.nii.gz), upstream's -ca.",
+    ),
     rois_totalseg: Optional[Path] = typer.Option(
         None, "-rt", "--rois-totalseg", "--rois_totalseg",
         help="Use these masks instead of running the models: TotalSegmentator's <class>.nii.gz files on INPUT "
@@ -224,6 +232,7 @@ def aorta(
     nodeinfo: Optional[Path] = _NODEINFO,
     provider: str = PROVIDER,
     device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
     overwrite: bool = _OVERWRITE,
     quiet: bool = QUIET,
     verbose: bool = VERBOSE,
@@ -240,7 +249,7 @@ def aorta(
     _check_json_output(output)
     require_scientific()
     metadata = load_metadata(nodeinfo)  # the cheap checks (age) before the models
-    runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet)
+    runtime = RuntimeOptions(provider=provider, device=device, quiet=quiet, precision=precision)
     phase = _aorta_phase(contrast_phase, runtime, skip_dissection)
     if rois_totalseg is not None:
         _refuse_masks_for_cohort("--rois-totalseg", input_path, output)
@@ -256,7 +265,7 @@ def aorta(
             )
         else:
             report = reporter.report(image, metadata)
-        files = aorta_output_files(target, pdf=pdf, nifti=nifti, cpr=cpr)
+        files = aorta_output_files(target, pdf=pdf, nifti=nifti, cpr=cpr, cpr_animated=cpr_animated)
         write_outputs(report, files)
         if not quiet:
             total = report.json["section_stats"]["aorta_total"]
@@ -276,3 +285,77 @@ def _aorta_phase(choice: str, runtime: RuntimeOptions, skip_dissection: bool) ->
     if isinstance(phase, str):
         return phase
     return lambda image: phase.predict(image)["phase"]
+
+
+@report_app.command("body")
+def body(
+    input_path: Optional[Path] = typer.Argument(
+        None, metavar="INPUT",
+        help="CT or MR: NIfTI file, DICOM folder or zip; or a cohort (a folder of NIfTI files, a .txt list).",
+    ),
+    input_option: Optional[Path] = typer.Option(None, "-i", "--input", help="Same as INPUT (upstream's spelling)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output",
+        help="Result JSON (default: only printed); a cohort: the folder for OUTPUT/<case>/body_stats.json.",
+    ),
+    modality: str = typer.Option(..., "-m", "--modality", help="ct or mr."),
+    model_type: str = typer.Option(
+        "cnn", "-mt", "--model_type", "--model-type",
+        help="cnn (a ResNet3D on the scan) or xgboost (organ, vertebra and tissue measurements).",
+    ),
+    only_weight: bool = typer.Option(
+        False, "--only_weight", "--only-weight", help="Predict only the body weight (no size, age, sex, BMI, BSA)."
+    ),
+    skip_canonical: bool = typer.Option(
+        False, "-sc", "--skip_canonical", "--skip-canonical", help="Do not turn the scan to the closest canonical orientation."
+    ),
+    test_time_augmentation: bool = typer.Option(
+        False, "-tta", "--test_time_augmentation", "--test-time-augmentation",
+        help="cnn: the mean over six variants (flipped along each axis, with and without the canonical turn).",
+    ),
+    fold: str = typer.Option("all", "-f", "--fold", help="A fold (0-4), or all: the mean of the five folds."),
+    license_number: Optional[str] = typer.Option(
+        None, "-l", "--license_number", "--license-number",
+        help="Store this TotalSegmentator license key first (tissue_types and the CNNs are licensed).",
+    ),
+    provider: str = PROVIDER,
+    device: Optional[str] = DEVICE,
+    overwrite: bool = _OVERWRITE,
+    quiet: bool = QUIET,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Body weight, height, age and sex (with BMI and BSA) predicted from a scan, as totalseg_get_body_stats."""
+    from tsrt.cli.companions import run_single_or_cohort
+    from tsrt.cohort.cases import find_cases
+    from tsrt.reports.body import JSON_NAME, BodyReporter, BodyStatsOptions, parse_fold
+    from tsrt.totalseg.options import RuntimeOptions
+
+    configure_logging(quiet, verbose)
+    source = input_option or input_path
+    if source is None:
+        raise TsrtError("No input given: pass the CT or MR as INPUT or with -i.")
+    if output is not None:
+        _check_json_output(output)
+    cohort = find_cases(Path(source), Path(output or "."), False) is not None
+    if cohort and output is None:
+        raise TsrtError("A cohort needs -o OUTPUT: each case's result goes to OUTPUT/<case>/body_stats.json.")
+    options = BodyStatsOptions(modality.lower(), model_type.lower(), only_weight, skip_canonical,
+                               test_time_augmentation, parse_fold(fold))  # checked before the models
+    if license_number is not None:
+        from tsrt.models.download import set_license_key
+
+        set_license_key(license_number, validate=False)
+    reporter = BodyReporter(RuntimeOptions(provider=provider, device=device, quiet=quiet), options)
+
+    def process(image: Path, target: Optional[Path]) -> None:
+        report = reporter.report(image) if target is None else reporter.write(image, target)
+        if not quiet:
+            if cohort:
+                typer.echo(f"{image.name}:")
+            typer.echo("\n".join(report.lines()))
+
+    if output is None:
+        process(Path(source), None)
+        return
+    run_single_or_cohort(Path(source), Path(output), JSON_NAME, process, overwrite=overwrite, quiet=quiet,
+                         verb="reported")

@@ -10,7 +10,7 @@
 
 Each way has five xgboost classifiers (cross-validation folds); their 0 (CT) / 1 (MR) votes are
 averaged. They are TotalSegmentator's, converted to xgboost JSON by `tsrt models import modality`
-(tsrt.models.resources); the `phase` extra installs xgboost (tsrt.companions.classifiers runs them without scikit-learn).
+(tsrt.models.resources); the `phase` extra installs xgboost (tsrt.engines.boosters runs them without scikit-learn).
 
     from tsrt.companions.modality import image_modality
     image_modality("scan.nii.gz")  # {"modality": "ct", "probability": 1.0}
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tsrt.errors import InputError
-from tsrt.companions.classifiers import load_boosters, predict_class
+from tsrt.engines.boosters import load_boosters, predict_class
 from tsrt.models.resources import verified_files
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ injection, so the median HU of a few vessels and organs tells how many seconds a
 
 The regressors are TotalSegmentator's, converted once to xgboost's JSON format by
 `tsrt models import phase` (tsrt.models.resources); the `phase` extra installs xgboost
-(tsrt.companions.classifiers runs them without scikit-learn).
+(tsrt.engines.boosters runs them without scikit-learn).
 
     from tsrt.companions.phase import contrast_phase
     contrast_phase("ct.nii.gz")  # {"pi_time": 71.2, "phase": "portal_venous", "probability": 1.0, ...}
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tsrt.errors import InputError
-from tsrt.companions.classifiers import load_boosters, predict_value
+from tsrt.engines.boosters import load_boosters, predict_value
 from tsrt.models.resources import verified_files
 
 if TYPE_CHECKING:

@@ -9,8 +9,9 @@ to load, so every new session is checked for the provider it actually runs (`pro
 
 Precision is its own option (`--precision`, default fp32), separate from the provider (the engine):
 bf16 runs on OpenVINO and only on CPUs with native bf16 (AVX512_BF16 / AMX; emulated it was 2x slower),
-fp16 on TensorRT (or CUDA with an fp16 graph), int8 on the CPU (ONNX Runtime or OpenVINO) and only with the
-gated int8 graph `tsrt models quantize` installs (tsrt.models.plan.require_int8 says how to make one). A
+fp16 on TensorRT (or CUDA with an fp16 graph), int8 on the CPU (ONNX Runtime or OpenVINO) or as a TensorRT engine,
+and only with the gated int8 graph `tsrt models quantize` installs (tsrt.models.plan.require_int8 says how to make
+one; TensorRT needs it in its symmetric form, tsrt.engines.tensorrt). A
 precision the provider cannot run is refused in one line before any image is read (`check_precision`), never
 run slowly.
 The old `--provider openvino-bf16` spelling still means `--provider openvino --precision bf16`.
@@ -111,9 +112,9 @@ def check_precision(provider: str, precision: str, graph_precision: str | None =
     if precision not in PRECISIONS:
         raise ProviderError(f"Unknown precision {precision!r}: choose {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}.")
     if precision == "int8":
-        if provider in ("cuda", "tensorrt"):
-            raise ProviderError(f"--precision int8 runs on the CPU (--provider cpu or openvino), not --provider {provider}: "
-                                "TensorRT int8 engines are not built by this version; use --precision fp16 on the GPU.")
+        if provider == "cuda":
+            raise ProviderError("--precision int8 runs on the CPU (--provider cpu or openvino) or as a TensorRT engine "
+                                "(--provider tensorrt), not --provider cuda: use --precision fp16 on CUDA.")
         if graph_precision is not None and graph_precision != "int8":
             raise ProviderError("--precision int8 needs a calibrated int8 graph, which this model does not have: make "
                                 "one with `tsrt models quantize MODEL --calibration SCANS`, or use --precision fp32.")
@@ -199,20 +200,8 @@ def choose_provider(
     chain: list[tuple[str, dict[str, Any]]] = []
     if name == "tensorrt":
         cache = engine_cache_dir or (tsrt_home() / "engines")
-        chain.append(
-            (
-                PROVIDER_NAMES["tensorrt"],
-                {
-                    "device_id": gpu,
-                    "trt_fp16_enable": bool(fp16 or precision == "fp16"),
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": str(cache),
-                    "trt_max_workspace_size": int(workspace_gb * (1 << 30)),
-                },
-            )
-        )
+        engine_precision = "fp16" if fp16 and precision == "fp32" else precision  # an fp16 graph builds fp16 engines
+        chain.append((PROVIDER_NAMES["tensorrt"], tensorrt_options(engine_precision, gpu, cache, workspace_gb)))
     if name in ("tensorrt", "cuda"):
         chain.append(
             (
@@ -228,6 +217,33 @@ def choose_provider(
     chain.append((PROVIDER_NAMES["cpu"], cpu_options))
     precision = "fp16" if fp16 and name == "tensorrt" else precision
     return ProviderChoice(name=name, providers=chain, threads=threads, requested=requested, precision=precision)
+
+
+#: TensorRT's builder flags per precision (ONNX Runtime's names). fp16: half-precision kernels where TensorRT finds
+#: them faster. int8: explicit quantization - the INT8 flag on the gated Q/DQ graph, whose Q/DQ nodes carry the
+#: scales, so no calibrator and no calibration table (TensorRT refuses one for a Q/DQ graph); the layers the graph
+#: keeps float (the output layer, ConvTranspose, normalisation) stay fp32, as the accuracy gate measured them.
+TENSORRT_BUILDER_FLAGS: dict[str, dict[str, bool]] = {
+    "fp32": {"trt_fp16_enable": False, "trt_int8_enable": False},
+    "fp16": {"trt_fp16_enable": True, "trt_int8_enable": False},
+    "int8": {"trt_fp16_enable": False, "trt_int8_enable": True},
+}
+
+
+def tensorrt_options(precision: str, device_id: int, cache: Path, workspace_gb: float = 4.0) -> dict[str, Any]:
+    """ONNX Runtime's TensorRT provider options for engines of `precision` cached in `cache` (a pure choice:
+    `tsrt engine build` and `--provider tensorrt` runs build and find the same engine with it)."""
+    if precision not in TENSORRT_BUILDER_FLAGS:
+        raise ProviderError(f"TensorRT builds fp32, fp16 or int8 engines, not {precision}.")
+    return {
+        "device_id": device_id,
+        **TENSORRT_BUILDER_FLAGS[precision],
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_max_workspace_size": int(workspace_gb * (1 << 30)),
+    }
 
 
 #: What ONNX Runtime needs to start a GPU provider, for the error that says why it could not.

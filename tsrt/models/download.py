@@ -36,6 +36,7 @@ from tsrt.models.registry import ModelPart, Registry, Task, load_registry
 from tsrt.models.store import model_status, sha256_file
 
 if TYPE_CHECKING:  # imported when used: it loads onnx, which `tsrt models set-license` does not need
+    from tsrt.models.resources import ResourceSpec
     from tsrt.models.totalseg_import import Exporter, ImportOutcome
 
 LOG = logging.getLogger(__name__)
@@ -373,6 +374,46 @@ def download_model_zip(model: ModelPart, *, progress: bool = True, registry: Reg
     return fetch(url, dest, json_body=body, expected_sha256=model.zip_sha256, progress=progress, label=model.name)
 
 
+def resource_source(spec: "ResourceSpec", registry: Registry | None = None) -> str:
+    """Where a store resource (tsrt.models.resources) is downloaded from: its release zip, or the license server."""
+    registry = registry or load_registry()
+    if spec.license_task is not None:
+        return license_server_url(registry)
+    if spec.release is None or spec.totalseg_folder is None:
+        raise DownloadError(f"{spec.what.capitalize()} come with the totalsegmentator package; they cannot be downloaded.")
+    base = (url_override(WEIGHTS_URL_ENV) or registry.release_base_url).rstrip("/")
+    return f"{base}/{spec.release}/{Path(spec.totalseg_folder).name}.zip"
+
+
+def download_resource_zip(spec: "ResourceSpec", *, progress: bool = True, registry: Registry | None = None) -> Path:
+    """A store resource's zip in $TSRT_HOME/downloads, as TotalSegmentator downloads it (reused when intact).
+
+    Unpacked into TotalSegmentator's weights folder layout, the zip gives the parent of `spec.totalseg_folder`.
+    """
+    registry = registry or load_registry()
+    dest = downloads_dir() / f"{spec.name}.zip"
+    if dest.is_file():
+        problem = zip_problem(dest)
+        if problem is None:
+            return dest
+        LOG.warning("%s from an earlier download %s; it was deleted and is downloaded again.", dest.name, problem)
+        dest.unlink()
+    url = resource_source(spec, registry)
+    if spec.license_task is None:
+        return fetch(url, dest, progress=progress, label=spec.name)
+    key = read_license_key(registry)
+    if key is None:
+        raise LicenseError(
+            f"{spec.what.capitalize()} need a TotalSegmentator license: get one at "
+            f"{registry.license.academic_license_url} and store it with `tsrt models set-license KEY`."
+        )
+    body = _license_body(
+        registry.license.download_body_keys,
+        license_number=key, task=spec.license_task, version=registry.totalsegmentator_version,
+    )
+    return fetch(url + registry.license.download_endpoint, dest, json_body=body, progress=progress, label=spec.name)
+
+
 #: What reading a damaged zip can raise (zlib.error: a damaged deflate stream; RuntimeError: encrypted members;
 #: NotImplementedError: an unknown compression method).
 _UNREADABLE_ZIP = (
@@ -444,7 +485,7 @@ def download_models(
             outcomes.append(ImportOutcome(model, "present", status.path))
             continue
         archive = download_model_zip(model, progress=progress, registry=registry)
-        with _scratch_dir() as results:
+        with scratch_dir() as results:
             unpack(archive, results)
             if not (results / model.result_folder).is_dir():
                 archive.unlink()
@@ -476,7 +517,7 @@ def download_task(
 
 
 @contextlib.contextmanager
-def _scratch_dir() -> Iterator[Path]:
+def scratch_dir() -> Iterator[Path]:
     """A temporary folder next to the downloads (usually the store's disk), removed afterwards."""
     downloads_dir().mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=".unpack-", dir=downloads_dir()))

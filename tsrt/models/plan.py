@@ -185,7 +185,13 @@ class RecordedPlan:
         return cls(**{k: values[k] for k in known if k in values}, path=path)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        path.write_text(plan_text(self.to_dict()))
+
+
+def plan_text(data: dict[str, Any]) -> str:
+    """A plan file's text, as every writer writes it (export, `tsrt models quantize`), so a plan's sha256 can be
+    recomputed without its int8 record (tsrt.outputs.manifest)."""
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def int8_graph_name(plan: RecordedPlan) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from tsrt.errors import ModelError, TsrtError
-from tsrt.models.plan import PLAN_SUFFIX, read_plan
+from tsrt.models.plan import PLAN_SUFFIX, RecordedPlan, read_plan, require_int8
 from tsrt.config import tsrt_home
 from tsrt.models.registry import ModelPart
 
@@ -138,6 +138,24 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def gated_int8_graphs(model_dir: Path, plans: list[RecordedPlan]) -> list[Path]:
+    """The gated int8 graph of each fold, each only while its bytes are the ones its plan recorded at the gate;
+    else one line naming the `tsrt models quantize` call that makes them (`--precision int8` runs and
+    `tsrt engine build --precision int8` read no other int8 graph)."""
+    require_int8(plans, f"the model in {model_dir}", str(model_dir))
+    graphs = []
+    for plan in plans:
+        graph = plan.int8_graph_path
+        assert graph is not None and plan.int8 is not None  # require_int8
+        if not graph.exists() or sha256_file(graph) != plan.int8.get("graph_sha256"):
+            raise ModelError(
+                f"The int8 graph {graph} is missing or not the one its plan's gate passed: run "
+                f"`tsrt models quantize {graph.parent} --calibration SCANS` again."
+            )
+        graphs.append(graph)
+    return graphs
 
 
 def _read_verified(path: Path) -> dict:

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tsrt.models.plan import RecordedPlan, load_model_plans
+from tsrt.models.plan import RecordedPlan, load_model_plans, plan_text
 from tsrt.models.store import sha256_file
 from tsrt.pipeline.read import Image
 from tsrt.pipeline.write import write_json
@@ -77,17 +77,39 @@ class GraphRecord:
         return (self.fold, self.sha256, self.plan_sha256)
 
 
-def plan_graph_records(model: str, plans: Iterable[RecordedPlan]) -> tuple[GraphRecord, ...]:
-    """The graphs of loaded plans (each plan read from a file)."""
-    return tuple(
-        GraphRecord(model, plan.fold, plan.graph_sha256, sha256_file(plan.path) if plan.path is not None else "")
-        for plan in plans
-    )
+def plan_graph_records(model: str, plans: Iterable[RecordedPlan], precision: str = "fp32") -> tuple[GraphRecord, ...]:
+    """The graphs a run at `precision` uses, from loaded plans (each plan read from a file).
+
+    int8 runs the gated int8 graph: its sha256 and the whole plan's, int8 record included, so quantizing again
+    (another graph, calibration or gate) redoes int8 results. Any other precision runs the exported graph: the
+    plan's sha256 without the int8 record, so installing or replacing int8 leaves those results matched.
+    """
+    records = []
+    for plan in plans:
+        if plan.path is None:
+            records.append(GraphRecord(model, plan.fold, plan.graph_sha256, ""))
+        elif precision == "int8" and plan.int8 is not None:
+            records.append(GraphRecord(model, plan.fold, str(plan.int8["graph_sha256"]), sha256_file(plan.path)))
+        else:
+            records.append(GraphRecord(model, plan.fold, plan.graph_sha256, exported_plan_sha256(plan.path)))
+    return tuple(records)
 
 
-def graph_records(model: str, model_dir: Path, folds: Sequence[str] | None = None) -> tuple[GraphRecord, ...]:
-    """The graphs of an exported model folder's folds (all exported folds when None), from their plans."""
-    return plan_graph_records(model, load_model_plans(Path(model_dir), list(folds) if folds else None))
+def exported_plan_sha256(path: Path) -> str:
+    """sha256 of a plan as exported: of the file, or when `tsrt models quantize` added an int8 record, of the
+    file's text without it (the bytes the file had before; quantizing adds nothing else)."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "int8" not in document:
+        return sha256_file(path)
+    del document["int8"]
+    return hashlib.sha256(plan_text(document).encode("utf-8")).hexdigest()
+
+
+def graph_records(
+    model: str, model_dir: Path, folds: Sequence[str] | None = None, precision: str = "fp32"
+) -> tuple[GraphRecord, ...]:
+    """The graphs of an exported model folder's folds (all exported folds when None) at `precision`, from their plans."""
+    return plan_graph_records(model, load_model_plans(Path(model_dir), list(folds) if folds else None), precision)
 
 
 def _json_ready(value: Any) -> Any:
@@ -132,7 +154,7 @@ class RunRequest:
             if old != now:
                 changes.append(f"{key}: {json.dumps(old)} -> {json.dumps(now)}")
         if sorted(g.identity for g in self.graphs) != sorted(g.identity for g in new.graphs):
-            changes.append("other model graphs (re-exported, re-imported or replaced)")
+            changes.append("other model graphs (re-exported, re-imported, re-quantized or replaced)")
         return changes
 
     def to_json(self) -> dict[str, Any]:

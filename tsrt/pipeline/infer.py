@@ -17,11 +17,11 @@ import numpy as np
 
 from tsrt.errors import ModelError
 from tsrt.progress import progress
-from tsrt.models.plan import RecordedPlan, load_model_plans, require_int8
+from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
-from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, parse_device
-from tsrt.models.store import sha256_file
+from tsrt.engines.providers import ProviderChoice, choose_provider, create_session
+from tsrt.models.store import gated_int8_graphs, sha256_file
 from tsrt.pipeline.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
 
 log = logging.getLogger("tsrt")
@@ -128,7 +128,7 @@ def load_model(
             graph_precision=graph_precision,
         )
         if choice.name == "tensorrt":
-            choice = _with_engine_cache(choice, Path(model_dir), device, threads)
+            choice = _with_engine_cache(choice, Path(model_dir), device, threads, graphs)
     model = LoadedModel(directory=Path(model_dir), plans=plans, provider=choice)
     hashes = [sha256_file(graph) if choice.name in SPLIT_HEAD_PROVIDERS else None for graph in graphs]
     splits = [
@@ -148,24 +148,19 @@ def load_model(
 
 
 def check_int8_model(
-    model_dir: Path, plans: list[RecordedPlan] | None = None, folds: Sequence[str | int] | None = None
+    model_dir: Path, plans: list[RecordedPlan] | None = None, folds: Sequence[str | int] | None = None,
+    provider: str = "auto",
 ) -> list[Path]:
     """`--precision int8` on an exported model: its gated int8 graphs, each only while its bytes are the ones
-    its plan recorded at the gate; else one line naming the `tsrt models quantize` call that makes them
-    (callers check before reading any image)."""
+    its plan recorded at the gate (on `provider` tensorrt: in TensorRT's symmetric form); else one line naming
+    the `tsrt models quantize` call that makes them (callers check before reading any image)."""
     if plans is None:
         plans = load_model_plans(Path(model_dir), None if folds is None else [str(f) for f in folds])
-    require_int8(plans, f"the model in {model_dir}", str(model_dir))
-    graphs = []
-    for plan in plans:
-        graph = plan.int8_graph_path
-        assert graph is not None and plan.int8 is not None  # require_int8
-        if not graph.exists() or sha256_file(graph) != plan.int8.get("graph_sha256"):
-            raise ModelError(
-                f"The int8 graph {graph} is missing or not the one its plan's gate passed: run "
-                f"`tsrt models quantize {graph.parent} --calibration SCANS` again."
-            )
-        graphs.append(graph)
+    graphs = gated_int8_graphs(Path(model_dir), plans)
+    if provider == "tensorrt":
+        from tsrt.engines.tensorrt import check_tensorrt_int8_graphs
+
+        check_tensorrt_int8_graphs(Path(model_dir), graphs)
     return graphs
 
 
@@ -185,17 +180,16 @@ def can_split_head(plan: RecordedPlan) -> bool:
     return len(plan.patch_size) == 3 and not plan.allowed_mirroring_axes
 
 
-def _with_engine_cache(choice: ProviderChoice, model_dir: Path, device: str | None, threads: int | None) -> ProviderChoice:
-    """Point TensorRT at this model's engine cache for the precision asked for (never switched by what is cached)."""
-    from tsrt.engines.tensorrt import EngineKey, engine_cache_dir, gpu_name, tensorrt_version
+def _with_engine_cache(
+    choice: ProviderChoice, model_dir: Path, device: str | None, threads: int | None, graphs: Sequence[Path]
+) -> ProviderChoice:
+    """Point TensorRT at this model's engines of the precision asked for, the folder `tsrt engine build` fills
+    (never switched by what is cached); int8 only from gated graphs TensorRT can build (one line otherwise)."""
+    from tsrt.engines.tensorrt import check_tensorrt_int8_graphs, tensorrt_choice
 
-    name, version = gpu_name(parse_device(device)), tensorrt_version()
-    fp16 = choice.precision == "fp16"
-    cache = engine_cache_dir(model_dir, EngineKey(name, version, choice.precision))
-    log.info("TensorRT engine cache: %s", cache)
-    return choose_provider(
-        choice.requested, precision=choice.precision, device=device, fp16=fp16, engine_cache_dir=cache, threads=threads
-    )
+    if choice.precision == "int8":
+        check_tensorrt_int8_graphs(model_dir, graphs)
+    return tensorrt_choice(model_dir, choice.precision, requested=choice.requested, device=device, threads=threads)
 
 
 def predict_streaming(

@@ -5,6 +5,11 @@ provider fuses into integer kernels and OpenVINO reads as its own int8 (FakeQuan
 uint8 per tensor (OpenVINO read int8 activations badly: 86 % agreement), weights int8 per output channel,
 convolutions only. Kept float: the output layer (the final 1x1x1 convolution: logits of range ~1000, which
 quantized dropped agreement to 95 %), and ConvTranspose (neither engine runs it in int8).
+
+The `tensorrt` form is what TensorRT's explicit quantization reads (it quantizes symmetrically only): int8
+activations with zero point 0, weights kept float with a Q/DQ pair each (TensorRT quantizes them with those
+scales), biases float (TensorRT has no int32 dequantization). ONNX Runtime and OpenVINO run it too; on the demo
+model it agreed with fp32 in 99.7 % (ORT) and 99.1 % (OpenVINO) of the voxels, vs 99.8 % for both in the default form.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ METHODS = ("percentile", "entropy", "minmax")
 DEFAULT_METHOD = "percentile"
 #: The only op type quantized: 3-D convolutions hold nearly all the arithmetic.
 QUANTIZED_OPS = ("Conv",)
+#: The Q/DQ forms a graph can be written in: for ONNX Runtime's CPU kernels and OpenVINO, or for TensorRT.
+FORMS = ("cpu", "tensorrt")
 
 
 def output_layer(model: Any) -> str:
@@ -81,15 +88,22 @@ def quiet_onnxruntime() -> Iterator[None]:
 
 def write_qdq_graph(
     source: Path, target: Path, tiles: np.ndarray, input_name: str, method: str = DEFAULT_METHOD,
-    on_tile: Callable[[], None] | None = None,
+    on_tile: Callable[[], None] | None = None, form: str = "cpu",
 ) -> dict[str, Any]:
-    """Quantize `source` into `target` calibrated on `tiles`; returns how (for the plan's int8 record)."""
+    """Quantize `source` into `target` calibrated on `tiles`, in `form` (FORMS); returns how (for the plan's record)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
         raise ModelError(f"Unknown calibration method {method!r}: choose {', '.join(METHODS[:-1])} or {METHODS[-1]}.")
+    if form not in FORMS:
+        raise ModelError(f"Unknown int8 form {form!r}: choose {' or '.join(FORMS)}.")
+    tensorrt = form == "tensorrt"
+    # One tile per calibration run: memory is one tile's activations (~9 GB at 128^3), not all tiles'.
+    options: dict[str, Any] = {"CalibStridedMinMax": 1}
+    if tensorrt:
+        options.update(ActivationSymmetric=True, WeightSymmetric=True, AddQDQPairToWeight=True, QuantizeBias=False)
     model = without_weight_aliases(onnx.load(str(source)))
     kept = float_nodes(model)
     calibration = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
@@ -98,13 +112,13 @@ def write_qdq_graph(
         quantize_static(
             model, str(target), TileReader(tiles, input_name, on_tile), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True, reduce_range=False,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
-            calibrate_method=calibration,
-            # One tile per calibration run: memory is one tile's activations (~9 GB at 128^3), not all tiles'.
-            extra_options={"CalibStridedMinMax": 1},
+            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=kept, calibrate_method=calibration, extra_options=options,
         )
     return {
-        "format": "QDQ", "activations": "uint8 per tensor", "weights": "int8 per output channel",
+        "format": "QDQ", "form": form,
+        "activations": "int8 symmetric per tensor" if tensorrt else "uint8 per tensor",
+        "weights": "int8 symmetric per output channel (float, Q/DQ pair)" if tensorrt else "int8 per output channel",
         "quantized_ops": list(QUANTIZED_OPS), "float_nodes": kept, "method": method,
         "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
     }

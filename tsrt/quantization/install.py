@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tsrt.errors import ModelError
-from tsrt.models.plan import int8_graph_name, load_model_plans
+from tsrt.models.plan import int8_graph_name, load_model_plans, plan_text
 from tsrt.models.registry import ModelPart, Task
 from tsrt.models.store import model_dir, model_status, sha256_file
 from tsrt.pipeline.infer import load_model
@@ -94,14 +94,16 @@ def quantize(
     force: bool = False,
     max_tiles: int = DEFAULT_MAX_TILES,
     show_progress: bool = True,
+    form: str = "cpu",
 ) -> list[Outcome]:
     """Quantize every fold of every target, gate each model on the validation scans (else a held-out part of
     the calibration scans) and install all of them when all pass, or with `force`. Raises GateRefused
-    (a ModelError, nothing installed) otherwise."""
+    (a ModelError, nothing installed) otherwise. `form` "tensorrt": the symmetric form TensorRT builds
+    (tsrt.quantization.graph), gated the same way."""
     held = not validation
     calibration, validation = held_out(calibration, validation)
     facts = {
-        "method": method,
+        "method": method, "form": form,
         "calibration": {"sha256": scans_sha256(calibration), "scans": [str(Path(s).resolve()) for s in calibration]},
         "validation": {"sha256": scans_sha256(validation), "scans": [str(Path(s).resolve()) for s in validation],
                        "held_out_from_calibration": held},
@@ -130,7 +132,7 @@ def _quantize_target(
         for plan in target.plans:
             candidate = staged.enter_context(atomic_output(plan.graph_path.with_name(int8_graph_name(plan))))
             how = write_qdq_graph(plan.graph_path, candidate, tiles, plan.graph_input_name, facts["method"],
-                                  on_tile=lambda: advance(1))
+                                  on_tile=lambda: advance(1), form=facts["form"])
             candidates.append(candidate)
     engines = check_engines(candidates[0], tiles[0], target.plan.graph_input_name, target.plan.graph_output_name)
     folds = [plan.fold for plan in target.plans]
@@ -177,6 +179,6 @@ def _install(outcome: Outcome, *, forced: bool) -> None:
         document = json.loads(plan.path.read_text())
         document["int8"] = record
         with atomic_output(plan.path) as temp:
-            temp.write_text(json.dumps(document, indent=2, sort_keys=True))  # RecordedPlan.save's format
+            temp.write_text(plan_text(document))  # RecordedPlan.save's format
     outcome.installed = True
     write_json(outcome.report, outcome.report_path)

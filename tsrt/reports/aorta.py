@@ -369,6 +369,17 @@ def measure(
 # --------------------------------------------------------------------------------------------- models
 
 
+def require_aorta_in_view(aorta: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse in one line an aorta that is missing or that the field of view cuts anywhere but at its caudal end.
+
+    The caudal end may leave the scan (upstream then leaves the abdominal landmarks out); nothing else may.
+    The reporter checks its first model's aorta with it; the web page checks its own segmentation, before
+    any of the report's models run.
+    """
+    canonical, _ = ops.as_closest_canonical(np.asarray(aorta, dtype=bool), affine)
+    require_structures("aorta", {AORTA: np.pad(canonical, ((0, 0), (0, 0), (1, 0)))}, [AORTA], whole=[AORTA])
+
+
 class AortaReporter:
     """Runs the report's models through tsrt's task layer and measures; models checked once for a cohort."""
 
@@ -410,9 +421,7 @@ class AortaReporter:
         log.info("Finding the aorta (task total --fast)...")
         found = self._run(source, self._crop, {AORTA, "heart"})
         aorta = found.get(AORTA, np.zeros(source.values.shape, bool))
-        canonical, _ = ops.as_closest_canonical(aorta, source.image.affine)
-        # The caudal end may leave the scan (upstream then leaves the abdominal landmarks out); nothing else may.
-        require_structures("aorta", {AORTA: np.pad(canonical, ((0, 0), (0, 0), (1, 0)))}, [AORTA], whole=[AORTA])
+        require_aorta_in_view(aorta, source.image.affine)
         combined = aorta | found.get("heart", np.zeros_like(aorta))
         bbox = ops.bbox_from_mask(combined, outside_value=0,
                                   addon=ops.crop_addon_voxels([CROP_MARGIN_MM] * 3, header_zooms(source.image)))
@@ -456,11 +465,13 @@ class AortaOutputs:
     profile: Path | None = None  # diameter profile CSV (tsrt's)
     cpr: Path | None = None  # curved planar reformation overview PNG (upstream's -c)
     pdf: Path | None = None  # the page again, as a one-page PDF
+    cpr_animated: Path | None = None  # the CPR scrolled along the aorta, RGB NIfTI frames (upstream's -ca)
 
 
 def aorta_output_files(json_path: str | Path, *, pdf: bool = False, nifti: bool = False, cpr: bool = False,
-                       profile: bool = True, picture: bool = True) -> AortaOutputs:
-    """The files the command writes beside the JSON: <stem>.png, _profile.csv, and on request .pdf, .nii.gz, _cpr.png.
+                       profile: bool = True, picture: bool = True, cpr_animated: bool = False) -> AortaOutputs:
+    """The files the command writes beside the JSON: <stem>.png, _profile.csv, and on request .pdf, .nii.gz, _cpr.png,
+    _cpr_animated.nii.gz.
 
     The PDF replaces nothing: PNG and PDF hold the same page.
     """
@@ -472,7 +483,7 @@ def aorta_output_files(json_path: str | Path, *, pdf: bool = False, nifti: bool 
 
     return AortaOutputs(
         json_path, named(".png", picture), named(".nii.gz", nifti), named("_profile.csv", profile),
-        named("_cpr.png", cpr), named(".pdf", pdf),
+        named("_cpr.png", cpr), named(".pdf", pdf), named("_cpr_animated.nii.gz", cpr_animated),
     )
 
 
@@ -490,7 +501,7 @@ def write_outputs(report: AortaReport, outputs: AortaOutputs) -> list[Path]:
     from tsrt.pipeline.write import atomic_output, write_json
 
     written = []
-    if any(path is not None for path in (outputs.picture, outputs.nifti, outputs.cpr, outputs.pdf)):
+    if any(path is not None for path in (outputs.picture, outputs.nifti, outputs.pdf)):
         from tsrt.reports import aorta_render
 
         page = aorta_render.render_page(report)  # once: PNG, PDF and NIfTI show the same page
@@ -499,8 +510,17 @@ def write_outputs(report: AortaReport, outputs: AortaOutputs) -> list[Path]:
                 written.append(aorta_render.write_page(page, path))
         if outputs.nifti is not None:
             written.append(aorta_render.write_page_nifti(page, outputs.nifti))
+    if outputs.cpr is not None or outputs.cpr_animated is not None:
+        from tsrt.reports.aorta_cpr import straighten
+        from tsrt.reports.aorta_render import write_cpr_overview
+
+        straight = straighten(report)  # once: the still and the animation show the same stack
         if outputs.cpr is not None:
-            written.append(aorta_render.write_cpr_overview(report, outputs.cpr))
+            written.append(write_cpr_overview(report, outputs.cpr, straight))
+        if outputs.cpr_animated is not None:
+            from tsrt.reports.aorta_animation import write_cpr_animation
+
+            written.append(write_cpr_animation(report, outputs.cpr_animated, straight))
     if outputs.profile is not None and report.profile is not None:
         with atomic_output(outputs.profile) as temp:
             temp.write_text(profile_csv(report))
@@ -519,6 +539,7 @@ def aorta_report(
     profile: str | Path | None = None,
     cpr: str | Path | None = None,
     pdf: str | Path | None = None,
+    cpr_animated: str | Path | None = None,
     metadata: str | Path | Mapping[str, Any] | None = None,
     contrast_phase: PhaseSource = None,
     skip_dissection: bool = False,
@@ -534,7 +555,8 @@ def aorta_report(
 ) -> dict[str, Any]:
     """The aorta report like `totalseg_aorta_report`: upstream's JSON (returned; written to `output`).
 
-    `picture` (PNG), `pdf`, `nifti` (the page as RGB NIfTI), `profile` (CSV) and `cpr` (PNG) add files.
+    `picture` (PNG), `pdf`, `nifti` (the page as RGB NIfTI), `profile` (CSV), `cpr` (PNG) and `cpr_animated`
+    (the CPR scrolled along the aorta, RGB NIfTI frames) add files.
     `rois_totalseg` / `rois_details`: folders of masks TotalSegmentator already wrote for `input`
     (upstream's -rt/-rd); then no model runs. `contrast_phase`: the phase name, or a callable such
     as `tsrt.contrast_phase` (a native CT ignores the dissection model); None: not checked.
@@ -554,7 +576,7 @@ def aorta_report(
         )
         report = reporter.report(input, meta)
     outputs = AortaOutputs(
-        *(None if path is None else Path(path) for path in (output, picture, nifti, profile, cpr, pdf))
+        *(None if path is None else Path(path) for path in (output, picture, nifti, profile, cpr, pdf, cpr_animated))
     )
     write_outputs(report, outputs)
     return report.json

@@ -11,6 +11,7 @@ lines, and the diameter profile - drawn with numpy and tsrt's font instead of ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,8 +84,20 @@ def frames(points_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return normals, binormals
 
 
-def straighten(report: AortaReport) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-    """The CPR stack: CT (plane, plane, slices) as int16, aorta mask (uint8), pixel mm, slice positions (mm)."""
+@dataclass
+class Straightened:
+    """The CPR stack and the smoothed centerline it was sampled along (what the still and the animation draw)."""
+
+    ct: np.ndarray  # (plane, plane, slices) int16, slice 0 at the distal end
+    mask: np.ndarray  # the aorta on the same planes (uint8)
+    pixel_mm: float  # in-plane pixel size
+    positions_mm: np.ndarray  # each slice's arc length from the distal end
+    line_voxels: np.ndarray  # each slice's centre on the report grid (voxels)
+    step_mm: float  # the slice distance asked for: the report grid's smallest voxel size (upstream's step)
+
+
+def straighten(report: AortaReport) -> Straightened:
+    """The CPR stack of the report's aorta, sampled as upstream's cpr() samples it."""
     import nibabel as nib
     from scipy.ndimage import gaussian_filter1d, map_coordinates, spline_filter
 
@@ -119,33 +132,45 @@ def straighten(report: AortaReport) -> tuple[np.ndarray, np.ndarray, float, np.n
                                                 prefilter=False).reshape(size, size)
         stack_mask[:, :, index] = map_coordinates(mask, voxels, order=1, mode="constant").reshape(size, size) > 0.5
     stack_ct = np.clip(np.rint(stack_ct), -32768, 32767).astype(np.int16)
-    return stack_ct, stack_mask, pixel, positions
+    return Straightened(stack_ct, stack_mask, pixel, positions, nib.affines.apply_affine(inverse, line), step)
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
+def coronal_view(stack: np.ndarray) -> np.ndarray:
+    """The stack's middle coronal cut, annulus at the top (upstream's ct[:, mid, :].T[::-1, ::-1])."""
+    return stack[:, stack.shape[1] // 2].T[::-1, ::-1]
+
+
+def grey_picture(image: np.ndarray) -> np.ndarray:
+    """CT values as an RGB picture in upstream's CPR window (-700..1000 HU)."""
     low, high = WINDOW
     grey = (np.clip((image.astype(np.float32) - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def render_cpr_overview(report: AortaReport, height: int = 900) -> np.ndarray:
-    """Sagittal and coronal CPR (annulus at the top) with the outline and landmarks, and the diameter profile."""
-    stack_ct, stack_mask, pixel, positions = straighten(report)
-    slices = stack_ct.shape[2]
-    views = []
-    for cut in (stack_ct[stack_ct.shape[0] // 2], stack_ct[:, stack_ct.shape[1] // 2]):
-        views.append(cut.T[::-1, ::-1])
-    masks = [stack_mask[stack_mask.shape[0] // 2].T[::-1, ::-1], stack_mask[:, stack_mask.shape[1] // 2].T[::-1, ::-1]]
+def landmark_rows(report: AortaReport, straight: Straightened) -> dict[int, int]:
+    """Each found landmark's row in the CPR views (row 0: the annulus end at the top)."""
     lengths = cl.arc_lengths(report.centerline.points, report.grid.spacing)
+    slices = len(straight.positions_mm)
     rows = {}
     for number, landmark in report.landmarks.items():
         if not landmark.empty and landmark.index is not None:
-            slice_index = int(np.argmin(np.abs(positions - lengths[landmark.index])))
+            slice_index = int(np.argmin(np.abs(straight.positions_mm - lengths[landmark.index])))
             rows[number] = slices - 1 - slice_index
+    return rows
+
+
+def render_cpr_overview(report: AortaReport, height: int = 900, straight: Straightened | None = None) -> np.ndarray:
+    """Sagittal and coronal CPR (annulus at the top) with the outline and landmarks, and the diameter profile."""
+    straight = straight if straight is not None else straighten(report)
+    stack_ct, stack_mask = straight.ct, straight.mask
+    slices = stack_ct.shape[2]
+    views = [stack_ct[stack_ct.shape[0] // 2].T[::-1, ::-1], coronal_view(stack_ct)]
+    masks = [stack_mask[stack_mask.shape[0] // 2].T[::-1, ::-1], coronal_view(stack_mask)]
+    rows = landmark_rows(report, straight)
     scale = height / slices
     panels = []
     for view, outline_mask in zip(views, masks):
-        picture = _grey(view)
+        picture = grey_picture(view)
         picture[boundary(outline_mask > 0)] = (255, 77, 77)
         for row in rows.values():
             picture[row] = (picture[row] * 0.6 + 100).astype(np.uint8)
@@ -153,7 +178,7 @@ def render_cpr_overview(report: AortaReport, height: int = 900) -> np.ndarray:
         width = max(1, int(picture.shape[1] * scale))
         c = np.minimum((np.arange(width) / scale).astype(int), picture.shape[1] - 1)
         panels.append(picture[r][:, c])
-    plot = _profile_plot(report, rows, slices, height)
+    plot = profile_plot(report, rows, slices, height)
     top = 40
     canvas = np.zeros((height + top + 30, sum(p.shape[1] for p in panels) + plot.shape[1] + 60, 3), dtype=np.uint8)
     left = 10
@@ -164,8 +189,15 @@ def render_cpr_overview(report: AortaReport, height: int = 900) -> np.ndarray:
     return canvas
 
 
-def _profile_plot(report: AortaReport, rows: dict[int, int], slices: int, height: int, width: int = 420) -> np.ndarray:
-    """Diameter (mm, across) against distance from the annulus (down), one curve per mask, landmarks labelled."""
+def profile_plot(
+    report: AortaReport, rows: dict[int, int], slices: int, height: int, width: int = 420, top: int = 10,
+    bottom: int | None = None,
+) -> np.ndarray:
+    """Diameter (mm, across) against distance from the annulus (down), one curve per mask, landmarks labelled.
+
+    The annulus lies on pixel row `top`, the distal end on `bottom` (default: 30 rows above the foot),
+    so the animation can line the profile up with its CPR panel.
+    """
     plot = np.zeros((height, width, 3), dtype=np.uint8)
     profile = report.profile
     curves = [profile.aorta_mm, profile.true_lumen_mm, profile.false_lumen_mm] if profile is not None else []
@@ -173,16 +205,18 @@ def _profile_plot(report: AortaReport, rows: dict[int, int], slices: int, height
     widest = max([10.0] + [float(c.max()) for c in finite])
     span = max(float(np.nanmax(profile.position_mm)) if profile is not None and len(profile.position_mm) else 1.0, 1.0)
     x_of = lambda mm: 50 + mm / (widest * 1.45) * (width - 60)  # noqa: E731
-    y_of = lambda mm: 10 + mm / span * (height - 40)  # noqa: E731
-    plot[10 : height - 30, 50] = 120
-    plot[height - 30, 50 : width - 10] = 120
+    bottom = height - 30 if bottom is None else bottom
+    y_of = lambda mm: top + mm / span * (bottom - top)  # noqa: E731
+    plot[top:bottom, 50] = 120
+    plot[bottom, 50 : width - 10] = 120
+    labels = bottom + 8 if bottom + 8 + GLYPH_HEIGHT <= height else bottom - 8 - GLYPH_HEIGHT
     for tick in range(0, int(widest * 1.45) + 1, 10):
         col = int(x_of(tick))
         if col < width - 10:
-            plot[height - 30 : height - 25, col] = 120
-            draw_text(plot, str(tick), height - 22, max(0, col - 6), (200, 200, 200), 1)
+            plot[bottom : bottom + 5, col] = 120
+            draw_text(plot, str(tick), labels, max(0, col - 6), (200, 200, 200), 1)
     for number, row in rows.items():
-        y = int(10 + row / max(slices - 1, 1) * (height - 40))
+        y = int(top + row / max(slices - 1, 1) * (bottom - top))
         plot[y, 51 : width - 10] = 60
         draw_text(plot, str(number), max(0, y - GLYPH_HEIGHT // 2), width - 24, (255, 255, 255), 1)
     for curve, (_, colour) in zip(curves, CURVES):

@@ -28,6 +28,7 @@ from tsrt.reports.common import centred_text, draw_footer, paste, wrap_text
 from tsrt.reports.pulmonary_render import DISCLAIMER, plane_picture, rgb_frames_nifti
 
 if TYPE_CHECKING:
+    from tsrt.reports.aorta_cpr import Straightened
     from tsrt.reports.aorta_measure import AortaReport
 
 #: Upstream's plotting colours in order: landmark N is drawn in the N-th.
@@ -37,16 +38,22 @@ LANDMARK_COLOURS = (
 )
 WHITE, GREY, GREEN, RED = (255, 255, 255), (170, 170, 170), (0, 200, 0), (255, 60, 60)
 PAGE_WIDTH, OVERVIEW_HEIGHT, PICTURE, ROW = 1200, 640, 110, 118
+#: Rows above the content: title, version, date (draw_header).
+HEADER_HEIGHT = 84
 SCALE = 2
 LINE = GLYPH_HEIGHT * SCALE + 6
 
 
-def _resize(picture: np.ndarray, height: int) -> np.ndarray:
-    """Nearest-neighbour resize to `height` rows, keeping the aspect ratio."""
+def resize_nearest(picture: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize to `height` x `width` pixels (aspect ratio not kept)."""
     rows = np.minimum((np.arange(height) * picture.shape[0] / height).astype(int), picture.shape[0] - 1)
-    width = max(1, int(round(picture.shape[1] * height / picture.shape[0])))
     cols = np.minimum((np.arange(width) * picture.shape[1] / width).astype(int), picture.shape[1] - 1)
     return picture[rows][:, cols]
+
+
+def _resize(picture: np.ndarray, height: int) -> np.ndarray:
+    """Nearest-neighbour resize to `height` rows, keeping the aspect ratio."""
+    return resize_nearest(picture, height, max(1, int(round(picture.shape[1] * height / picture.shape[0]))))
 
 
 # --------------------------------------------------------------------------------------------- overview
@@ -129,22 +136,32 @@ def _value(value, unit: str) -> str:
     return "-" if value is None else f"{value} {unit}"
 
 
+def draw_header(page: np.ndarray, metadata: dict) -> None:
+    """The page's first HEADER_HEIGHT rows: title, upstream's report version and when the page was drawn."""
+    width = page.shape[1]
+    centred_text(page, "Aorta Report", 12, 0, width, WHITE, 3)
+    centred_text(page, f"version {metadata.get('version', '')}", 42, 0, width, GREY, 1)
+    centred_text(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 58, 0, width, WHITE, SCALE)
+
+
+def footer_lines(width: int) -> list[str]:
+    """The disclaimer wrapped to a page `width` pixels wide (drawn with common.draw_footer)."""
+    return [line for paragraph in DISCLAIMER for line in wrap_text(paragraph, width - 20, 1)]
+
+
 def render_page(report: AortaReport) -> np.ndarray:
     """The report page (RGB uint8): header, overview and section table, landmarks, disclaimer."""
-    footer = [line for paragraph in DISCLAIMER for line in wrap_text(paragraph, PAGE_WIDTH - 20, 1)]
+    footer = footer_lines(PAGE_WIDTH)
     picture = overview(report)
     left_width = max(picture.shape[1] + 20, 690)
-    header, title_row = 84, 34
+    header, title_row = HEADER_HEIGHT, 34
     table_top = title_row + picture.shape[0] + 16
     table_height = LINE * (1 + len(report.sections)) + 10
     main_height = max(table_top + table_height, title_row + ROW * len(report.landmarks))
     main_top = header + 10
     height = main_top + main_height + 24 + len(footer) * (GLYPH_HEIGHT + 4) + 10
     page = np.zeros((height, PAGE_WIDTH, 3), dtype=np.uint8)
-    metadata = report.json["metadata"]
-    centred_text(page, "Aorta Report", 12, 0, PAGE_WIDTH, WHITE, 3)
-    centred_text(page, f"version {metadata.get('version', '')}", 42, 0, PAGE_WIDTH, GREY, 1)
-    centred_text(page, f"Generated on: {time.strftime('%d.%m.%Y %H:%M:%S')}", 58, 0, PAGE_WIDTH, WHITE, SCALE)
+    draw_header(page, report.json["metadata"])
     centred_text(page, "Overview (front, left)", main_top, 0, left_width, WHITE, SCALE)
     paste(page, picture, main_top + title_row, 10)
     top = main_top + table_top
@@ -229,13 +246,19 @@ def write_page_nifti(page: np.ndarray, path: Path) -> Path:
     return Path(path)
 
 
-def write_cpr_overview(report: AortaReport, path: Path) -> Path:
-    """The curved planar reformation overview (upstream's -c): sagittal and coronal CPR and the diameter profile."""
+def write_cpr_overview(report: AortaReport, path: Path, straight: Straightened | None = None) -> Path:
+    """The curved planar reformation overview (upstream's -c): sagittal and coronal CPR and the diameter profile.
+
+    `straight`: the CPR stack when the caller has it already (the animation draws from the same one).
+    """
     from tsrt.reports.aorta_cpr import render_cpr_overview
 
     with atomic_output(Path(path)) as temp:
-        temp.write_bytes(encode_png(render_cpr_overview(report)))
+        temp.write_bytes(encode_png(render_cpr_overview(report, straight=straight)))
     return Path(path)
 
 
-__all__ = ["pdf_bytes", "render_page", "write_cpr_overview", "write_page", "write_page_nifti"]
+__all__ = [
+    "draw_header", "footer_lines", "pdf_bytes", "render_page", "resize_nearest", "write_cpr_overview", "write_page",
+    "write_page_nifti",
+]

@@ -19,12 +19,12 @@ class MissingStructuresError(InputError):
     """A report needs structures the masks lack (or that the scan's field of view cuts)."""
 
 
-def touches_border(mask: np.ndarray, axes: Iterable[int] = (0, 1, 2)) -> bool:
-    """Whether a mask reaches the first or last slice along any of `axes` (the field of view cuts it)."""
+def touches_border(mask: np.ndarray, axes: Iterable[int] = (0, 1, 2), width: int = 1) -> bool:
+    """Whether a mask reaches the first or last `width` slices along any of `axes` (the field of view cuts it)."""
     for axis in axes:
-        first = np.take(mask, 0, axis=axis)
-        last = np.take(mask, mask.shape[axis] - 1, axis=axis)
-        if first.any() or last.any():
+        size = mask.shape[axis]
+        edges = sorted({*range(min(width, size)), *range(max(size - width, 0), size)})
+        if np.take(mask, edges, axis=axis).any():
             return True
     return False
 

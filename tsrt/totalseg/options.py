@@ -110,6 +110,7 @@ class RuntimeOptions:
     quiet: bool = False
     threads: int | None = None
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8, checked against the provider on creation
+    offline: bool = False  # never fetch a missing model (the web page: nothing leaves the machine)
 
     def __post_init__(self) -> None:
         provider, precision = resolve_precision(self.provider, self.precision)  # refused before any image is read
@@ -120,6 +121,6 @@ class RuntimeOptions:
         """The request for `task` with these runtime settings and the given task options."""
         return SegmentOptions(
             task=task, models_dir=self.models_dir, provider=self.provider, device=self.device, quiet=self.quiet,
-            threads=self.threads, precision=self.precision, **options,
+            threads=self.threads, precision=self.precision, offline=self.offline, **options,
         )
 

@@ -34,9 +34,10 @@ def missing_models(models: Sequence[ModelPart], store_root: Path | None = None) 
 
     return [model for model in models if not model_status(model, store_root).complete]
 
-def check_int8_installed(request: TaskRequest, store_root: Path | None = None) -> None:
-    """`--precision int8`: every model the request runs needs its gated int8 graph (`tsrt models quantize`).
-    Said in one line before any model is fetched or image read (a model fetched now would have none)."""
+def check_int8_installed(request: TaskRequest, store_root: Path | None = None, provider: str = "auto") -> None:
+    """`--precision int8`: every model the request runs needs its gated int8 graph (`tsrt models quantize`; on
+    `provider` tensorrt in TensorRT's symmetric form). Said in one line before any model is fetched or image read
+    (a model fetched now would have none)."""
     from tsrt.models.plan import has_int8, int8_missing, load_model_plans
     from tsrt.models.store import model_dir
 
@@ -47,6 +48,13 @@ def check_int8_installed(request: TaskRequest, store_root: Path | None = None) -
         if model.name in missing or not has_int8(load_model_plans(model_dir(model, store_root), _folds(model)))
     ]
     if not lacking:
+        if provider == "tensorrt":
+            from tsrt.engines.tensorrt import check_tensorrt_int8_graphs
+            from tsrt.models.store import gated_int8_graphs
+
+            for model in needed:
+                folder = model_dir(model, store_root)
+                check_tensorrt_int8_graphs(folder, gated_int8_graphs(folder, load_model_plans(folder, _folds(model))))
         return
     task = request.task
     mode = {"fast": " --fast", "fastest": " --fastest"}.get(task.mode, "")

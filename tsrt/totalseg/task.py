@@ -76,7 +76,7 @@ def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, Outp
         force_split=options.force_split, v1_order=options.v1_order, remove_small_blobs=options.remove_small_blobs,
     )
     if options.precision == "int8":
-        check_int8_installed(request, options.models_dir)
+        check_int8_installed(request, options.models_dir, options.provider)
     check_models_installed(request, options.models_dir, offline=options.offline, progress=not options.quiet)
     runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
                          quiet=options.quiet, precision=options.precision)
@@ -101,7 +101,7 @@ def task_run_request(options: SegmentOptions, request: TaskRequest) -> RunReques
     graphs = [
         graph
         for model in models_to_run(request)[0]
-        for graph in graph_records(model.name, model_dir(model, options.models_dir), model.fold_names)
+        for graph in graph_records(model.name, model_dir(model, options.models_dir), model.fold_names, options.precision)
     ]
     return RunRequest("task", options.task, options.written_options(), tuple(graphs))
 

@@ -1,20 +1,37 @@
-"""tsrt's clinical web page (Streamlit): open a CT or MR, segment it, look at the result, download it.
+"""tsrt's clinical web page (Streamlit): open a CT or MR, segment it, look at the result, make reports, download them.
 
 Start it with `tsrt ui` (tsrt/cli/ui.py), which binds it to this machine and switches off Streamlit's
 usage statistics. Streamlit runs this script top to bottom on every click; what must survive a
-click (the opened image, the result) lives in `st.session_state`. The logic is in the sibling
+click (the opened image, the result and its reports) lives in `st.session_state`. The logic is in the sibling
 modules; this file only lays out widgets and wires them to it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
 from tsrt.errors import TsrtError
+from tsrt.ui.reports import (
+    AORTA,
+    EVANS,
+    REFERENCE_RANGES_NOTE,
+    REPORT_NAMES,
+    REPORT_TITLES,
+    VOLUMES,
+    AortaPageReport,
+    EvansPageReport,
+    ReportFile,
+    VolumeReport,
+    aorta_phase_choices,
+    aorta_report_for_page,
+    evans_index_for_page,
+    report_runtime,
+    volume_report,
+)
 from tsrt.ui.results import (
     STATUS_NOT_FOUND,
     ResultFiles,
@@ -30,6 +47,7 @@ from tsrt.ui.runner import (
     default_choice,
     default_fast,
     demo_fits,
+    has_gated_int8,
     model_choices,
     precision_choices,
     provider_choices,
@@ -73,6 +91,8 @@ class PageResult:
     report: dict[str, list]
     viewer: SliceViewer
     seconds: dict[str, float]
+    #: The Reports step's reports made from this result so far (or the one line refusing one), by kind.
+    reports: dict[str, object] = field(default_factory=dict)
 
 
 class ProgressBars:
@@ -200,6 +220,12 @@ def _model_choices(store: str) -> list[ModelChoice]:
     return model_choices(Path(store))
 
 
+@st.cache_data(ttl=30, show_spinner=False)
+def _has_gated_int8(key: str, fast: bool, store: str) -> bool:
+    """Whether the model has gated int8 graphs, looked up at most every 30 s (it reads the models' plans)."""
+    return has_gated_int8(key, fast, Path(store))
+
+
 def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
     st.header("2. Segmentation")
     from tsrt.models.store import models_root
@@ -226,11 +252,13 @@ def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
         help="Leave empty for all. Whole-body tasks then crop around the chosen ones, which is faster.",
     )
     provider = st.selectbox("Compute on", providers, key="provider")
-    precisions = precision_choices(providers)
+    precisions = precision_choices(providers, provider, _has_gated_int8(choice.key, fast, str(models_root())))
+    if st.session_state.get("precision") not in precisions:  # int8 gone with another model or provider: fp32
+        st.session_state["precision"] = precisions[0]
     precision = st.selectbox(
         "Precision", precisions, key="precision", disabled=len(precisions) < 2,
-        help="fp32 gives the reference masks; bf16 (OpenVINO on a CPU with native bf16) and fp16 (TensorRT) "
-        "are faster and may differ in a few voxels.",
+        help="fp32 gives the reference masks; bf16 (OpenVINO on a CPU with native bf16), fp16 (TensorRT) and int8 "
+        "(on the CPU, for a model with int8 graphs from `tsrt models quantize`) are faster and may differ in a few voxels.",
     )
     run = st.button("Segment", type="primary", disabled=opened is None, key="run", width="stretch")
     return RunOptions(choice, fast, structures, provider, precision), run
@@ -356,6 +384,101 @@ def _structure_toggles(found: list[tuple[int, str]], viewer: SliceViewer) -> set
     return visible
 
 
+# --------------------------------------------------------------------------------------------- reports
+
+
+def _show_reports(result: PageResult, opened: OpenedImage, options: RunOptions) -> None:
+    """One tab per report: a button makes it from this result (or refuses in one line); its files download."""
+    st.header("4. Reports")
+    seg, folder, stem = result.files.segmentation, result.files.folder, result.files.stem
+    volumes_tab, aorta_tab, evans_tab = st.tabs([REPORT_TITLES[kind] for kind in (VOLUMES, AORTA, EVANS)])
+    with volumes_tab:
+        st.caption("Volume and mean density of every structure this segmentation found (no further model runs).")
+        if st.button("Create the volume report", key=f"report:{VOLUMES}"):
+            _make_report(result, VOLUMES, lambda: volume_report(seg, folder, stem))
+        _show_report(result, VOLUMES)
+    with aorta_tab:
+        st.caption(
+            "Diameters at eleven landmarks and along the centerline, as `tsrt report aorta` measures them: runs "
+            "the report's own models on the scan (several minutes on a CPU)."
+        )
+        phase = st.selectbox(
+            "Contrast phase", aorta_phase_choices(), key="aorta_phase",
+            help="native ignores the true/false lumen model; estimating needs `tsrt models import phase`.",
+        )
+        if st.button("Create the aorta report", key=f"report:{AORTA}"):
+            _make_report(result, AORTA, lambda: aorta_report_for_page(
+                opened.source, seg, report_runtime(options.provider, options.precision), phase, folder, stem,
+            ))
+        _show_report(result, AORTA)
+    with evans_tab:
+        st.caption(
+            "Widest frontal horns over the widest inner skull on the same slice, as `tsrt evans-index` measures "
+            "them on a head CT: runs its own models on the scan."
+        )
+        if st.button("Create the Evans index", key=f"report:{EVANS}"):
+            _make_report(result, EVANS, lambda: evans_index_for_page(
+                opened.source, seg, report_runtime(options.provider, options.precision), folder, stem,
+            ))
+        _show_report(result, EVANS)
+
+
+def _make_report(result: PageResult, kind: str, make) -> None:
+    """Run one report; keep it, or the one line that refuses it, with the result (both survive reruns)."""
+    try:
+        with st.spinner(f"Making the {REPORT_NAMES[kind]} report ..."):
+            result.reports[kind] = make()
+    except TsrtError as err:
+        result.reports[kind] = str(err)
+
+
+def _show_report(result: PageResult, kind: str) -> None:
+    made = result.reports.get(kind)
+    if made is None:
+        return
+    if isinstance(made, str):
+        st.error(made)
+        return
+    if isinstance(made, VolumeReport):
+        mean_name = mean_column(result.files.segmentation.modality)
+        st.dataframe(
+            made.table, hide_index=True,
+            column_config={
+                "volume (ml)": st.column_config.NumberColumn(format="%.1f"),
+                mean_name: st.column_config.NumberColumn(format="%.0f"),
+            },
+        )
+        st.caption(f"{made.measured} of {len(made.table['structure'])} structures found measured. {REFERENCE_RANGES_NOTE}")
+    elif isinstance(made, AortaPageReport):
+        widest = made.json["section_stats"]["aorta_total"]["max_diameter"]
+        st.markdown(f"Widest aorta diameter: **{'-' if widest is None else f'{widest} cm'}**; "
+                    f"{len(made.points)} of 11 landmarks measured.")
+        st.image(made.profile_png, caption="Diameter along the centerline; discs: the measured landmarks (numbers "
+                 "as on the report page)", output_format="PNG")
+        for start in range(0, len(made.landmark_pictures), 6):
+            row = made.landmark_pictures[start : start + 6]
+            for column, (picture, caption) in zip(st.columns(6), row):
+                column.image(picture, caption=caption, output_format="PNG")
+        with st.expander("Report page"):
+            st.image(str(made.page))
+    elif isinstance(made, EvansPageReport):
+        values = made.values
+        index_column, brain_column, ventricle_column = st.columns(3)
+        index_column.metric("Evans index", f"{values['evans_index']:.3f}", help="Above 0.3 suggests enlarged ventricles.")
+        brain_column.metric("Brain volume", f"{values['brain_volume_ml']:.0f} ml")
+        ventricle_column.metric("Ventricle volume", f"{values['ventricle_volume_ml']:.0f} ml")
+        st.image(str(made.picture), caption="The measured slice: brain width green, frontal horns orange")
+    _download_buttons(kind, made.files)
+
+
+def _download_buttons(kind: str, files: list[ReportFile]) -> None:
+    for column, (index, file) in zip(st.columns(len(files)), enumerate(files)):
+        column.download_button(
+            file.label, data=file.path.read_bytes(), file_name=file.path.name, mime=file.mime, on_click="ignore",
+            key=f"download:{kind}:{index}", width="stretch",
+        )
+
+
 # --------------------------------------------------------------------------------------------- page
 
 
@@ -381,6 +504,7 @@ def main() -> None:
         st.warning(DEMO_WARNING)
     if shown is not None:
         _show_result(shown)
+        _show_reports(shown, opened, options)
 
 
 if __name__ == "__main__":

@@ -146,11 +146,13 @@ def demo_fits(source) -> bool:
     return is_phantom(np.asarray(image.array), image.affine, image.spacing)
 
 
-def precision_choices(providers: Sequence[str]) -> list[str]:
-    """fp32 first (the default), then the reduced precisions an installed provider runs natively here.
+#: Providers on which the page runs a model's gated int8 graphs (`auto` takes the CPU for int8).
+INT8_PROVIDERS = ("auto", "cpu", "openvino")
 
-    int8 is not offered: it needs a model quantized with `tsrt models quantize`, chosen on the command line.
-    """
+
+def precision_choices(providers: Sequence[str], provider: str = "auto", int8_graph: bool = False) -> list[str]:
+    """fp32 first (the default), then the reduced precisions an installed provider runs natively here, and int8
+    when the selected model has its gated int8 graphs (`has_gated_int8`) and `provider` runs them on the CPU."""
     from tsrt.engines.providers import native_bf16
 
     choices = ["fp32"]
@@ -158,7 +160,28 @@ def precision_choices(providers: Sequence[str]) -> list[str]:
         choices.append("bf16")
     if "tensorrt" in providers:
         choices.append("fp16")
+    if int8_graph and provider in INT8_PROVIDERS:
+        choices.append("int8")
     return choices
+
+
+def has_gated_int8(key: str, fast: bool, store_root: Path | None = None) -> bool:
+    """Whether the model `key` (DEMO_KEY or a task, in `fast` mode) has the gated int8 graphs `--precision int8`
+    runs (`tsrt models quantize`): every fold of every model the task runs, as `tsrt segment` checks it."""
+    from tsrt.errors import TsrtError
+    from tsrt.models.plan import has_int8, load_model_plans
+
+    if key == DEMO_KEY:
+        from tsrt.demo.run import demo_model_dir
+
+        return has_int8(load_model_plans(demo_model_dir()))
+    from tsrt.totalseg.request import build_request, check_int8_installed
+
+    try:
+        check_int8_installed(build_request(key, fast=fast), store_root)
+    except TsrtError:
+        return False
+    return True
 
 
 def provider_choices() -> list[str]:
@@ -250,7 +273,7 @@ def _segment_with_demo_model(
         source.image, source.values, run.labels, dict(run.label_names), DEMO_LABEL, "CT", model.provider_used,
         seconds=seconds,
     )
-    request = model_run_request(demo_model_dir(), model.plans, settings, save_probabilities=False)
+    request = model_run_request(demo_model_dir(), model.plans, settings, save_probabilities=False, precision=precision)
     return segmentation, request, model.precision_used
 
 

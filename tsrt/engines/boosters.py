@@ -1,4 +1,4 @@
-"""TotalSegmentator's xgboost models (contrast phase, modality), run with xgboost's Booster alone.
+"""TotalSegmentator's xgboost models (contrast phase, modality, body stats), run with xgboost's Booster alone.
 
 Upstream calls them through xgboost's scikit-learn wrappers (XGBRegressor / XGBClassifier), which
 refuse to work without scikit-learn. The wrappers' `predict` is a thin layer over the Booster, so
@@ -6,9 +6,12 @@ it is reproduced here and the `phase` extra needs only xgboost:
 
 - regression: `inplace_predict` on the float64 feature row, over the trees up to the recorded
   best iteration (all trees when the model has none), float32 out;
-- binary classification: the same probability, class 1 when it is above 0.5.
+- binary classification: the same probability (predict_proba's class-1 column), class 1 when it is
+  above 0.5.
 
-tests/test_phase.py and tests/test_modality.py compare the results with upstream's wrappers.
+It sits with the engines (below the companions and the reports) because both run these models.
+tests/companions/test_phase.py, test_modality.py and tests/reports/test_body.py compare the results
+with upstream's wrappers.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def load_boosters(paths: Iterable[Path], feature: str) -> list[Any]:
     """xgboost Boosters from JSON model files (`feature` names the command, for the missing-extra message)."""
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # pandas (via xgboost) logs its thread count at INFO
     xgboost = require_module("xgboost", feature, "phase")
-    return [xgboost.Booster(model_file=str(path)) for path in paths]
+    # One thread: a single feature row gains nothing from more, and idle OpenMP workers spin on a busy machine.
+    return [xgboost.Booster(params={"nthread": 1}, model_file=str(path)) for path in paths]
 
 
 def _iteration_range(booster: Any) -> tuple[int, int]:
@@ -39,7 +43,7 @@ def _iteration_range(booster: Any) -> tuple[int, int]:
 
 
 def predict_value(booster: Any, features: Sequence[float]) -> np.float32:
-    """What XGBRegressor.predict([features])[0] returns."""
+    """What XGBRegressor.predict([features])[0] returns (for a binary classifier: predict_proba's class 1)."""
     row = np.asarray([list(features)], dtype=np.float64)
     return booster.inplace_predict(row, iteration_range=_iteration_range(booster), missing=np.nan)[0]
 
