@@ -46,14 +46,6 @@ def _argmax_classes(logits: np.ndarray, out: np.ndarray) -> None:
                         out[i, j, k] = c
 
 
-def load_kernels() -> None:
-    """Load the argmax kernel for the slabs the sliding window hands on (see sliding_window.load_kernels)."""
-    labels = numba.typeof(np.zeros((1, 1, 1), dtype=np.uint8))
-    whole = np.zeros((1, 1, 3, 3), dtype=np.float32)
-    for logits in (whole, whole[:, :, 1:, 1:]):  # contiguous slabs, and slabs cropped out of padding
-        _argmax_classes.compile((numba.typeof(logits), labels))
-
-
 def logits_to_labels(logits: np.ndarray, plan: RecordedPlan) -> np.ndarray:
     """Argmax over classes, or for region models each region where sigmoid > 0.5 in regions_class_order.
 

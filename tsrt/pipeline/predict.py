@@ -7,7 +7,6 @@ layer calls `predict_array` for each part model.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from tsrt.pipeline.infer import InferenceSettings, LoadedModel, load_model, predict_streaming
-from tsrt.pipeline import postprocess, sliding_window
 from tsrt.pipeline.postprocess import LabelAssembler, logits_to_labels, probabilities_in_reader_grid, uncrop_and_untranspose
 from tsrt.pipeline.preprocess import preprocess
 
@@ -47,7 +45,6 @@ def predict_array(
     settings = settings or InferenceSettings()
     plan = model.plan
     seconds: dict[str, float] = {}
-    load_kernels_in_background()
 
     started = time.perf_counter()
     preprocessed = preprocess(data, spacing, plan)
@@ -80,23 +77,6 @@ def predict_array(
     return Prediction(
         labels=np.ascontiguousarray(labels), probabilities=probabilities, seconds=seconds, cropping=cropping
     )
-
-
-_kernel_loader: threading.Thread | None = None
-
-
-def load_kernels_in_background() -> None:
-    """Start loading the compiled sliding-window and argmax kernels once per process, beside preprocessing
-    and the network (ONNX Runtime releases the GIL), instead of in front of the first slab."""
-    global _kernel_loader
-    if _kernel_loader is None:
-        _kernel_loader = threading.Thread(target=_load_kernels, name="tsrt-load-kernels", daemon=True)
-        _kernel_loader.start()
-
-
-def _load_kernels() -> None:
-    sliding_window.load_kernels()
-    postprocess.load_kernels()
 
 
 __all__ = ["Prediction", "predict_array", "load_model", "InferenceSettings"]

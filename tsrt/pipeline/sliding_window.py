@@ -260,23 +260,6 @@ def one_tile_mean(fold_logits: np.ndarray, gaussian: np.ndarray, half: bool) -> 
     return _one_tile_mean(np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, half)
 
 
-def load_kernels() -> None:
-    """Load this module's compiled kernels (from numba's cache; compiled once per install) without running them.
-
-    Loading costs about a second the first time any kernel is needed in a process (numba sets up its
-    registries), all of it in Python. Called from a background thread while the network runs, it
-    costs the run nothing; the main thread waits for it only if it gets there first. Nothing is
-    executed, so no parallel kernel is launched from two threads at once.
-    """
-    block = numba.typeof(np.zeros((1, 1, 1, 1, 1), dtype=np.float32))
-    volume = numba.typeof(np.zeros((1, 1, 1), dtype=np.float32))
-    half = numba.typeof(True)
-    _one_tile_mean.compile((block, volume, half))
-    index = numba.typeof(0)
-    _accumulate.compile((block, volume, block, volume, index, index, index, half))
-    _normalize_rows.compile((block, volume, index, half))
-
-
 class _SlabAccumulator:
     """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume.
 
