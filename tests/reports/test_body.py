@@ -113,6 +113,7 @@ def body_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (home / "config.json").write_text(json.dumps(config))
     write_body_stats_xgb(home)
     write_body_stats_cnn(home, "ct")
+    write_body_stats_cnn(home, "mr")
     return home
 
 
@@ -257,28 +258,31 @@ def test_xgboost_equals_official_on_nifti_and_dicom(body_home: Path, trunk_input
 def test_cnn_equals_official_on_real_ct_nifti_dicom_and_tta(
     body_home: Path, shared_data: Path, tmp_path: Path
 ) -> None:
-    """get_body_stats(model_type="cnn"): all folds on NIfTI and DICOM, -tta, and one fold with --only_weight."""
+    """get_body_stats(model_type="cnn"): all folds on NIfTI and DICOM, -tta, one fold with --only_weight, and MR."""
     from totalseg_official import write_dicom_series
 
     ct = shared_data / "example_ct_sm.nii.gz"
+    mr = shared_data / "example_mr_sm.nii.gz"
     dicom = write_dicom_series(ct, tmp_path / "ct_dicom")
     cases = {
-        "nifti": (["-i", str(ct)], {"image": str(ct), "f_type": "niigz"}),
-        "dicom": (["-i", str(dicom)], {"image": str(dicom), "f_type": "dicom"}),
-        "tta": (["-i", str(ct), "-tta"], {"image": str(ct), "f_type": "niigz", "tta": True}),
-        "fold": (["-i", str(ct), "-f", "3", "--only_weight"],
+        "nifti": (["-i", str(ct), "-m", "ct"], {"image": str(ct), "f_type": "niigz"}),
+        "dicom": (["-i", str(dicom), "-m", "ct"], {"image": str(dicom), "f_type": "dicom"}),
+        "tta": (["-i", str(ct), "-m", "ct", "-tta"], {"image": str(ct), "f_type": "niigz", "tta": True}),
+        "fold": (["-i", str(ct), "-m", "ct", "-f", "3", "--only_weight"],
                  {"image": str(ct), "f_type": "niigz", "fold": "3", "only_weight": True}),
+        # MR: the MR networks (body_stats_mr) on a real MR
+        "mr": (["-i", str(mr), "-m", "mr"], {"image": str(mr), "f_type": "niigz", "modality": "mr"}),
     }
     # The DICOM series holds the NIfTI's voxels: its report is checked against the official NIfTI result
     # (one official run fewer).
-    jobs = [{**job, "modality": "ct", "model_type": "cnn"} for name, (_, job) in cases.items() if name != "dicom"]
+    jobs = [{"modality": "ct", **job, "model_type": "cnn"} for name, (_, job) in cases.items() if name != "dicom"]
     official = _start_official(jobs, tmp_path / "official", body_home)
     store = tmp_path / "store"
     try:
         ours = {}
         for name, (args, _) in cases.items():
             output = tmp_path / name / "body_stats.json"
-            result = _cli("report", "body", *args, "-o", str(output), "-m", "ct", "-q", store=store, home=body_home)
+            result = _cli("report", "body", *args, "-o", str(output), "-q", store=store, home=body_home)
             assert result.exit_code == 0, (name, result.output, result.exception)
             ours[name] = json.loads(output.read_text())
         theirs = official.result()
@@ -292,8 +296,10 @@ def test_cnn_equals_official_on_real_ct_nifti_dicom_and_tta(
         print(name, "largest difference:", _largest_difference(mine, official_result["result"]))
     assert list(ours["nifti"])[:4] == ["weight", "size", "age", "sex"] and list(ours["nifti"])[-2:] == ["bmi", "bsa"]
     assert "min" in ours["tta"]["weight"] and list(ours["fold"]) == ["weight"] and "min" not in ours["fold"]["weight"]
-    manifest = json.loads((store / "models" / "resources" / "body_stats_ct" / "manifest.json").read_text())
-    assert sorted(manifest["files"]) == sorted(f"fold_{k}.{e}" for k in range(5) for e in ("onnx", "json"))
+    for modality in ("ct", "mr"):
+        manifest = json.loads((store / "models" / "resources" / f"body_stats_{modality}" / "manifest.json").read_text())
+        assert sorted(manifest["files"]) == sorted(f"fold_{k}.{e}" for k in range(5) for e in ("onnx", "json"))
+    assert ours["mr"] != ours["nifti"]  # the MR networks, not the CT ones
     described = json.loads((store / "models" / "resources" / "body_stats_ct" / "fold_0.json").read_text())
     assert described["verified_with_torch"]["max_abs_difference"] < 1e-3
 
