@@ -319,11 +319,12 @@ BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf")), "ventricle_fr
 
 _ORACLE_WITH_MODELS = """
 def main():
-    import os
+    import types
     import totalsegmentator.bin.totalseg_evans_index as official
 
-    # upstream runs its models through the TotalSegmentator command (run_models_shell)
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    # upstream runs its models through `TotalSegmentator ...` shell commands (run_models_shell): here in this process
+    sequential_nnunet()
+    official.subprocess = types.SimpleNamespace(call=lambda command, **kwargs: totalsegmentator_command_in_process(command))
     for update in official.evans_index(Path(sys.argv[1]), "niigz"):
         pass
     Path(sys.argv[2]).write_bytes(update["report_png"])

@@ -232,7 +232,7 @@ def test_report_page_nifti_has_upstreams_layout(tmp_path: Path) -> None:
 #: models ran on it (totalseg_pulmonary_report --run_models); argv: the folder or file, the work folder.
 _ORACLE = """
 def main():
-    import logging, os
+    import logging
     import matplotlib
     matplotlib.use("Agg")
     from totalsegmentator.pulmonary_report.measurements import create_landmark_planes, measure_landmarks
@@ -244,8 +244,11 @@ def main():
     logger = logging.getLogger("oracle")
     if source.is_dir():
         ct_path, masks = source / "ct.nii.gz", source
-    else:  # upstream runs its models through the TotalSegmentator command
-        os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    else:  # upstream's models through its `TotalSegmentator` command lines, run in this process (one torch import)
+        from totalsegmentator.pulmonary_report import model_runner
+
+        sequential_nnunet()
+        model_runner._run = lambda command, description: totalsegmentator_command_in_process(command)
         masks = work / "models"
         masks.mkdir(parents=True, exist_ok=True)
         ct_path, statuses = _run_segmentation_models(source, masks, logger, "None", False, "local")
@@ -369,7 +372,9 @@ BANDS = {
 #: What totalseg_pulmonary_report --run_models runs: total --fast -rs heart (and its 6 mm crop model),
 #: heartchambers_highres (cropped with the 3 mm model), pulmonary_artery_landmarks (and the body model).
 MODEL_TASKS = ("total_fast", "total_fastest", "body_fast", "heartchambers_highres", "pulmonary_artery_landmarks")
-E2E_SPACING, E2E_EXTENT, E2E_SCALE = (0.9, 0.9, 1.2), ((-75, 75), (-65, 65), (-110, 75)), 0.5
+#: A half-size chest from 6 mm below the heart to 6 mm above the branches, on the slice grid of a taller
+#: (-110, 75) one (its slices 8..67): at 0.8 mm (94 x 82 x 90 voxels) it fits one 96^3 tile of the models.
+E2E_SPACING, E2E_EXTENT, E2E_SCALE = (0.9, 0.9, 1.2), ((-75, 75), (-65, 65), (-90.8, 52.2)), 0.5
 
 
 @pytest.fixture(scope="module")

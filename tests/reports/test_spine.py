@@ -380,13 +380,16 @@ def e2e_phantom(levels: tuple[str, ...] = E2E_LEVELS) -> dict:
 
 _ORACLE_REPORT = """
 def main():
-    import os, shutil
+    import shutil, types
     import totalsegmentator.bin.totalseg_spine_report as official
+    import totalsegmentator.spine_report.utils_report as model_runner
 
     ct, work, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     work.mkdir(parents=True, exist_ok=True)
     (work / "contrast_phase.json").write_text(json.dumps({"phase": phase}))  # as totalseg_get_phase writes it
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    sequential_nnunet()  # upstream's `TotalSegmentator ...` shell command (subprocess.call), run in this process
+    model_runner.subprocess = types.SimpleNamespace(
+        call=lambda command, **kwargs: totalsegmentator_command_in_process(command))
     page = {}
 
     def no_browser(templates_path, template_file, template_vars, output_file, width):  # wkhtmltoimage: not on PyPI
