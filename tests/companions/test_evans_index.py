@@ -47,14 +47,18 @@ ANALYTIC_INDEX = 2 * (HORN_GAP_CENTRE_MM + HORN_HALF_WIDTH_MM) / (2 * BRAIN_AXES
 PHANTOMS = (("turned_8deg_thick_slices", (1.0, 1.1, 2.0), 8.0),)
 
 
-def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float, horn_hu: int = 6) -> dict:
+def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float, horn_hu: int = 6,
+                      scale: float = 1.0) -> dict:
     """CT (HU), brain/skull masks and ventricle_parts labels of a head phantom, stored in LPS.
 
     `horn_hu`: the frontal horns' intensity (CSF by default; the model test makes them the brightest
-    structure, so intensity-band fixture models can tell them from everything else).
+    structure, so intensity-band fixture models can tell them from everything else). `scale` shrinks
+    every length alike (the analytic index stays ANALYTIC_INDEX): the model test's smaller head keeps
+    the 0.44 mm ventricle grid small.
     """
-    a, b, c = BRAIN_AXES_MM
-    reach = np.array([a, b, c]) + SKULL_MM + 12
+    a, b, c = (scale * axis for axis in BRAIN_AXES_MM)
+    skull = scale * SKULL_MM
+    reach = np.array([a, b, c]) + skull + 12 * scale
     shape = tuple(int(np.ceil(2 * r / s)) for r, s in zip(reach, spacing))
     centre = (np.array(shape) - 1) / 2
     x, y, z = [(np.arange(n) - centre[i]) * spacing[i] for i, n in enumerate(shape)]
@@ -66,11 +70,13 @@ def make_head_phantom(spacing: tuple[float, float, float], turn_deg: float, horn
         return (xr / axes[0]) ** 2 + ((yr - dy) / axes[1]) ** 2 + (z / axes[2]) ** 2 <= 1
 
     inner = ellipsoid((a, b, c))
-    outer = ellipsoid((a + SKULL_MM, b + SKULL_MM, c + SKULL_MM))
-    rows = (np.abs(yr - 22.0) <= 12.0) & (np.abs(z) <= 8.0)  # frontal horns: anterior, around the axial midplane
-    left = rows & (np.abs(xr + HORN_GAP_CENTRE_MM) <= HORN_HALF_WIDTH_MM)  # RAS: the patient's left is -x
-    right = rows & (np.abs(xr - HORN_GAP_CENTRE_MM) <= HORN_HALF_WIDTH_MM)
-    third = ellipsoid((3.0, 10.0, 8.0), dy=-5.0)
+    outer = ellipsoid((a + skull, b + skull, c + skull))
+    # frontal horns: anterior, around the axial midplane
+    rows = (np.abs(yr - 22.0 * scale) <= 12.0 * scale) & (np.abs(z) <= 8.0 * scale)
+    gap, half_width = scale * HORN_GAP_CENTRE_MM, scale * HORN_HALF_WIDTH_MM
+    left = rows & (np.abs(xr + gap) <= half_width)  # RAS: the patient's left is -x
+    right = rows & (np.abs(xr - gap) <= half_width)
+    third = ellipsoid((3.0 * scale, 10.0 * scale, 8.0 * scale), dy=-5.0 * scale)
     ct = np.full(shape, -1000, np.int16)
     ct[outer] = 1100
     ct[inner] = 34
@@ -315,6 +321,9 @@ def test_command_on_images_without_a_brain(model_store: Path, tmp_path: Path) ->
 #: structure of this phantom (HORN_HU), are ventricle_parts label 1. Resampling ramps at the outer
 #: skull surface give a thin "brain" shell outside the skull; the Evans pipeline drops it (largest blob).
 HORN_HU = 2500
+#: The model test's head at 70 % size: the 0.44 mm ventricle model then runs on a third of the tiles (both
+#: sides still measure the analytic index on it within TOLERANCE: brain 90 mm wide, horns spanning 25 mm).
+E2E_HEAD_SCALE = 0.7
 BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf")), "ventricle_frontal_horn_left": (1800.0, float("inf"))}
 
 _ORACLE_WITH_MODELS = """
@@ -345,7 +354,7 @@ def test_command_with_models_matches_official_on_nifti_and_dicom(
     ts_home = write_totalseg_home(tmp_path_factory.mktemp("banded_ts_home"), EVANS_TS_TASKS, intensity_bands=BANDS)
     store = _evans_store(ts_home, evans_home, tmp_path_factory.mktemp("banded_store"))
     name, spacing, turn = PHANTOMS[0]
-    phantom = make_head_phantom(spacing, turn, horn_hu=HORN_HU)
+    phantom = make_head_phantom(spacing, turn, horn_hu=HORN_HU, scale=E2E_HEAD_SCALE)
     nifti = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(phantom["ct"], phantom["affine"]), nifti)
     official = start_official(_ORACLE_WITH_MODELS, tmp_path / "official", str(nifti), str(tmp_path / "official.png"),
