@@ -321,9 +321,12 @@ def test_command_on_images_without_a_brain(model_store: Path, tmp_path: Path) ->
 #: structure of this phantom (HORN_HU), are ventricle_parts label 1. Resampling ramps at the outer
 #: skull surface give a thin "brain" shell outside the skull; the Evans pipeline drops it (largest blob).
 HORN_HU = 2500
-#: The model test's head at 70 % size: the 0.44 mm ventricle model then runs on a third of the tiles (both
-#: sides still measure the analytic index on it within TOLERANCE: brain 90 mm wide, horns spanning 25 mm).
+#: The model test's head at 70 % size: the 0.44 mm ventricle model then runs on a third of the tiles.
 E2E_HEAD_SCALE = 0.7
+#: Both widths are counted in whole voxels of the 1 mm atlas grid, so one voxel more or less on each moves
+#: the index by about (1 + index) / brain width: 0.014 on the 90 mm brain of the smaller head (ANTs'
+#: registration is not bit-reproducible between machines, so the official side can land one voxel apart).
+E2E_TOLERANCE = (1 + ANALYTIC_INDEX) / (2 * BRAIN_AXES_MM[0] * E2E_HEAD_SCALE)
 BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf")), "ventricle_frontal_horn_left": (1800.0, float("inf"))}
 
 _ORACLE_WITH_MODELS = """
@@ -377,9 +380,9 @@ def test_command_with_models_matches_official_on_nifti_and_dicom(
     ours, from_dicom = reports[nifti.name], reports["head_dicom"]
     print(f"analytic {ANALYTIC_INDEX:.4f} | tsrt {ours} | tsrt DICOM {from_dicom} | official {theirs}")
     assert list(ours) == list(theirs)
-    assert abs(ours["evans_index"] - theirs["evans_index"]) <= TOLERANCE
-    assert abs(ours["evans_index"] - ANALYTIC_INDEX) <= TOLERANCE
-    assert abs(theirs["evans_index"] - ANALYTIC_INDEX) <= TOLERANCE
+    assert abs(ours["evans_index"] - theirs["evans_index"]) <= E2E_TOLERANCE
+    assert abs(ours["evans_index"] - ANALYTIC_INDEX) <= E2E_TOLERANCE
+    assert abs(theirs["evans_index"] - ANALYTIC_INDEX) <= E2E_TOLERANCE
     assert ours["brain_volume_ml"] == pytest.approx(theirs["brain_volume_ml"], rel=0.02)
     assert ours["ventricle_volume_ml"] == pytest.approx(theirs["ventricle_volume_ml"], rel=0.05)
     assert from_dicom["evans_index"] == pytest.approx(ours["evans_index"], abs=0.005)
