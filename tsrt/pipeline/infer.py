@@ -22,7 +22,7 @@ from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session
 from tsrt.models.store import gated_int8_graphs, sha256_file
-from tsrt.pipeline.sliding_window import SlabConsumer, count_tiles, sliding_window_inference
+from tsrt.pipeline.sliding_window import LabelSink, SlabConsumer, count_tiles, sliding_window_inference
 
 log = logging.getLogger("tsrt")
 
@@ -198,8 +198,10 @@ def predict_streaming(
     consume_slab: SlabConsumer,
     settings: InferenceSettings,
     progress_description: str = "tiles",
+    labels: LabelSink | None = None,
 ) -> None:
-    """Run the sliding window over the preprocessed volume, handing finished logit slabs on."""
+    """Run the sliding window over the preprocessed volume, handing finished logit slabs (or, for an image of
+    one tile, argmax labels to `labels` when given) on."""
     plan = model.plan
     mirror_axes = plan.allowed_mirroring_axes if settings.use_mirroring else None
     n_tiles = count_tiles(preprocessed.data.shape[1:], plan.patch_size, settings.step_size)
@@ -219,6 +221,7 @@ def predict_streaming(
             accumulation=settings.accumulation,
             progress=advance,
             head=head,
+            labels=labels,
         )
 
 

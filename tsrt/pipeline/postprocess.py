@@ -15,6 +15,7 @@ import numpy as np
 from tsrt.models.plan import RecordedPlan
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.pipeline.resample import resample_to_shape
+from tsrt.pipeline.sliding_window import LabelSink
 
 log = logging.getLogger("tsrt")
 
@@ -94,6 +95,15 @@ class LabelAssembler:
             self.logits = np.zeros((plan.num_segmentation_heads, *shape), dtype=np.float32)
         else:
             self.labels = np.zeros(shape, dtype=label_dtype(plan))
+
+    def label_sink(self) -> LabelSink | None:
+        """Argmax labels straight from the sliding window, when labels are all this keeps (not for region models)."""
+        if self.keep_logits or self.plan.has_regions:
+            return None
+        return LabelSink(label_dtype(self.plan), self.take_labels)
+
+    def take_labels(self, first_row: int, labels: np.ndarray) -> None:
+        self.labels[first_row : first_row + labels.shape[0]] = labels
 
     def __call__(self, first_row: int, slab: np.ndarray) -> None:
         rows = slice(first_row, first_row + slab.shape[1])

@@ -55,7 +55,7 @@ def predict_array(
     assembler = LabelAssembler(
         preprocessed, plan, keep_logits=save_probabilities, half_logits=settings.accumulation == "float16"
     )
-    predict_streaming(model, preprocessed, assembler, settings)
+    predict_streaming(model, preprocessed, assembler, settings, labels=assembler.label_sink())
     seconds["inference"] = time.perf_counter() - started
     seconds["network"] = model.seconds_in_network - network_before
 

@@ -34,6 +34,21 @@ import numpy as np
 
 #: Called with (first_row, weighted_mean_logits[C, rows, ...]) for every finalised slab, in order.
 SlabConsumer = Callable[[int, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class LabelSink:
+    """Where a consumer that keeps only each voxel's argmax class takes it (first maximum on ties, numpy's rule).
+
+    An image of one tile then goes from logits to labels in one pass: the weighted mean of a block of
+    rows is compared class by class while it is in cache, and no float copy of the block is written
+    (that copy and the separate argmax were most of a one-tile job's time outside the network).
+    """
+
+    dtype: type
+    #: Called with (first_row, labels[rows, ...]) of the unpadded volume, in row order.
+    take: Callable[[int, np.ndarray], None]
+
 #: The network's pointwise output layer: features per fold (F, C_feat, rows, ...) -> logits (F, C_out, rows, ...).
 HeadApplier = Callable[[np.ndarray], np.ndarray]
 #: Runs the network(s) on a batch of tiles (N, C_in, *patch); returns logits per fold (F, N, C_out, *patch).
@@ -126,20 +141,32 @@ def round_to_half(values: np.ndarray) -> None:
     """Round float32 values in place to the nearest float16 value (ties to even), kept as float32.
 
     Bit-identical to `values.astype(np.float16).astype(np.float32)`, including subnormals and
-    overflow to inf, but usable inside numba loops on a scratch row.
+    overflow to inf, but usable inside numba loops on a scratch row. The first loop is branch-free
+    integer arithmetic on the bits (so it compiles to SIMD); the float16 subnormal range, which only
+    the Gaussian's far corners reach, is left to a second loop that runs only when a row has one.
     """
     bits = values.view(np.uint32)
+    tiny = np.uint32(0)
     for k in range(values.size):
-        magnitude = bits[k] & np.uint32(0x7FFFFFFF)
-        if magnitude >= np.uint32(0x38800000):  # float16 normal range
-            if magnitude >= np.uint32(0x477FF000):  # rounds past 65504: inf (NaN stays NaN)
-                if magnitude <= np.uint32(0x7F800000):
-                    bits[k] = (bits[k] & np.uint32(0x80000000)) | np.uint32(0x7F800000)
-            else:
-                lsb = (bits[k] >> np.uint32(13)) & np.uint32(1)
-                bits[k] = (bits[k] + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
-        else:  # float16 subnormals are multiples of 2**-24
-            values[k] = np.float32(np.rint(np.float64(values[k]) * 16777216.0) / 16777216.0)
+        word = bits[k]
+        magnitude = word & np.uint32(0x7FFFFFFF)
+        lsb = (word >> np.uint32(13)) & np.uint32(1)
+        rounded = (word + np.uint32(0xFFF) + lsb) & np.uint32(0xFFFFE000)
+        if magnitude >= np.uint32(0x477FF000):  # rounds past 65504: inf (NaN stays NaN)
+            rounded = (word & np.uint32(0x80000000)) | np.uint32(0x7F800000) if magnitude <= np.uint32(0x7F800000) else word
+        if magnitude < np.uint32(0x38800000):  # below float16's normal range: second loop
+            rounded = word
+            tiny |= np.uint32(1)
+        bits[k] = rounded
+    if tiny:
+        for k in range(values.size):
+            value = values[k]
+            magnitude_f = np.abs(value)
+            if magnitude_f < np.float32(6.103515625e-05):
+                # float16 subnormals are multiples of 2**-24, the spacing of float32 in [0.5, 1): adding and
+                # removing 0.5 rounds to that grid, ties to even, exactly as the float16 cast does
+                rounded_f = (magnitude_f + np.float32(0.5)) - np.float32(0.5)
+                values[k] = -rounded_f if np.signbit(value) else rounded_f
 
 
 @numba.njit(parallel=True, cache=True)
@@ -260,6 +287,55 @@ def one_tile_mean(fold_logits: np.ndarray, gaussian: np.ndarray, half: bool) -> 
     return _one_tile_mean(np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, half)
 
 
+@numba.njit(parallel=True, cache=True)
+def _one_tile_labels(fold_logits, gaussian, half, labels):
+    """labels[rows, Y, Z] = argmax over classes of `_one_tile_mean`'s values, first maximum on ties.
+
+    Each class's weighted-mean row is computed with `_one_tile_mean`'s arithmetic and compared at once, so
+    the labels are those of `_one_tile_mean` followed by the argmax, bit for bit. Parallel over (row, y)
+    pairs: a block of a few rows still keeps both cores busy.
+    """
+    n_folds, n_classes, px, py, pz = fold_logits.shape
+    for ij in numba.prange(px * py):
+        i, j = ij // py, ij % py
+        weight = np.empty(pz, dtype=np.float32)
+        row = np.empty(pz, dtype=np.float32)
+        total = np.empty(pz, dtype=np.float32)
+        best = np.empty(pz, dtype=np.float32)
+        for k in range(pz):
+            weight[k] = np.float32(0.0) + gaussian[i, j, k]
+        if half:
+            round_to_half(weight)
+        for c in range(n_classes):
+            for f in range(n_folds):
+                for k in range(pz):
+                    row[k] = np.float32(0.0) + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
+                if half:
+                    round_to_half(row)
+                for k in range(pz):
+                    row[k] = row[k] / weight[k]
+                _add_fold(total, row, f, half)
+            _finish_fold_mean(total, n_folds, half)
+            if c == 0:
+                for k in range(pz):
+                    best[k] = total[k]
+                    labels[i, j, k] = 0
+            else:
+                for k in range(pz):
+                    if total[k] > best[k]:
+                        best[k] = total[k]
+                        labels[i, j, k] = c
+
+
+def one_tile_labels(fold_logits: np.ndarray, gaussian: np.ndarray, half: bool, dtype: type) -> np.ndarray:
+    """Argmax labels (rows, ...) of a block of rows of the only tile of an image: `one_tile_mean` then argmax, fused."""
+    if not half and fold_logits.shape[0] > 1:
+        fold_logits = fold_logits.mean(axis=0, keepdims=True, dtype=np.float32)
+    labels = np.empty(fold_logits.shape[2:], dtype=dtype)
+    _one_tile_labels(np.ascontiguousarray(fold_logits, dtype=np.float32), gaussian, half, labels)
+    return labels
+
+
 class _SlabAccumulator:
     """Weighted-logit buffer covering rows [first_row, first_row + capacity) of the padded volume.
 
@@ -334,6 +410,7 @@ def sliding_window_inference(
     accumulation: str = "float16",
     progress: Callable[[int], None] | None = None,
     head: HeadApplier | None = None,
+    labels: LabelSink | None = None,
 ) -> None:
     """Predict `data` tile by tile and hand finalised, weight-normalised logits to `consume_slab`.
 
@@ -352,6 +429,9 @@ def sliding_window_inference(
         head: the network's pointwise output layer, when `predict_tiles` stops before it and returns the
             last features per fold (F, N, C_feat, *patch): it is applied a few rows at a time, so a tile's
             full logits never exist. 3d patches without mirroring only (flips are averaged as logits).
+        labels: where to send argmax labels when the consumer keeps nothing else: an image of one tile
+            then goes to `labels.take` (fused mean and argmax) instead of `consume_slab`; images of
+            several tiles still go to `consume_slab`.
     """
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
@@ -397,7 +477,7 @@ def sliding_window_inference(
             logits = _predict_with_mirroring(predict_tiles, inputs, flips)  # (F, N, C or C_feat, *patch)
             if one_tile:
                 emitted = _emit_one_tile(logits, gaussian3d, head, is_2d, tile_rows, row_offset, valid_rows, crop,
-                                         accumulation == "float16", consume_slab)
+                                         accumulation == "float16", consume_slab, labels)
                 if progress is not None:
                     progress(len(batch))
                 continue
@@ -437,10 +517,12 @@ def _emit_one_tile(
     crop: tuple[slice, ...],
     half: bool,
     consume_slab: SlabConsumer,
+    labels: LabelSink | None,
 ) -> int:
     """Hand on the only tile of an image, `block_rows` rows at a time (head applied per block); returns rows emitted.
 
-    The tile starts at row 0 of the padded volume; rows of padding are dropped, not emitted.
+    The tile starts at row 0 of the padded volume; rows of padding are dropped, not emitted. With a
+    `labels` sink each block leaves as argmax labels, never as a float copy of its logits.
     """
     tile_logits = logits[:, 0][:, :, None] if is_2d else logits[:, 0]
     emitted = 0
@@ -451,8 +533,11 @@ def _emit_one_tile(
         block = tile_logits[:, :, first:last]
         if head is not None:
             block = head(np.ascontiguousarray(block))
-        mean = one_tile_mean(block, gaussian[first:last], half)
-        consume_slab(first - row_offset, mean[(slice(None), slice(None), *crop)])
+        if labels is not None:
+            labels.take(first - row_offset, one_tile_labels(block, gaussian[first:last], half, labels.dtype)[(slice(None), *crop)])
+        else:
+            mean = one_tile_mean(block, gaussian[first:last], half)
+            consume_slab(first - row_offset, mean[(slice(None), slice(None), *crop)])
         emitted = last - row_offset
     return emitted
 
