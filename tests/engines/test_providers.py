@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -225,6 +226,30 @@ def test_a_tampered_optimised_graph_cache_is_rebuilt_not_loaded(tmp_path, monkey
     other.write_bytes(graph.read_bytes() + b"\0")
     assert optimized_cache_path(sha256_file(other), other, choice) != cached
     assert isinstance(choice, ProviderChoice)
+
+
+def test_an_unchanged_cache_opens_without_being_hashed_and_a_copied_one_is_restamped(tmp_path, monkeypatch):
+    """The seal holds the file's stat stamp: an unchanged cache is trusted without reading it (start-up time);
+    the same bytes under a new inode (a copied home) are hashed once, found intact, kept and stamped anew."""
+    import shutil
+
+    import tsrt.engines.providers as providers
+    from tsrt.models.store import sha256_file
+
+    monkeypatch.setenv("TSRT_HOME", str(tmp_path))
+    graph = _demo_graph()
+    choice = choose_provider("cpu")
+    providers.create_session(graph, choice)
+    cached = providers.optimized_cache_path(sha256_file(graph), graph, choice)
+    hashed: list[Path] = []
+    monkeypatch.setattr(providers, "sha256_file", lambda path: hashed.append(Path(path)) or sha256_file(path))
+    assert providers.intact_cache(cached) and hashed == []
+    copy = cached.with_suffix(".copy")
+    shutil.copy2(cached, copy)
+    os.replace(copy, cached)  # same bytes and mtime, new inode and ctime
+    assert providers.intact_cache(cached) and hashed == [cached]
+    assert providers.intact_cache(cached) and hashed == [cached], "the renewed stamp is trusted again"
+    assert providers.sealed_sha256(cached) == sha256_file(cached)
 
 
 def test_bf16_is_refused_in_one_line_on_a_cpu_without_native_bf16(monkeypatch) -> None:

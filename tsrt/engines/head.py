@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tsrt.config import tsrt_home
-from tsrt.engines.providers import cache_seal, intact_cache, seal_cache
+from tsrt.engines.providers import intact_cache, seal_cache, sealed_sha256
 
 log = logging.getLogger("tsrt")
 
@@ -75,7 +75,7 @@ def split_output_head(graph: Path, graph_sha256: str) -> SplitGraph | None:
 def sealed_split(body: Path, features: str, head: Path) -> SplitGraph:
     """The split graph with the sha256 values its seals hold (written or checked by the caller)."""
     return SplitGraph(
-        body, features, head, cache_seal(body).read_text().strip(), cache_seal(head).read_text().strip()
+        body, features, head, sealed_sha256(body), sealed_sha256(head)
     )
 
 

@@ -332,13 +332,34 @@ def cache_seal(cached: Path) -> Path:
     return cached.with_name(cached.name + ".sha256")
 
 
+def sealed_sha256(cached: Path) -> str:
+    """The sha256 a cached graph's seal holds (its first word; the rest is the file's stat stamp)."""
+    return cache_seal(cached).read_text().split()[0]
+
+
+def _stat_stamp(path: Path) -> str:
+    """Size, mtime, ctime and inode: any write to the file, or a file put in its place, changes one of them
+    (ctime cannot be set back from user space), so an unchanged stamp means unchanged bytes."""
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+
+
 def intact_cache(cached: Path) -> bool:
-    """Whether a cached optimised graph exists and is byte for byte what tsrt wrote (else it is removed)."""
+    """Whether a cached optimised graph exists and is byte for byte what tsrt wrote (else it is removed).
+
+    The file is hashed only when its stat stamp differs from the one in the seal (after a copy or a
+    restore, say), so an unchanged cache opens without reading its 100+ MB twice; a hash that still
+    matches renews the stamp.
+    """
     if not cached.exists():
         return False
     seal = cache_seal(cached)
     try:
-        if seal.read_text().strip() == sha256_file(cached):
+        words = seal.read_text().split()
+        if len(words) == 2 and words[1] == _stat_stamp(cached):
+            return True
+        if words and words[0] == sha256_file(cached):
+            _write_seal(cached, words[0])
             return True
     except OSError:
         pass
@@ -348,10 +369,20 @@ def intact_cache(cached: Path) -> bool:
     return False
 
 
+def _write_seal(cached: Path, sha256: str) -> None:
+    """sha256 and, once the file is in place, its stat stamp; written to a temp file and renamed."""
+    stamp = f" {_stat_stamp(cached)}" if cached.exists() else ""
+    temp = cache_seal(cached).with_suffix(f".tmp{os.getpid()}")
+    temp.write_text(sha256 + stamp)
+    os.replace(temp, cache_seal(cached))
+
+
 def seal_cache(temp: Path, cached: Path) -> None:
     """Move a freshly optimised graph into the cache with its seal (seal first, so no unsealed file is trusted)."""
-    cache_seal(cached).write_text(sha256_file(temp))
+    digest = sha256_file(temp)
+    _write_seal(cached, digest)
     os.replace(temp, cached)
+    _write_seal(cached, digest)
 
 
 def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None = None, graph_sha256: str | None = None):

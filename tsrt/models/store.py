@@ -132,6 +132,12 @@ def _graph_sha256(graph: Path, verified: dict, verify: bool) -> str:
     return sha256_file(graph)
 
 
+def recorded_graph_sha256(graph: Path) -> str:
+    """A graph's sha256 from its folder's install-time record while its size and mtime are unchanged, else
+    hashed: opening a model keys its caches without reading a 100+ MB graph that the store has checked."""
+    return _graph_sha256(Path(graph), _read_verified(Path(graph).parent), verify=False)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

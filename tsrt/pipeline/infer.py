@@ -21,7 +21,7 @@ from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session
-from tsrt.models.store import gated_int8_graphs, sha256_file
+from tsrt.models.store import gated_int8_graphs, recorded_graph_sha256
 from tsrt.pipeline.sliding_window import LabelSink, SlabConsumer, count_tiles, sliding_window_inference
 
 log = logging.getLogger("tsrt")
@@ -130,7 +130,7 @@ def load_model(
         if choice.name == "tensorrt":
             choice = _with_engine_cache(choice, Path(model_dir), device, threads, graphs)
     model = LoadedModel(directory=Path(model_dir), plans=plans, provider=choice)
-    hashes = [sha256_file(graph) if choice.name in SPLIT_HEAD_PROVIDERS else None for graph in graphs]
+    hashes = [recorded_graph_sha256(graph) if choice.name in SPLIT_HEAD_PROVIDERS else None for graph in graphs]
     splits = [
         split_output_head(graph, sha256) if sha256 and can_split_head(plan) else None
         for graph, plan, sha256 in zip(graphs, plans, hashes)
