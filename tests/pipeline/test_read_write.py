@@ -208,7 +208,23 @@ def test_nifti_keeps_dtype_voxel_order_and_header(synthetic: dict[str, Path]) ->
 def _write_dicom_series(folder: Path, volume: np.ndarray, rotation: np.ndarray, spacing: tuple[float, float, float],
                         origin: np.ndarray, series_uid: str, description: str, *, image_type: str = "ORIGINAL\\PRIMARY\\AXIAL",
                         skip: tuple[int, ...] = (), first_instance: int = 1) -> None:
-    """One file per slice of `volume` (slice, row, column); rotation columns = row dir, column dir, normal (LPS)."""
+    """One file per slice of `volume` (slice, row, column); rotation columns = row dir, column dir, normal (LPS).
+
+    SimpleITK's DICOM writer (GDCM) switches the process to the C locale: it is put back afterwards, or later
+    tests that decode a child's output with the default encoding would read ASCII.
+    """
+    import locale
+
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_slices(folder, volume, rotation, spacing, origin, series_uid, description, image_type, skip, first_instance)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_slices(folder: Path, volume: np.ndarray, rotation: np.ndarray, spacing: tuple[float, float, float],
+                  origin: np.ndarray, series_uid: str, description: str, image_type: str, skip: tuple[int, ...],
+                  first_instance: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     row_spacing, column_spacing, slice_spacing = spacing
     writer = sitk.ImageFileWriter()

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,6 +408,8 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     # The memory pattern pre-plans one block per run shape and keeps it beside the arena: +1 GB on a
     # 128^3 TotalSegmentator tile from the second tile on, and no faster here (see _ArenaReleasingSession).
     options.enable_mem_pattern = False
+    if choice.name == "cpu":
+        _use_shared_cpu_arena(ort, options)
     source = graph
     cached = None
     if choice.name == "cpu":
@@ -434,6 +437,28 @@ def create_session(graph: Path, choice: ProviderChoice, *, threads: int | None =
     if cached is not None and temp and Path(temp).exists():
         seal_cache(Path(temp), cached)
     return _ArenaReleasingSession(session, used)
+
+
+_shared_arena_lock = threading.Lock()
+_shared_arena_registered = False
+
+
+def _use_shared_cpu_arena(ort, options) -> None:
+    """Let the session allocate from one process-wide CPU arena that grows by exactly what a request needs.
+
+    A session's own arena grows in powers of two (kNextPowerOfTwo), so a 128^3 TotalSegmentator tile
+    reserves ~160 MB it never uses; kSameAsRequested does not, at the same speed (measured: --fast on
+    example_ct 1966 -> 1805 MiB peak, wall 1.00x, same masks). Without an arena every run pays for fresh
+    pages: 1.7x slower. Sessions opened one after another (a task's models) reuse the same arena.
+    """
+    global _shared_arena_registered
+    with _shared_arena_lock:
+        if not _shared_arena_registered:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            same_as_requested = 1  # OrtArenaCfg(max_mem, arena_extend_strategy, initial_chunk, max_dead_bytes)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
+            _shared_arena_registered = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
 
 
 class _ArenaReleasingSession:
