@@ -291,7 +291,9 @@ def _confident_state_dict(
 def _set_band_weights(
     network: torch.nn.Module, heads: Sequence[str], bands: Mapping[str, tuple[float, float]], normalise
 ) -> None:
-    """Weights that label each voxel by its own intensity: class k wherever lo_k <= value < hi_k (HU).
+    """Weights that label each voxel by its own intensity: class k wherever lo_k <= value < hi_k.
+
+    Bands are in HU (CT) or in the image's own units (other channels, which get NoNormalization).
 
     Why: a test can then know what the "model" must find (e.g. brain, skull and ventricles of a
     phantom) while every pipeline still runs a genuine nnU-Net network of any size. The network has
@@ -419,8 +421,12 @@ def _configuration_plans(
     patch_size: Sequence[int],
     spacing: Sequence[float],
     channel_names: dict[str, str],
+    normalization_schemes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """One configuration entry, with the keys and defaults of ExperimentPlanner.get_plans_for_configuration."""
+    """One configuration entry, with the keys and defaults of ExperimentPlanner.get_plans_for_configuration.
+
+    `normalization_schemes` overrides the planner's choice from the channel names (intensity-band models).
+    """
     from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
 
     is_resenc = architecture["network_class_name"].endswith(RESIDUAL_ENCODER_UNET)
@@ -434,7 +440,8 @@ def _configuration_plans(
         "patch_size": [int(p) for p in patch_size],
         "median_image_size_in_voxels": [float(2 * p) for p in patch_size],
         "spacing": [float(s) for s in spacing],
-        "normalization_schemes": [get_normalization_scheme(name).__name__ for name in channel_names.values()],
+        "normalization_schemes": list(normalization_schemes) if normalization_schemes is not None else [
+            get_normalization_scheme(name).__name__ for name in channel_names.values()],
         "use_mask_for_norm": [False] * len(channel_names),
         "resampling_fn_data": resampling,
         "resampling_fn_seg": resampling,
@@ -611,7 +618,9 @@ def write_result_folder(
     `mirror_axes` beyond the configuration's dimensionality are dropped, as nnU-Net's trainer does.
     `intensity_bands` ({class: (lo_hu, hi_hu)}, a new PlainConvUNet without normalisation layers)
     makes the network label each voxel by its intensity (see `_set_band_weights`); other classes
-    are never predicted. It needs a CT channel and implies BAND_CT_INTENSITY_PROPERTIES by default.
+    are never predicted. A CT channel implies BAND_CT_INTENSITY_PROPERTIES by default; any other
+    channel (MR) gets NoNormalization in the plans, so its bands are in the image's own units (nnU-Net
+    z-scores MR per image, which would move a band with every image's mean and spread).
     """
     ndim = 2 if configuration == "2d" else 3
     if intensity_bands is not None and source_checkpoint is not None:
@@ -655,6 +664,8 @@ def write_result_folder(
         output_dir, channel_names, labels, regions_class_order, description=f"tsrt fixture (seed {seed})"
     )
     transpose_forward = [int(a) for a in transpose_forward]
+    band_on_ct = channel_names.get("0", "").upper() == "CT"
+    band_schemes = None if intensity_bands is None or band_on_ct else ["NoNormalization"] * len(channel_names)
     ct_defaults = BAND_CT_INTENSITY_PROPERTIES if intensity_bands is not None else DEFAULT_CT_INTENSITY_PROPERTIES
     properties = intensity_properties or {
         str(channel): dict(ct_defaults if name.upper() == "CT" else DEFAULT_MR_INTENSITY_PROPERTIES)
@@ -680,6 +691,7 @@ def write_result_folder(
                     patch_size=config_patch,
                     spacing=config_spacing,
                     channel_names=channel_names,
+                    normalization_schemes=band_schemes,
                 )
             },
             "experiment_planner_used": _PLANNER_RECIPES.get(
@@ -711,9 +723,10 @@ def write_result_folder(
                 _confident_state_dict(network.state_dict(), source, heads, has_regions, class_rows)
             )
         if intensity_bands is not None:
-            if has_regions or channel_names.get("0", "").upper() != "CT":
-                raise ModelError("intensity_bands needs a CT model with regular (non-region) labels.")
-            _set_band_weights(network, heads, intensity_bands, _ct_normaliser(properties["0"]))
+            if has_regions:
+                raise ModelError("intensity_bands needs a model with regular (non-region) labels.")
+            normalise = _ct_normaliser(properties["0"]) if band_on_ct else float  # NoNormalization: image units
+            _set_band_weights(network, heads, intensity_bands, normalise)
         _save_checkpoint(
             output_dir / f"fold_{fold_value}" / "checkpoint_final.pth",
             network,
@@ -889,6 +902,7 @@ def write_totalseg_home(
     (`class_rows`: which trained row a class takes in every model that has it).
     With `intensity_bands` ({class: (lo_hu, hi_hu)}), every model labels voxels by intensity instead:
     each class named there in the models that have it, nothing else (see `write_result_folder`).
+    MR tasks' models then read the bands in the image's own units (NoNormalization in their plans).
     """
     home = Path(home)
     results_root = home / "nnunet" / "results"

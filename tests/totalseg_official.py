@@ -140,8 +140,8 @@ def run_official(body: str, work: Path, *args: str, home: Path | None = None) ->
     return start_official(body, work, *args, home=home).result()
 
 
-def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
-    """The NIfTI volume as an axial CT DICOM series (one file per slice), as a scanner would store it.
+def write_dicom_series(nifti_path: Path, folder: Path, modality: str = "CT") -> Path:
+    """The NIfTI volume as an axial DICOM series (one file per slice, `modality` CT or MR), as a scanner stores it.
 
     SimpleITK's DICOM writer (GDCM) switches the process to the C locale; it is put back afterwards, or
     later tests that read files with the default encoding would read ASCII.
@@ -150,12 +150,12 @@ def write_dicom_series(nifti_path: Path, folder: Path) -> Path:
 
     saved_locale = locale.setlocale(locale.LC_ALL)
     try:
-        return _write_dicom_series(nifti_path, folder)
+        return _write_dicom_series(nifti_path, folder, modality)
     finally:
         locale.setlocale(locale.LC_ALL, saved_locale)
 
 
-def _write_dicom_series(nifti_path: Path, folder: Path) -> Path:
+def _write_dicom_series(nifti_path: Path, folder: Path, modality: str) -> Path:
     import SimpleITK as sitk
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def _write_dicom_series(nifti_path: Path, folder: Path) -> Path:
         image = volume[:, :, k]
         position = volume.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in {
-            "0008|0060": "CT", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series,
+            "0008|0060": modality, "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0020|000e": series,
             "0020|000d": series + ".1", "0020|0052": series + ".0", "0020|0037": orientation, "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0008|0018": f"{series}.{k + 2}",
             "0028|1052": "0", "0028|1053": "1", "0018|0050": f"{volume.GetSpacing()[2]:.6f}",

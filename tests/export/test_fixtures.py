@@ -264,12 +264,19 @@ BAND_LABELS = {"background": 0, "brain": 1, "skull": 2, "unused": 3}
 BANDS = {"brain": (-300.0, 600.0), "skull": (600.0, float("inf"))}
 
 
-def test_band_weights_label_voxels_by_intensity_through_nnunets_predictor(tmp_path: Path) -> None:
-    """Slabs of known HU, several tiles wide, come out as their band's class; `unused` is never predicted."""
+@pytest.mark.parametrize(("channel", "scheme"), [("CT", "CTNormalization"), ("MR", "NoNormalization")])
+def test_band_weights_label_voxels_by_intensity_through_nnunets_predictor(
+    channel: str, scheme: str, tmp_path: Path
+) -> None:
+    """Slabs of known intensity, several tiles wide, come out as their band's class; `unused` is never predicted.
+
+    MR: the same bands in the image's own units (no per-image z-score, which would move them).
+    """
     folder = write_result_folder(tmp_path, labels=BAND_LABELS, n_stages=3, features=(4, 8, 16), patch_size=(32, 32, 32),
-                                 intensity_bands=BANDS)
+                                 channel_names={"0": channel}, intensity_bands=BANDS)
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["norm_op"] is None
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == [scheme]
     hu = np.array([-1000, -400, -250, 34, 550, 650, 1100, 2500], np.float32)
     expected = [0, 0, 1, 1, 1, 2, 2, 2]
     image = np.repeat(hu, 10)[:, None, None] * np.ones((1, 70, 50), np.float32)  # (z, y, x): 80 x 70 x 50
@@ -284,7 +291,8 @@ def test_band_weights_label_voxels_by_intensity_through_nnunets_predictor(tmp_pa
     [
         ({"intensity_bands": {"liver": (0.0, 100.0)}}, "no class for"),
         ({"intensity_bands": {"brain": (-300.0, 0.0), "skull": (100.0, 200.0)}, "features": (2, 4, 8)}, "4 band edges need at least 8"),
-        ({"intensity_bands": BANDS, "channel_names": {"0": "T1"}}, "CT model"),
+        ({"intensity_bands": {"liver": (0.0, 100.0)}, "labels": {"background": 0, "liver": [1, 2], "tumour": 2},
+          "regions_class_order": [1, 2]}, "regular \\(non-region\\) labels"),
     ],
 )
 def test_band_weights_refuse_what_they_cannot_build(kwargs: dict, message: str, tmp_path: Path) -> None:

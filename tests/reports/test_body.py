@@ -10,6 +10,8 @@ ONNX and checked against torch).
 - xgboost: a trunk phantom (fat, muscle, organs, six vertebrae, each at its own HU so the band models
   find it) as NIfTI and as a DICOM series. The feature row the official predictors receive (captured
   in the child) equals tsrt's, and the JSON equals upstream's key for key.
+- xgboost on MR: the same trunk at MR intensities and band models for total_mr --fast, vertebrae_mr,
+  tissue_types_mr and body_mr (bands in the image's units), as NIfTI and as an MR DICOM series.
 - cnn: example_ct_sm (real CT) as NIfTI and DICOM, all folds, and with -tta: same JSON within float
   tolerance (ONNX Runtime vs torch).
 - refusals: no vertebra in the scan (one line, nothing written); predictors missing offline (one line
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -49,6 +52,24 @@ BANDS = {
     "subcutaneous_fat": (-120.0, -80.0), "torso_fat": (-80.0, -40.0), "skeletal_muscle": (40.0, 60.0),
 }
 MODEL_TASKS = ("total_fast", "tissue_types", "body", "body_fast")
+#: What make_trunk writes where (CT: HU): air, the body's layers, organs, the lung and the vertebrae.
+CT_TRUNK = {"air": -1000.0, **TISSUE_HU, "filler": FILLER_HU, **ORGAN_HU, "lung": LUNG_HU, **VERTEBRA_HU}
+#: The same trunk as a T1-like MR (int16, air 0, fat bright, lung dark). The 1.5 mm models see partial-volume
+#: values between neighbouring structures, so the order keeps those off the bands that matter: the rings (skin
+#: to filler) stay below the organs, the vertebrae (vertebrae_mr runs at 1.5 mm) above everything else.
+MR_TRUNK = {
+    "air": 0.0, "subcutaneous_fat": 400.0, "torso_fat": 360.0, "skeletal_muscle": 150.0, "filler": 120.0,
+    "liver": 500.0, "spleen": 540.0, "kidney_left": 580.0, "kidney_right": 620.0, "heart": 660.0, "aorta": 700.0,
+    "lung": 60.0,
+    **{name: 1000.0 + 40.0 * index for index, name in enumerate(VERTEBRA_HU)},
+}
+MR_BANDS = {
+    **{name: (MR_TRUNK[name] - HALF_BAND, MR_TRUNK[name] + HALF_BAND)
+       for name in (*ORGAN_HU, *VERTEBRA_HU, *TISSUE_HU)},
+    "lung_right": (30.0, 95.0),  # total_mr segments whole lungs (CT: lobes, merged by the report)
+    "body_trunc": (20.0, float("inf")),
+}
+MR_MODEL_TASKS = ("total_mr_fast", "vertebrae_mr", "tissue_types_mr", "body_mr")
 LICENSE = "aca_TSRTFIXTURE000"  # upstream's offline check: 18 characters
 #: The CNNs' outputs are compared within this (ONNX Runtime vs torch on the same tiles).
 CNN_TOLERANCE = 0.02
@@ -57,21 +78,23 @@ CNN_TOLERANCE = 0.02
 # --------------------------------------------------------------------------------------------- phantom
 
 
-def make_trunk(spacing=(3.0, 3.0, 3.0), shape=(84, 68, 34), vertebrae: bool = True, seed: int = 3) -> nib.Nifti1Image:
+def make_trunk(spacing=(3.0, 3.0, 3.0), shape=(84, 68, 34), vertebrae: bool = True, seed: int = 3,
+               values: Mapping[str, float] = CT_TRUNK) -> nib.Nifti1Image:
     """A trunk in air: skin fat, a muscle ring, visceral fat, organs and a stack of vertebrae (RAS, int16).
 
-    The body stays 6 voxels inside the image in x and y, so no tissue touches the slice border;
-    organs and vertebrae stay off the outer 3 slices, so their statistics are counted (upstream's border).
+    `values`: each structure's intensity (CT_TRUNK in HU, MR_TRUNK). The body stays 6 voxels inside the
+    image in x and y, so no tissue touches the slice border; organs and vertebrae stay off the outer 3
+    slices, so their statistics are counted (upstream's border).
     """
     rng = np.random.default_rng(seed)
     x, y, z = np.indices(shape, dtype=np.float32)
     cx, cy = (shape[0] - 1) / 2, (shape[1] - 1) / 2
     radius = np.sqrt(((x - cx) / 36.0) ** 2 + ((y - cy) / 27.0) ** 2)  # 1 at the skin
-    ct = np.full(shape, -1000.0, np.float32)
-    ct[radius <= 1.0] = TISSUE_HU["subcutaneous_fat"]
-    ct[radius <= 0.86] = TISSUE_HU["skeletal_muscle"]
-    ct[radius <= 0.76] = TISSUE_HU["torso_fat"]
-    ct[radius <= 0.62] = FILLER_HU
+    ct = np.full(shape, values["air"], np.float32)
+    ct[radius <= 1.0] = values["subcutaneous_fat"]
+    ct[radius <= 0.86] = values["skeletal_muscle"]
+    ct[radius <= 0.76] = values["torso_fat"]
+    ct[radius <= 0.62] = values["filler"]
     blobs = {  # centre (voxels) and semi-axes (voxels)
         "liver": ((cx - 12, cy + 4, 20), (9, 8, 7)), "spleen": ((cx + 15, cy + 5, 21), (4, 4, 5)),
         "kidney_left": ((cx + 10, cy - 6, 11), (3, 3, 5)), "kidney_right": ((cx - 10, cy - 6, 10), (3, 3, 5)),
@@ -79,19 +102,19 @@ def make_trunk(spacing=(3.0, 3.0, 3.0), shape=(84, 68, 34), vertebrae: bool = Tr
     }
     for name, (centre, axes) in blobs.items():
         inside = sum(((c - m) / a) ** 2 for c, m, a in zip((x, y, z), centre, axes)) <= 1
-        ct[inside] = ORGAN_HU[name]
+        ct[inside] = values[name]
     aorta = ((x - (cx + 3)) ** 2 + (y - (cy - 9)) ** 2 <= 2.2 ** 2) & (z >= 3) & (z <= 30)
-    ct[aorta] = ORGAN_HU["aorta"]
+    ct[aorta] = values["aorta"]
     lung = (((x - (cx - 10)) / 8) ** 2 + ((y - cy) / 8) ** 2 + ((z - 25) / 3) ** 2) <= 1
-    ct[lung] = LUNG_HU
+    ct[lung] = values["lung"]
     if vertebrae:
-        for index, (name, hu) in enumerate(VERTEBRA_HU.items()):
+        for index, name in enumerate(VERTEBRA_HU):
             top = 30 - 4 * index
             body = ((x - cx) ** 2 + (y - (cy - 16)) ** 2 <= 3.5 ** 2) & (z <= top) & (z > top - 4)
-            ct[body] = hu
-    body_voxels = ct > -500
-    ct[body_voxels] += rng.integers(-3, 4, size=int(body_voxels.sum()))  # medians differ from the nominal HU
-    ct[lung] = LUNG_HU + rng.integers(-20, 21, size=int(lung.sum()))
+            ct[body] = values[name]
+    body_voxels = (ct != values["air"]) & ~lung
+    ct[body_voxels] += rng.integers(-3, 4, size=int(body_voxels.sum()))  # medians differ from the nominal values
+    ct[lung] = values["lung"] + rng.integers(-20, 21, size=int(lung.sum()))
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = (-120.0, -100.0, -50.0)
     return nib.Nifti1Image(ct.astype(np.int16), affine)
@@ -100,21 +123,38 @@ def make_trunk(spacing=(3.0, 3.0, 3.0), shape=(84, 68, 34), vertebrae: bool = Tr
 # --------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def body_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A TotalSegmentator home: band models, xgboost folds, CT networks, a (fake) license."""
+def _xgboost_home(folder: Path, tasks: tuple[str, ...], bands: dict[str, tuple[float, float]]) -> Path:
+    """A TotalSegmentator home with band models for `tasks`, the xgboost folds and a (fake) license."""
     pytest.importorskip("nnunetv2", reason="the fixture models need the export extra")
-    pytest.importorskip("monai", reason="the fixture networks are built by TotalSegmentator's constructor (MONAI)")
-    from tsrt_export.fixtures import write_body_stats_cnn, write_body_stats_xgb, write_totalseg_home
+    from tsrt_export.fixtures import write_body_stats_xgb, write_totalseg_home
 
-    home = write_totalseg_home(tmp_path_factory.mktemp("body_ts_home"), MODEL_TASKS, intensity_bands=BANDS)
+    home = write_totalseg_home(folder, tasks, intensity_bands=bands)
     config = json.loads((home / "config.json").read_text())
     config["license_number"] = LICENSE
     (home / "config.json").write_text(json.dumps(config))
     write_body_stats_xgb(home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def body_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TotalSegmentator home: CT band models, xgboost folds, CT and MR networks, a (fake) license."""
+    pytest.importorskip("monai", reason="the fixture networks are built by TotalSegmentator's constructor (MONAI)")
+    from tsrt_export.fixtures import write_body_stats_cnn
+
+    home = _xgboost_home(tmp_path_factory.mktemp("body_ts_home"), MODEL_TASKS, BANDS)
     write_body_stats_cnn(home, "ct")
     write_body_stats_cnn(home, "mr")
     return home
+
+
+@pytest.fixture(scope="module")
+def body_mr_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MR tasks' band models (total_mr --fast, vertebrae_mr, tissue_types_mr, body_mr) and the xgboost folds.
+
+    MR band models read the bands in the image's own units (no per-image z-score; see write_result_folder).
+    """
+    return _xgboost_home(tmp_path_factory.mktemp("body_mr_ts_home"), MR_MODEL_TASKS, MR_BANDS)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +252,7 @@ def _largest_difference(ours, theirs) -> float:
 @pytest.mark.slow
 def test_xgboost_equals_official_on_nifti_and_dicom(body_home: Path, trunk_inputs: dict, tmp_path: Path) -> None:
     """Same features and the same JSON as get_body_stats(model_type="xgboost"), models fetched on first use."""
-    from tsrt.reports.body import BodyReporter, BodyStatsOptions, feature_names, result_lines
+    from tsrt.reports.body import BodyReporter, BodyStatsOptions
     from tsrt.totalseg.options import RuntimeOptions
 
     # One official run (NIfTI): the DICOM series holds the same voxels, so tsrt's DICOM result must equal it too
@@ -233,25 +273,74 @@ def test_xgboost_equals_official_on_nifti_and_dicom(body_home: Path, trunk_input
         theirs = official.result()
     finally:
         official.kill()
-    names = feature_names()
-    found = [name for name, value in zip(names, report.features) if value]
+    _assert_same_as_official(report, theirs[0], [tmp_path / "nifti" / "body.json", dicom_json], result.output)
+
+
+#: Measured on either trunk: organs, the lung, vertebrae and tissue slices (the phantom keeps them off the borders).
+FOUND_ON_TRUNK = ("liver_volume", "heart_volume", "lung_right_volume", "vertebrae_L1_volume",
+                  "subcutaneous_fat_vertebrae_L1_volume", "skeletal_muscle_vertebrae_T10_intensity",
+                  "torso_fat_vertebrae_L3_volume")
+
+
+def _assert_same_as_official(report, official: dict, written: list[Path], printed_output: str) -> dict[str, float]:
+    """tsrt's feature row, result, written JSONs and printed lines equal upstream's; returns the named features."""
+    from tsrt.reports.body import feature_names, result_lines
+
+    named = dict(zip(feature_names(), report.features))
+    found = [name for name, value in named.items() if value]
     print(len(found), "non-zero features:", found)
-    # organs, vertebrae and tissue slices are all measured (the phantom keeps them off the borders)
-    for needle in ("liver_volume", "heart_volume", "lung_right_volume", "vertebrae_L1_volume",
-                   "subcutaneous_fat_vertebrae_L1_volume",
-                   "skeletal_muscle_vertebrae_T10_intensity", "torso_fat_vertebrae_L3_volume"):
+    for needle in FOUND_ON_TRUNK:
         assert needle in found, needle
-    difference = [(name, a, b) for name, a, b in zip(names, report.features, theirs[0]["features"])
+    difference = [(name, a, b) for (name, a), b in zip(named.items(), official["features"])
                   if a != pytest.approx(b, rel=1e-12, abs=1e-9)]
     assert difference == []
-    assert report.result == theirs[0]["result"]
-    assert json.loads((tmp_path / "nifti" / "body.json").read_text()) == theirs[0]["result"]
-    assert json.loads(dicom_json.read_text()) == theirs[0]["result"]
-    expected = theirs[0]["lines"]  # upstream's print_body_stats_result
-    assert result_lines(theirs[0]["result"]) == expected
-    printed = result.output.splitlines()
+    assert report.result == official["result"]
+    for path in written:
+        assert json.loads(path.read_text()) == official["result"], path
+    expected = official["lines"]  # upstream's print_body_stats_result
+    assert result_lines(official["result"]) == expected
+    printed = printed_output.splitlines()
     assert printed[printed.index(expected[0]):][: len(expected)] == expected
     assert expected[0].startswith("weight:") and expected[0].endswith(" kg") and expected[-1].startswith("bsa:")
+    return named
+
+
+@pytest.mark.slow
+def test_xgboost_on_mr_equals_official_on_nifti_and_dicom(body_mr_home: Path, tmp_path: Path) -> None:
+    """get_body_stats(modality="mr", model_type="xgboost"): total_mr --fast, vertebrae_mr, tissue_types_mr, body_mr.
+
+    The MR trunk (MR_TRUNK) as NIfTI and as an MR DICOM series of the same voxels; one official run (NIfTI).
+    """
+    from totalseg_official import write_dicom_series
+
+    from tsrt.reports.body import BodyReporter, BodyStatsOptions
+    from tsrt.totalseg.options import RuntimeOptions
+
+    nifti = tmp_path / "mr_trunk.nii.gz"
+    nib.save(make_trunk(values=MR_TRUNK), nifti)
+    dicom = write_dicom_series(nifti, tmp_path / "mr_dicom", modality="MR")
+    jobs = [{"image": str(nifti), "modality": "mr", "f_type": "niigz", "model_type": "xgboost"}]
+    official = _start_official(jobs, tmp_path / "official", body_mr_home)
+    store = tmp_path / "store"
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TSRT_HOME", str(store))
+            env.setenv("TOTALSEG_HOME_DIR", str(body_mr_home))
+            reporter = BodyReporter(RuntimeOptions(quiet=True), BodyStatsOptions("mr", "xgboost"))
+            report = reporter.write(nifti, tmp_path / "nifti" / "body.json")
+        dicom_json = tmp_path / "dicom" / "body.json"
+        result = _cli("report", "body", "-i", str(dicom), "-o", str(dicom_json), "-m", "mr", "-mt", "xgboost",
+                      store=store, home=body_mr_home)
+        assert result.exit_code == 0, (result.output, result.exception)
+        theirs = official.result()
+    finally:
+        official.kill()
+    named = _assert_same_as_official(report, theirs[0], [tmp_path / "nifti" / "body.json", dicom_json], result.output)
+    # MR intensities, read where the phantom put them: organs from total_mr, vertebrae from vertebrae_mr (noise +-3)
+    for structure in ("liver", "aorta", "vertebrae_T10", "vertebrae_L1", "vertebrae_L3"):
+        assert abs(named[f"{structure}_intensity"] - MR_TRUNK[structure]) <= 3, structure
+    assert abs(named["subcutaneous_fat_vertebrae_L1_intensity"] - MR_TRUNK["subcutaneous_fat"]) <= 3
+    assert named["lung_left_volume"] == 0  # total_mr's own lungs, no CT lobes merged
 
 
 @pytest.mark.slow
