@@ -29,7 +29,7 @@ demo: $(RUNTIME_VENV)/.installed
 
 # UTF-8 mode: tests decode the CLI's (rich, Unicode) output whatever locale CI runs with.
 test: $(DEV_VENV)/.installed
-	PYTHONUTF8=1 $(DEV_VENV)/bin/python -m pytest -q
+	PYTHONUTF8=1 $(DEV_VENV)/bin/python -m pytest -q --durations=30
 
 # Day-to-day tier (< 3 min): no oracle runs (torch, nnU-Net, official TotalSegmentator), nothing slow.
 test-fast: $(DEV_VENV)/.installed
