@@ -136,7 +136,7 @@ def tile_positions(padded_shape: Sequence[int], patch_size: Sequence[int], step_
     return [Tile(start) for start in itertools.product(*steps)]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def round_to_half(values: np.ndarray) -> None:
     """Round float32 values in place to the nearest float16 value (ties to even), kept as float32.
 
@@ -196,7 +196,7 @@ def _accumulate(acc, weight_acc, fold_logits, gaussian, x0, y0, z0, half):
                         acc[f, c, x0 + i, y0 + j, z0 + k] = row[k]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _add_fold(total, row, fold, half):
     """Add fold `fold`'s weight-normalised row to the running fold sum, rounded as nnU-Net's float16 buffers are."""
     if half:
@@ -207,7 +207,7 @@ def _add_fold(total, row, fold, half):
         round_to_half(total)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _finish_fold_mean(total, n_folds, half):
     """Divide the fold sum by the fold count (rounded with `half`); one fold is its own mean."""
     if n_folds > 1:
@@ -242,6 +242,31 @@ def _normalize_rows(acc, weight_acc, rows, half):
     return out
 
 
+@numba.njit(cache=True, inline="always")
+def _one_tile_weight_row(gaussian, i, j, weight, half):
+    """The weight row (i, j) of a lone tile: 0 + g, rounded to float16 with `half`, as the buffer would hold it."""
+    for k in range(weight.size):
+        weight[k] = np.float32(0.0) + gaussian[i, j, k]
+    if half:
+        round_to_half(weight)
+
+
+@numba.njit(cache=True, inline="always")
+def _one_tile_class_row(fold_logits, gaussian, weight, c, i, j, row, total, half):
+    """total = class `c`'s weighted mean on row (i, j) of a lone tile: `_accumulate` into a zeroed buffer and
+    `_normalize_rows`, step for step (0 + logit * g rounded with `half`, the division, the fold mean)."""
+    n_folds = fold_logits.shape[0]
+    for f in range(n_folds):
+        for k in range(row.size):
+            row[k] = np.float32(0.0) + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
+        if half:
+            round_to_half(row)
+        for k in range(row.size):
+            row[k] = row[k] / weight[k]
+        _add_fold(total, row, f, half)
+    _finish_fold_mean(total, n_folds, half)
+
+
 @numba.njit(parallel=True, cache=True)
 def _one_tile_mean(fold_logits, gaussian, half):
     """(C, rows, Y, Z) weighted mean of rows that one tile alone covers: what `_accumulate` into a zeroed
@@ -257,20 +282,9 @@ def _one_tile_mean(fold_logits, gaussian, half):
         row = np.empty(pz, dtype=np.float32)
         total = np.empty(pz, dtype=np.float32)
         for j in range(py):
-            for k in range(pz):
-                weight[k] = np.float32(0.0) + gaussian[i, j, k]
-            if half:
-                round_to_half(weight)
+            _one_tile_weight_row(gaussian, i, j, weight, half)
             for c in range(n_classes):
-                for f in range(n_folds):
-                    for k in range(pz):
-                        row[k] = np.float32(0.0) + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
-                    if half:
-                        round_to_half(row)
-                    for k in range(pz):
-                        row[k] = row[k] / weight[k]
-                    _add_fold(total, row, f, half)
-                _finish_fold_mean(total, n_folds, half)
+                _one_tile_class_row(fold_logits, gaussian, weight, c, i, j, row, total, half)
                 for k in range(pz):
                     out[c, i, j, k] = total[k]
     return out
@@ -302,29 +316,13 @@ def _one_tile_labels(fold_logits, gaussian, half, labels):
         row = np.empty(pz, dtype=np.float32)
         total = np.empty(pz, dtype=np.float32)
         best = np.empty(pz, dtype=np.float32)
-        for k in range(pz):
-            weight[k] = np.float32(0.0) + gaussian[i, j, k]
-        if half:
-            round_to_half(weight)
+        _one_tile_weight_row(gaussian, i, j, weight, half)
         for c in range(n_classes):
-            for f in range(n_folds):
-                for k in range(pz):
-                    row[k] = np.float32(0.0) + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
-                if half:
-                    round_to_half(row)
-                for k in range(pz):
-                    row[k] = row[k] / weight[k]
-                _add_fold(total, row, f, half)
-            _finish_fold_mean(total, n_folds, half)
-            if c == 0:
-                for k in range(pz):
+            _one_tile_class_row(fold_logits, gaussian, weight, c, i, j, row, total, half)
+            for k in range(pz):
+                if c == 0 or total[k] > best[k]:
                     best[k] = total[k]
-                    labels[i, j, k] = 0
-            else:
-                for k in range(pz):
-                    if total[k] > best[k]:
-                        best[k] = total[k]
-                        labels[i, j, k] = c
+                    labels[i, j, k] = c
 
 
 def one_tile_labels(fold_logits: np.ndarray, gaussian: np.ndarray, half: bool, dtype: type) -> np.ndarray:
