@@ -19,6 +19,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: The browser tests' `tsrt ui` servers and Chromium page (tests/chromium_page.py): fixtures shared across files.
+pytest_plugins = ("chromium_page",)
 
 
 #: Fixtures that build real nnU-Net result folders with torch (the oracle toolchain).

@@ -6,7 +6,7 @@ runs (the page's segmentation is asked first, and a missing model is never fetch
 measurement (`tsrt.reports.aorta.measure` on the masks of an S-shaped tube of known radius), so the diameter
 profile picture is checked against the report's own numbers and the tube's geometry. The report models
 themselves cannot run here (their weights are not installed); tests/ui/test_reports_browser.py drives the
-step in Chromium.
+step in Chromium, where the aorta report runs on fixture models and must equal `tsrt report aorta`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
@@ -57,6 +58,9 @@ from tsrt.ui.runner import (
 from tsrt.ui.settings import UiSettings
 from tsrt.ui.slices import DEFAULT_ALPHA, VIEWS, WINDOW_PRESETS, SliceViewer, colour_hex
 from tsrt.ui.uploads import INPUT_ENDINGS, SessionFolder, find_images, human_size, save_upload
+
+if TYPE_CHECKING:
+    from streamlit.delta_generator import DeltaGenerator
 
 PRIVACY_NOTE = (
     "Everything runs on this computer: the scan, the results and how you use this page never leave it "
@@ -267,8 +271,9 @@ def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
 # --------------------------------------------------------------------------------------------- run
 
 
-def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder) -> None:
-    bars = ProgressBars(st.container())
+def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder, messages: DeltaGenerator) -> None:
+    """Segment and keep the result; progress bars and a failure's one line go into `messages` (a container)."""
+    bars = ProgressBars(messages)
     try:
         segmentation = segment_for_ui(
             opened.source, options.choice, fast=options.fast, structures=options.structures,
@@ -284,7 +289,7 @@ def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder) -> 
         )
         bars.finish()
     except TsrtError as err:
-        st.error(str(err))
+        messages.error(str(err))
         return
     for key in [k for k in st.session_state if str(k).startswith(("show:", "slice:"))]:
         del st.session_state[key]  # the new result starts with every structure shown, at its centre
@@ -495,13 +500,16 @@ def main() -> None:
         st.info("Open a scan in the sidebar: upload a NIfTI file or a zip of a DICOM series.")
         return
     st.markdown(_describe(opened))
+    # Drawn on every run, empty or not: Streamlit places elements by their position, so a container present only
+    # while segmenting would move the result on the next click and redraw it, resetting the open report tab.
+    messages = st.container()
     if run:
-        _run(opened, options, workspace)
+        _run(opened, options, workspace, messages)
     result: PageResult | None = st.session_state.get("result")
     shown = result if result is not None and result.image_key == opened.key else None
     demo_used = options.choice.key == DEMO_KEY or (shown is not None and shown.model_key == DEMO_KEY)
     if demo_used and not opened.phantom:
-        st.warning(DEMO_WARNING)
+        messages.warning(DEMO_WARNING)
     if shown is not None:
         _show_result(shown)
         _show_reports(shown, opened, options)
