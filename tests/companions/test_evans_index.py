@@ -280,6 +280,22 @@ def model_store(evans_home: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 EVANS_TS_TASKS = ("total", "total_fastest", "ventricle_parts")
 
 
+def _evans_index_on_the_page(scan: Path, store: Path, folder: Path):
+    """The UI's Evans index (tsrt.ui.reports) on `scan`, after a page segmentation by a model without head classes
+    (so the page leaves the verdict to the Evans models), with the store's models and no fetching."""
+    from tsrt.pipeline.read import Image
+    from tsrt.totalseg.source import read_source
+    from tsrt.ui.reports import evans_index_for_page, report_runtime
+    from tsrt.ui.runner import Segmentation
+
+    source = read_source(scan)
+    labels = np.zeros(source.image.array.shape, np.uint8)
+    segmentation = Segmentation(Image(labels, source.image.affine, None, str(scan)), source.values, labels,
+                                {1: "liver"}, "total", "CT", "cpu")
+    folder.mkdir()
+    return evans_index_for_page(source, segmentation, report_runtime("cpu", "fp32", store / "models"), folder, "head")
+
+
 def _evans_store(ts_home: Path, evans_home: Path, home: Path) -> Path:
     """A tsrt home with the imported atlas and the models the Evans index runs, exported from `ts_home`."""
     from tsrt_export.import_totalseg import import_models, results_root
@@ -374,6 +390,7 @@ def test_command_with_models_matches_official_on_nifti_and_dicom(
             image = decode_png(picture.read_bytes())
             for colour in ((40, 220, 40), (255, 140, 0)):  # both widths drawn
                 assert np.all(image == colour, axis=-1).any(), colour
+        page = _evans_index_on_the_page(nifti, store, tmp_path / "page")
         theirs = official.result()
     finally:
         official.kill()
@@ -386,4 +403,7 @@ def test_command_with_models_matches_official_on_nifti_and_dicom(
     assert ours["brain_volume_ml"] == pytest.approx(theirs["brain_volume_ml"], rel=0.02)
     assert ours["ventricle_volume_ml"] == pytest.approx(theirs["ventricle_volume_ml"], rel=0.05)
     assert from_dicom["evans_index"] == pytest.approx(ours["evans_index"], abs=0.005)
+    # The web page's Reports step runs the same indexer on the same models: the command's JSON and slice picture.
+    assert page.values == ours and json.loads(page.files[0].path.read_text()) == ours
+    assert page.picture.read_bytes() == (tmp_path / f"{nifti.name}.evans.png").read_bytes()
     assert (tmp_path / "official.png").read_bytes().startswith(b"\x89PNG")
