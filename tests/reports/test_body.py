@@ -252,28 +252,35 @@ def _largest_difference(ours, theirs) -> float:
 @pytest.mark.slow
 def test_xgboost_equals_official_on_nifti_and_dicom(body_home: Path, trunk_inputs: dict, tmp_path: Path) -> None:
     """Same features and the same JSON as get_body_stats(model_type="xgboost"), models fetched on first use."""
+    # One official run (NIfTI): the DICOM series holds the same voxels, so tsrt's DICOM result must equal it too
+    # (a second official run on the series gave the identical JSON and took 40 % of this test's time).
+    _assert_same_as_official(*_xgboost_by_both(trunk_inputs["nifti"], trunk_inputs["dicom"], "ct", body_home, tmp_path))
+
+
+def _xgboost_by_both(nifti: Path, dicom: Path, modality: str, home: Path, tmp_path: Path):
+    """Official get_body_stats (xgboost) on `nifti` in the background while tsrt makes the report from `nifti` (Python
+    API) and from `dicom` (the CLI), models fetched on first use from `home`: the arguments of _assert_same_as_official.
+    """
     from tsrt.reports.body import BodyReporter, BodyStatsOptions
     from tsrt.totalseg.options import RuntimeOptions
 
-    # One official run (NIfTI): the DICOM series holds the same voxels, so tsrt's DICOM result must equal it too
-    # (a second official run on the series gave the identical JSON and took 40 % of this test's time).
-    jobs = [{"image": str(trunk_inputs["nifti"]), "modality": "ct", "f_type": "niigz", "model_type": "xgboost"}]
-    official = _start_official(jobs, tmp_path / "official", body_home)
+    jobs = [{"image": str(nifti), "modality": modality, "f_type": "niigz", "model_type": "xgboost"}]
+    official = _start_official(jobs, tmp_path / "official", home)
     store = tmp_path / "store"
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("TSRT_HOME", str(store))
-            env.setenv("TOTALSEG_HOME_DIR", str(body_home))
-            reporter = BodyReporter(RuntimeOptions(quiet=True), BodyStatsOptions("ct", "xgboost"))
-            report = reporter.write(trunk_inputs["nifti"], tmp_path / "nifti" / "body.json")
+            env.setenv("TOTALSEG_HOME_DIR", str(home))
+            reporter = BodyReporter(RuntimeOptions(quiet=True), BodyStatsOptions(modality, "xgboost"))
+            report = reporter.write(nifti, tmp_path / "nifti" / "body.json")
         dicom_json = tmp_path / "dicom" / "body.json"
-        result = _cli("report", "body", "-i", str(trunk_inputs["dicom"]), "-o", str(dicom_json), "-m", "ct",
-                      "-mt", "xgboost", store=store, home=body_home)
+        result = _cli("report", "body", "-i", str(dicom), "-o", str(dicom_json), "-m", modality, "-mt", "xgboost",
+                      store=store, home=home)
         assert result.exit_code == 0, (result.output, result.exception)
         theirs = official.result()
     finally:
         official.kill()
-    _assert_same_as_official(report, theirs[0], [tmp_path / "nifti" / "body.json", dicom_json], result.output)
+    return report, theirs[0], [tmp_path / "nifti" / "body.json", dicom_json], result.output
 
 
 #: Measured on either trunk: organs, the lung, vertebrae and tissue slices (the phantom keeps them off the borders).
@@ -313,29 +320,10 @@ def test_xgboost_on_mr_equals_official_on_nifti_and_dicom(body_mr_home: Path, tm
     """
     from totalseg_official import write_dicom_series
 
-    from tsrt.reports.body import BodyReporter, BodyStatsOptions
-    from tsrt.totalseg.options import RuntimeOptions
-
     nifti = tmp_path / "mr_trunk.nii.gz"
     nib.save(make_trunk(values=MR_TRUNK), nifti)
     dicom = write_dicom_series(nifti, tmp_path / "mr_dicom", modality="MR")
-    jobs = [{"image": str(nifti), "modality": "mr", "f_type": "niigz", "model_type": "xgboost"}]
-    official = _start_official(jobs, tmp_path / "official", body_mr_home)
-    store = tmp_path / "store"
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("TSRT_HOME", str(store))
-            env.setenv("TOTALSEG_HOME_DIR", str(body_mr_home))
-            reporter = BodyReporter(RuntimeOptions(quiet=True), BodyStatsOptions("mr", "xgboost"))
-            report = reporter.write(nifti, tmp_path / "nifti" / "body.json")
-        dicom_json = tmp_path / "dicom" / "body.json"
-        result = _cli("report", "body", "-i", str(dicom), "-o", str(dicom_json), "-m", "mr", "-mt", "xgboost",
-                      store=store, home=body_mr_home)
-        assert result.exit_code == 0, (result.output, result.exception)
-        theirs = official.result()
-    finally:
-        official.kill()
-    named = _assert_same_as_official(report, theirs[0], [tmp_path / "nifti" / "body.json", dicom_json], result.output)
+    named = _assert_same_as_official(*_xgboost_by_both(nifti, dicom, "mr", body_mr_home, tmp_path))
     # MR intensities, read where the phantom put them: organs from total_mr, vertebrae from vertebrae_mr (noise +-3)
     for structure in ("liver", "aorta", "vertebrae_T10", "vertebrae_L1", "vertebrae_L3"):
         assert abs(named[f"{structure}_intensity"] - MR_TRUNK[structure]) <= 3, structure
