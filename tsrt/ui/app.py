@@ -49,6 +49,7 @@ from tsrt.ui.runner import (
     default_fast,
     demo_fits,
     has_gated_int8,
+    import_page_modules,
     model_choices,
     precision_choices,
     provider_choices,
@@ -493,6 +494,7 @@ def main() -> None:
     workspace = _workspace(settings)
     st.title("tsrt: CT and MR segmentation")
     st.caption(PRIVACY_NOTE)
+    import_page_modules()  # after the first paint, before anything imports on demand
     with st.sidebar:
         opened = _pick_image(settings, workspace)
         options, run = _run_options(opened)

@@ -7,6 +7,8 @@ the clinician asked for.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,36 @@ DEMO_WARNING = (
 PREFERRED_TASKS: dict[str, tuple[str, ...]] = {"CT": ("total", "body"), "MR": ("total_mr", "body_mr")}
 #: Providers fast enough for the full-resolution models; without one, `fast` is preselected.
 GPU_PROVIDERS = ("cuda", "tensorrt")
+#: What the page imports on demand (opening a scan, segmenting, the reports), in one fixed order.
+PAGE_MODULES = (
+    "tsrt.totalseg.source", "tsrt.models.store", "tsrt.models.registry", "tsrt.models.plan", "tsrt.engines.providers",
+    "tsrt.pipeline.infer", "tsrt.api", "tsrt.totalseg.options", "tsrt.totalseg.request", "tsrt.totalseg.runner",
+    "tsrt.totalseg.task", "tsrt.totalseg.ops", "tsrt.demo.phantom", "tsrt.demo.run", "tsrt.companions.phase",
+    "tsrt.companions.evans_index", "tsrt.reports.aorta", "tsrt.reports.aorta_measure", "tsrt.reports.aorta_render",
+    "tsrt.reports.aorta_cpr", "tsrt.reports.pulmonary_render",
+)
+_page_modules_lock = threading.Lock()
+_page_modules_loaded = False
+
+
+def import_page_modules() -> None:
+    """Import PAGE_MODULES once per server, one thread at a time, before a script run touches them.
+
+    Streamlit runs each browser session in its own thread, and a session's new run starts while its old run is
+    still stopping (fast reruns: a scan uploaded while the page is still loading). Two threads importing the same
+    packages in different orders can each meet the other's half-initialised module; the failed import is then
+    missing from sys.modules and the page showed a KeyError. Under this lock the imports happen once, in order.
+    """
+    global _page_modules_loaded
+    with _page_modules_lock:
+        if _page_modules_loaded:
+            return
+        for name in PAGE_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # an extra that is not installed: the page says so when that part is used
+                pass
+        _page_modules_loaded = True
 
 
 class StageReporter(Protocol):
