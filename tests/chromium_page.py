@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Locator, Page
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
@@ -230,3 +230,10 @@ def segment(page: Page) -> None:
     page.get_by_role("button", name="Segment").click()
     expect(page.get_by_role("heading", name="4. Reports")).to_be_visible(timeout=SEGMENT_TIMEOUT * 1000)
     wait_until_idle(page)
+
+
+def downloaded(page: Page, button: Locator, timeout_s: float = 60) -> bytes:
+    """The bytes of the file a download button gives."""
+    with page.expect_download(timeout=timeout_s * 1000) as download:
+        button.click()
+    return Path(download.value.path()).read_bytes()

@@ -25,20 +25,16 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from chromium_page import ARTIFACTS, DEMO_LABEL, ChromiumPage, UiServers, choose, open_scan, segment
+from chromium_page import ARTIFACTS, DEMO_LABEL, ChromiumPage, UiServers, choose, downloaded, open_scan, segment
 from pictures import decode_png
 from totalseg_official import tsrt_cli
 from tsrt.demo.phantom import make_phantom
-
-if TYPE_CHECKING:
-    from playwright.sync_api import Locator, Page
 
 # tests/reports/test_aorta_e2e.py's builders, under the module name pytest gives that file (rootdir-relative
 # "prepend" imports: its folder on sys.path), so a run that collects both shares one module.
@@ -93,12 +89,8 @@ def test_volume_report_made_and_downloaded_then_aorta_and_evans_refused_in_one_l
     expect(csv_button).to_have_count(1, timeout=60_000)
     report_seconds = time.perf_counter() - started
     expect(page.get_by_text("Reference ranges are not available", exact=False)).to_be_visible()
-    with page.expect_download() as json_download:
-        json_button.click()
-    statistics = json.loads(Path(json_download.value.path()).read_text())
-    with page.expect_download() as csv_download:
-        csv_button.click()
-    table = list(csv.DictReader(io.StringIO(Path(csv_download.value.path()).read_text())))
+    statistics = json.loads(downloaded(page, json_button))
+    table = list(csv.DictReader(io.StringIO(downloaded(page, csv_button).decode())))
     with page.expect_download(timeout=120_000) as masks_download:
         page.get_by_role("button", name="Masks (zip, one NIfTI per structure)").click()
     masks_zip = tmp_path / "masks.zip"
@@ -182,13 +174,6 @@ def aorta_case(aorta_models_home: Path, tmp_path_factory: pytest.TempPathFactory
             "profile": report.with_name(report.stem + "_profile.csv")}
 
 
-def _downloaded(page: Page, button: Locator) -> bytes:
-    """The bytes of the file a download button gives."""
-    with page.expect_download(timeout=60_000) as download:
-        button.click()
-    return Path(download.value.path()).read_bytes()
-
-
 @pytest.mark.oracle  # the fixture models are built with the export extra (torch, nnU-Net)
 def test_aorta_report_made_on_the_page_with_real_models_equals_the_command(
     chromium_page: ChromiumPage, ui_servers: UiServers, aorta_case: dict[str, Path]
@@ -224,10 +209,10 @@ def test_aorta_report_made_on_the_page_with_real_models_equals_the_command(
     shown_width = profile_image.evaluate("image => image.complete ? image.naturalWidth : 0")
     shown_profile = page.request.get(urljoin(page.url, profile_image.get_attribute("src"))).body()
     captions = [text.strip() for text in page.locator('[data-testid="stImageCaption"]').all_inner_texts()]
-    ours = json.loads(_downloaded(page, json_button))
-    page_png = _downloaded(page, page.get_by_role("button", name="Report page (PNG)"))
-    profile_csv = _downloaded(page, page.get_by_role("button", name="Diameter profile (CSV)")).decode()
-    profile_png = _downloaded(page, page.get_by_role("button", name="Diameter profile (PNG)"))
+    ours = json.loads(downloaded(page, json_button))
+    page_png = downloaded(page, page.get_by_role("button", name="Report page (PNG)"))
+    profile_csv = downloaded(page, page.get_by_role("button", name="Diameter profile (CSV)")).decode()
+    profile_png = downloaded(page, page.get_by_role("button", name="Diameter profile (PNG)"))
     page.screenshot(path=str(ARTIFACTS / "ui_aorta_chromium.png"), full_page=True)
 
     # The page's report is the command's: the same JSON (landmarks, diameters, sections), profile and page.

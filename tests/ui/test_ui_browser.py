@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from chromium_page import ARTIFACTS, DEMO_LABEL, ChromiumPage, UiServers, open_scan, segment
+from chromium_page import ARTIFACTS, DEMO_LABEL, ChromiumPage, UiServers, downloaded, open_scan, segment
 from tsrt.demo.phantom import make_phantom
 
 PHANTOM = dict(shape=(96, 80, 64), spacing=(3.0, 3.0, 3.0), seed=7)  # as in test_ui.py: few tiles
@@ -67,9 +67,7 @@ def test_installed_task_preselected_then_demo_in_chromium_upload_segment_overlay
     expect(report_button).to_have_count(1, timeout=60_000)
     expect(masks_button).to_have_count(1, timeout=60_000)
 
-    with page.expect_download() as csv_download:
-        report_button.click()
-    report = Path(csv_download.value.path()).read_text()
+    report = downloaded(page, report_button).decode()
     with page.expect_download(timeout=120_000) as masks_download:
         masks_button.click()
     with zipfile.ZipFile(masks_download.value.path()) as archive:
