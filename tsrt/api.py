@@ -67,10 +67,12 @@ def segment(
     save_probabilities: bool = False,
     progress: bool = True,
     precision: str = "fp32",
+    low_memory: bool = False,
 ) -> SegmentationRun:
     """Segment one image file with an exported nnU-Net model and write the label map (nnUNetv2_predict's defaults).
 
     `precision` (fp32 | fp16 | bf16 | int8) is checked against the provider before the image is read.
+    `low_memory`: the same labels in about half the peak memory, slower (tsrt.pipeline.infer.load_model).
     The run manifest is written last, beside the label file (`tsrt.outputs.manifest`).
     """
     provider, precision = resolve_precision(provider, precision)
@@ -80,7 +82,9 @@ def segment(
     started = time.perf_counter()
     image = read_image(input_path)
     read_seconds = time.perf_counter() - started
-    model = load_model(Path(model_dir), folds=folds, provider=provider, device=device, precision=precision)
+    model = load_model(
+        Path(model_dir), folds=folds, provider=provider, device=device, precision=precision, low_memory=low_memory
+    )
     settings = InferenceSettings(step_size=step_size, use_mirroring=tta, batch_size=batch_size, progress=progress)
     output_path = Path(output_path)
     run = write_model_segmentation(image, model, output_path, settings, save_probabilities=save_probabilities)
@@ -160,6 +164,7 @@ class ModelJob:
     device: str | None = None
     save_probabilities: bool = False
     precision: str = "fp32"
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         """Checked (and openvino-bf16 mapped) once, before any case is read."""
@@ -192,7 +197,7 @@ class ModelSegmenter:
         if self._model is None:
             self._model = load_model(
                 Path(self.job.model_dir), folds=self.job.folds, provider=self.job.provider, device=self.job.device,
-                threads=self.threads, precision=self.job.precision,
+                threads=self.threads, precision=self.job.precision, low_memory=self.job.low_memory,
             )
 
     def expected_outputs(self, case) -> list[Path]:

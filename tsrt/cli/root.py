@@ -235,6 +235,11 @@ def segment(
         "int8: the gated int8 graph `tsrt models quantize` makes (CPU: ONNX Runtime or OpenVINO).",
     ),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, gpu or gpu:N (CUDA/TensorRT)."),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", "--low_memory",
+        help="Run the network's large feature maps a few rows at a time: the same masks in about half the "
+        "memory, slower (--provider cpu, fp32).",
+    ),
     offline: bool = typer.Option(
         False, "--offline",
         help="Never fetch a missing model (also TSRT_OFFLINE=1); by default it is imported from the "
@@ -274,6 +279,7 @@ def segment(
         job = ModelJob(
             model, folds=tuple(folds) if folds else None, tta=tta, step_size=step_size, batch_size=batch_size,
             provider=provider, device=device, save_probabilities=model_probabilities, precision=precision,
+            low_memory=low_memory,
         )
         _segment_cohort(cases, job, output, **cohort)
         return
@@ -283,7 +289,7 @@ def segment(
         run = run_segment(
             source, output, model, folds=folds, tta=tta, step_size=step_size, batch_size=batch_size,
             provider=provider, device=device, save_probabilities=model_probabilities, progress=not quiet,
-            precision=precision,
+            precision=precision, low_memory=low_memory,
         )
         if print_json:
             _print_manifest(output)
@@ -306,7 +312,7 @@ def segment(
         statistics_exclude_masks_at_border=not stats_include_incomplete, stats_aggregation=stats_aggregation,
         no_derived_masks=no_derived_masks,
         remove_small_blobs=False if remove_small_blobs is None else remove_small_blobs,
-        save_probabilities=save_probabilities, offline=offline,
+        save_probabilities=save_probabilities, offline=offline, low_memory=low_memory,
     )
     if cases is None:
         totalseg.segment(source, output, **options)

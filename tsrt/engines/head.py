@@ -12,12 +12,11 @@ ONNX Runtime's optimised graphs.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from tsrt.config import tsrt_home
-from tsrt.engines.providers import intact_cache, seal_cache, sealed_sha256
+from tsrt.engines.providers import intact_cache, save_sealed_graph, sealed_sha256
 
 log = logging.getLogger("tsrt")
 
@@ -62,9 +61,7 @@ def split_output_head(graph: Path, graph_sha256: str) -> SplitGraph | None:
             return None
         body_model, head_model, features = parts
         for part, target in ((body_model, body), (head_model, head)):
-            temp = target.with_suffix(f".tmp{os.getpid()}.onnx")
-            onnx.save(part, str(temp))
-            seal_cache(temp, target)
+            save_sealed_graph(part, target)
         body.with_suffix(".output").write_text(features)
     except OSError as error:  # a read-only home: run the whole graph, as before
         log.debug("cannot cache the split graph of %s: %s", graph, error)

@@ -19,7 +19,7 @@ from tsrt.outputs.dicom import normalize_output_types
 STATS_AGGREGATIONS = ("mean", "median")
 #: Options that say where and how the models run, not what is written: a rerun that changes only these
 #: keeps earlier results (the run manifest records the provider actually used instead).
-RUNTIME_FIELDS = frozenset({"provider", "device", "threads", "quiet", "models_dir", "offline"})
+RUNTIME_FIELDS = frozenset({"provider", "device", "threads", "quiet", "models_dir", "offline", "low_memory"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class SegmentOptions:
     quiet: bool = False
     models_dir: Path | None = None  # default $TSRT_HOME/models
     offline: bool = False  # never fetch a missing model on first use (also TSRT_OFFLINE=1)
+    low_memory: bool = False  # large feature maps in slabs (tsrt.engines.slabs): the same masks in less memory
 
     def __post_init__(self) -> None:
         def set_field(name: str, value: Any) -> None:
@@ -111,6 +112,7 @@ class RuntimeOptions:
     threads: int | None = None
     precision: str = "fp32"  # fp32 | fp16 | bf16 | int8, checked against the provider on creation
     offline: bool = False  # never fetch a missing model (the web page: nothing leaves the machine)
+    low_memory: bool = False  # large feature maps in slabs: the same masks in less memory
 
     def __post_init__(self) -> None:
         provider, precision = resolve_precision(self.provider, self.precision)  # refused before any image is read
@@ -121,6 +123,7 @@ class RuntimeOptions:
         """The request for `task` with these runtime settings and the given task options."""
         return SegmentOptions(
             task=task, models_dir=self.models_dir, provider=self.provider, device=self.device, quiet=self.quiet,
-            threads=self.threads, precision=self.precision, offline=self.offline, **options,
+            threads=self.threads, precision=self.precision, offline=self.offline, low_memory=self.low_memory,
+            **options,
         )
 

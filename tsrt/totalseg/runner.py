@@ -152,8 +152,10 @@ class ModelRunner:
         threads: int | None = None,
         progress: bool = True,
         precision: str = "fp32",
+        low_memory: bool = False,
     ) -> None:
         self.store_root = store_root
+        self.low_memory = low_memory
         self.provider = provider
         self.precision = precision
         self.device = device
@@ -175,7 +177,8 @@ class ModelRunner:
             started = time.perf_counter()
             folder = model_dir(part, self.store_root)
             loaded = load_model(
-                folder, folds=part.fold_names, provider=self._provider(folder, part), threads=self.threads
+                folder, folds=part.fold_names, provider=self._provider(folder, part), threads=self.threads,
+                low_memory=self.low_memory,
             )
             self._open = (part.name, loaded)
             self.provider_used = loaded.provider_used
@@ -499,11 +502,12 @@ def finalize_labels(labels: np.ndarray, source: SourceImage, run: ImageRun) -> n
 
 def make_runner(
     store_root: Path | None, provider: str = "auto", device: str | None = None, *, threads: int | None = None,
-    quiet: bool = False, precision: str = "fp32",
+    quiet: bool = False, precision: str = "fp32", low_memory: bool = False,
 ) -> ModelRunner:
     """A ModelRunner for TotalSegmentator's --device spellings (cpu/mps pick the CPU provider)."""
     if device in ("cpu", "mps"):
         provider, device = ("cpu" if provider == "auto" else provider), None
     return ModelRunner(
-        store_root, provider=provider, device=device, threads=threads, progress=not quiet, precision=precision
+        store_root, provider=provider, device=device, threads=threads, progress=not quiet, precision=precision,
+        low_memory=low_memory,
     )

@@ -79,7 +79,7 @@ def prepare_run(options: SegmentOptions) -> tuple[TaskRequest, ModelRunner, Outp
         check_int8_installed(request, options.models_dir, options.provider)
     check_models_installed(request, options.models_dir, offline=options.offline, progress=not options.quiet)
     runner = make_runner(options.models_dir, options.provider, options.device, threads=options.threads,
-                         quiet=options.quiet, precision=options.precision)
+                         quiet=options.quiet, precision=options.precision, low_memory=options.low_memory)
     output_options = OutputOptions(
         multilabel=options.ml, statistics=bool(options.statistics), preview=options.preview,
         statistics_file=options.statistics if isinstance(options.statistics, Path) else None,
@@ -142,6 +142,7 @@ def segment(
     threads: int | None = None,
     save_probabilities: str | Path | None = None,
     offline: bool = False,
+    low_memory: bool = False,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, dict[str, float]]]:
     """Run a TotalSegmentator task like `totalsegmentator.python_api.totalsegmentator`, torch-free.
 
@@ -154,7 +155,8 @@ def segment(
     the statistics too when `statistics` is set - exactly what TotalSegmentator returns. Models come
     from tsrt's store (`models_dir`, default $TSRT_HOME/models); a missing one is imported from the
     TotalSegmentator home or downloaded on first use, unless `offline` (or TSRT_OFFLINE=1): then it
-    raises ModelError naming the command that installs it.
+    raises ModelError naming the command that installs it. `low_memory` (tsrt's own): the same masks in about
+    half the peak memory, slower.
     """
     options = SegmentOptions(
         task=task, fast=fast, fastest=fastest, roi_subset=roi_subset, roi_subset_robust=roi_subset_robust, ml=ml,
@@ -164,6 +166,7 @@ def segment(
         v1_order=v1_order, remove_small_blobs=remove_small_blobs, no_derived_masks=no_derived_masks,
         output_type=output_type, save_probabilities=save_probabilities, provider=provider, device=device,
         precision=precision, threads=threads, quiet=quiet, models_dir=models_dir, skip_saving=skip_saving, offline=offline,
+        low_memory=low_memory,
     )
     return segment_with_options(input, output, options)
 
