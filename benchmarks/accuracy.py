@@ -126,7 +126,7 @@ def confident_accuracy(workloads: list[Workload], rows: list[TsrtRow], work: Pat
     found: dict[str, dict[str, Any]] = {"vs_official": {}, "vs_fp32": {}, "int8": int8}
     for workload in workloads:
         image = prepare_input(work, workload)
-        backends = backends_for(workload, rows, with_nnunet=False)[0 if with_official else 1:]
+        backends = backends_for(workload, rows, with_nnunet=False, low_memory=False)[0 if with_official else 1:]
         done = []
         for row in backends:
             try:

@@ -184,7 +184,7 @@ def run_tsrt(job: dict[str, Any]) -> dict[str, Any]:
     cpu = job["provider"] in CPU_PROVIDERS
     request, runner, options = task_module.prepare_run(SegmentOptions(
         task=job["task"], fast=job["fast"], ml=True, provider=job["provider"], precision=job.get("precision", "fp32"),
-        quiet=True, device="cpu" if cpu else None,
+        quiet=True, device="cpu" if cpu else None, low_memory=job.get("low_memory", False),
     ))
     CLOCK.inside(runner, "model", "load models")
     CLOCK.switch("read")
@@ -202,7 +202,8 @@ def run_tsrt_model(job: dict[str, Any]) -> dict[str, Any]:
     from tsrt.pipeline.read import read_image
 
     CLOCK.switch("load models")
-    model = load_model(Path(job["model_dir"]), provider=job["provider"], precision=job.get("precision", "fp32"))
+    model = load_model(Path(job["model_dir"]), provider=job["provider"], precision=job.get("precision", "fp32"),
+                       low_memory=job.get("low_memory", False))
     CLOCK.switch("read")
     image = read_image(job["input"])
     CLOCK.switch("done")

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true",
                         help="tiny 4-stage nets on 48^3 patches instead of TotalSegmentator-sized ones (smoke tests)")
     parser.add_argument("--no-nnunet", action="store_true", help="skip the nnUNetPredictor comparison")
+    parser.add_argument("--no-low-memory", action="store_true", help="skip the cpu fp32 --low-memory row")
     parser.add_argument("--no-extras", action="store_true",
                         help="skip confident weights, the demo model, cold start and installed sizes")
     parser.add_argument("--work", type=Path, help="cache for weights, exports and outputs (default ~/.cache/tsrt-bench)")
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         if workload.name in report["workloads"]:
             continue
         image = prepare_input(work, workload)
-        backends = backends_for(workload, rows, with_nnunet=not (args.no_nnunet or quick))
+        backends = backends_for(workload, rows, with_nnunet=not (args.no_nnunet or quick),
+                                low_memory=not args.no_low_memory)
         capped = workload.max_runs is not None and runs > workload.max_runs
         workload_runs, workload_warmup = (workload.max_runs, 0) if capped else (runs, warmup)
         measured = measure_workload(workload, backends, image, homes, work, workload_runs, workload_warmup,

@@ -64,7 +64,8 @@ def row_columns(row: dict[str, Any]) -> tuple[str, str, str]:
     if row["backend"] in ("official", "nnunet"):
         return {"official": "TotalSegmentator", "nnunet": "nnUNetPredictor"}[row["backend"]], "PyTorch", "fp32"
     provider, precision = DEPRECATED_PROVIDERS.get(row["provider"], (row["provider"], row.get("precision", "fp32")))
-    return {"tsrt": "tsrt", "tsrt-model": "tsrt --model"}[row["backend"]], provider, precision
+    engine = f"{provider} --low-memory" if row.get("low_memory") else provider
+    return {"tsrt": "tsrt", "tsrt-model": "tsrt --model"}[row["backend"]], engine, precision
 
 
 def legacy_row(label: str) -> dict[str, Any]:

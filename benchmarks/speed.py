@@ -114,6 +114,7 @@ def summarise(row: Backend, results: list[dict[str, Any]]) -> dict[str, Any]:
     tiles = results[-1]["tiles"]
     return {
         "group": row.group, "backend": row.backend, "provider": row.provider, "precision": row.precision,
+        "low_memory": row.low_memory,
         "runs": len(results),
         "wall_s": wall, "wall_all_s": [r["wall_s"] for r in results], "stages_s": stages,
         "network_s": network, "tiles": tiles, "tiles_per_s": tiles / inference if inference else None,

@@ -100,6 +100,7 @@ class Backend:
     backend: str
     provider: str = "cpu"
     precision: str = "fp32"
+    low_memory: bool = False  # `--low-memory`: the large feature maps in slabs (tsrt.engines.slabs)
 
     @property
     def label(self) -> str:
@@ -107,7 +108,8 @@ class Backend:
             return "TotalSegmentator (PyTorch)"
         if self.backend == "nnunet":
             return "nnUNetPredictor (PyTorch)"
-        return ("tsrt --model" if self.backend == "tsrt-model" else "tsrt") + f" {self.provider} {self.precision}"
+        label = ("tsrt --model" if self.backend == "tsrt-model" else "tsrt") + f" {self.provider} {self.precision}"
+        return label + (" --low-memory" if self.low_memory else "")
 
     @property
     def reference(self) -> bool:
@@ -116,7 +118,7 @@ class Backend:
     @property
     def tag(self) -> str:
         """The row in file names (job files, logs, outputs)."""
-        return f"{self.backend}-{self.provider}-{self.precision}"
+        return f"{self.backend}-{self.provider}-{self.precision}" + ("-lowmem" if self.low_memory else "")
 
 
 #: Each backend's comparison group: tsrt's task path against official TotalSegmentator, `--model` against nnU-Net.
@@ -231,9 +233,13 @@ def tsrt_rows(providers: Collection[str] | None = None,
     return kept, skipped
 
 
-def backends_for(workload: Workload, rows: Sequence[TsrtRow], with_nnunet: bool) -> list[Backend]:
-    """The rows of one workload: official first, then tsrt per (provider, precision); nnU-Net's pair where it can run."""
+def backends_for(workload: Workload, rows: Sequence[TsrtRow], with_nnunet: bool,
+                 low_memory: bool = True) -> list[Backend]:
+    """The rows of one workload: official first, then tsrt per (provider, precision) and, with `low_memory`,
+    cpu fp32 with --low-memory; nnU-Net's pair where it can run."""
     backends = [Backend("totalseg", "official")] + [Backend("totalseg", "tsrt", p, q) for p, q in rows]
+    if low_memory and ("cpu", "fp32") in rows:
+        backends.append(Backend("totalseg", "tsrt", "cpu", "fp32", low_memory=True))
     nifti = workload.input.endswith((".nii", ".nii.gz")) or workload.input == "phantom"
     if with_nnunet and workload.fast and nifti:  # nnUNetPredictor reads files, one model: --fast's
         backends += [Backend("nnunet", "nnunet"), Backend("nnunet", "tsrt-model", "cpu")]
@@ -368,6 +374,7 @@ def job_for(backend: Backend, workload: Workload, image: Path, homes: Homes, out
     fast_model = get_task("total", fast=True).parts[0]
     job = {"backend": backend.backend, "input": str(image), "output": str(output), "task": workload.task,
            "fast": workload.fast, "provider": backend.provider, "precision": backend.precision,
+           "low_memory": backend.low_memory,
            "step_size": fast_model.step_size}
     if backend.backend == "nnunet":
         from tsrt_export.import_totalseg import locate, results_root

@@ -155,7 +155,8 @@ def _measured(row: workloads.Backend, wall: float) -> dict:
 def test_the_table_has_engine_and_precision_columns_and_marks_reduced_precision_on_random_weights() -> None:
     rows = [("cpu", "fp32"), ("cpu", "int8"), ("openvino", "fp32"), ("openvino", "int8")]
     backends = workloads.backends_for(workloads.WORKLOADS["ct_sm_fast"], rows, with_nnunet=False)
-    walls = dict(zip((backend.label for backend in backends), (30.0, 12.0, 8.0, 10.0, 6.0)))
+    assert backends[-1].low_memory and backends[-1].label == "tsrt cpu fp32 --low-memory"
+    walls = dict(zip((backend.label for backend in backends), (30.0, 12.0, 8.0, 10.0, 6.0, 14.0)))
     skipped = {"openvino bf16": "this CPU has no native bf16"}
     built = {
         "command": "python benchmarks/backends.py --quick", "machine": report.machine(), "runs": 1, "warmup": 0,
@@ -175,7 +176,7 @@ def test_the_table_has_engine_and_precision_columns_and_marks_reduced_precision_
     table = _table(markdown, "workload")
     assert [(r["backend"], r["engine"], r["precision"]) for r in table] == [
         ("TotalSegmentator", "PyTorch", "fp32"), ("tsrt", "cpu", "fp32"), ("tsrt", "cpu", "int8"),
-        ("tsrt", "openvino", "fp32"), ("tsrt", "openvino", "int8")]
+        ("tsrt", "openvino", "fp32"), ("tsrt", "openvino", "int8"), ("tsrt", "cpu --low-memory", "fp32")]
     for row, backend in zip(table[1:], backends[1:]):
         assert row["× vs reference"] == f"{30.0 / walls[backend.label]:.2f}×"
         assert row["Dice"].endswith("†") == (backend.precision == "int8")  # not meaningful on random weights
@@ -210,7 +211,7 @@ def test_backends_script_writes_json_table_and_plot(shared_data: Path, tmp_path:
 
     report_json = json.loads((out / "smoke.json").read_text())
     rows = report_json["workloads"]["ct_sm_fast"]
-    assert set(rows) == {"TotalSegmentator (PyTorch)", "tsrt cpu fp32"}
+    assert set(rows) == {"TotalSegmentator (PyTorch)", "tsrt cpu fp32", "tsrt cpu fp32 --low-memory"}
     for row in rows.values():
         stages = {k: v for k, v in row["stages_s"].items() if v is not None}
         assert stages["inference"] > 0 and row["tiles"] > 0
@@ -223,6 +224,8 @@ def test_backends_script_writes_json_table_and_plot(shared_data: Path, tmp_path:
     assert tsrt["tiles"] == rows["TotalSegmentator (PyTorch)"]["tiles"]
     accuracy_row = report_json["accuracy_random_weights"]["ct_sm_fast"]["tsrt cpu fp32"]
     assert accuracy_row["agreement"] >= MIN_AGREEMENT and accuracy_row["classes"] > 0
+    # --low-memory gives the same masks: the same agreement with official TotalSegmentator, to the voxel.
+    assert report_json["accuracy_random_weights"]["ct_sm_fast"]["tsrt cpu fp32 --low-memory"] == accuracy_row
 
     table = (out / "smoke.md").read_text()
     assert "| ct_sm_fast | tsrt | cpu | fp32 |" in table and "× vs reference" in table
