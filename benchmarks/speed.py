@@ -4,6 +4,7 @@
     python benchmarks/speed.py ct_fast --backend official --runs 1 --warmup 0
     python benchmarks/speed.py ct_sm_fast --small --provider openvino   # tiny nets, seconds not minutes
     python benchmarks/speed.py ct_fast --provider cpu --precision int8   # quantizes the net first (cached)
+    python benchmarks/speed.py phantom_fast --low-memory --runs 1 --warmup 0
 
 Every run is a child process (backend_child.py), so wall time includes start-up and peak memory is that
 run's alone (memory.py's process-tree sampler and the child's own VmHWM). The child charges its time
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="cpu", help="tsrt's provider (default %(default)s)")
     parser.add_argument("--precision", default="fp32", help="tsrt's precision (default %(default)s; int8 quantizes "
                         "the models first, forced past the gate on random weights)")
+    parser.add_argument("--low-memory", action="store_true", help="tsrt with --low-memory (cpu fp32)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     add_setup_arguments(parser)
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = WORKLOADS[args.workload]
     reference = args.backend in ("official", "nnunet")
     engine = ("cpu", "fp32") if reference else (args.provider, args.precision)
-    row = Backend(GROUPS[args.backend], args.backend, *engine)
+    row = Backend(GROUPS[args.backend], args.backend, *engine, low_memory=args.low_memory and not reference)
     homes = store_models(args.work, args.weights, tasks_for([workload], with_nnunet=row.group == "nnunet"),
                          small=args.small)
     if row.precision == "int8":

@@ -137,3 +137,11 @@ def test_cli_low_memory_writes_the_same_labels(shared_data: Path, tmp_path: Path
         outputs[name] = np.asarray(nib.load(str(target)).dataobj)
     assert outputs["whole"].any(), "the demo model should find something in a CT"
     np.testing.assert_array_equal(outputs["slabs"], outputs["whole"])
+
+
+def test_low_memory_is_not_a_written_option():
+    """It changes no voxel, so a cohort rerun with or without it keeps its results (the manifest's options)."""
+    from tsrt.totalseg.options import SegmentOptions
+
+    assert SegmentOptions(low_memory=True).written_options() == SegmentOptions().written_options()
+    assert SegmentOptions.from_keywords(low_memory=True).low_memory

@@ -1,4 +1,4 @@
-"""A U-Net body run a few rows at a time at every large resolution, for the same features in far less memory.
+"""`--low-memory`: a U-Net body run a few rows at a time at every large resolution, for the same features.
 
 Why: at a 128^3 TotalSegmentator tile every full-resolution feature map is 256 MB, and ONNX Runtime's
 whole-graph run holds up to five at once (the last decoder stage keeps the skip, the upsampled map,
@@ -12,11 +12,14 @@ Every operation is a node of the session's own optimised graph run by ONNX Runti
 value comes from the same kernel over the same numbers: the features equal the whole graph's bit for bit
 (the tests compare them). A level of the U-Net (its encoder blocks, the level below it, the upsampling,
 its decoder blocks) is planned this way while its maps are large enough to carry two-level statistics;
-the levels below run as one small graph (the "inner" graph). Each level's blocks write their output over
-rows of their input that no later slab reads, so one map per level is alive at a time.
+the levels below run as one graph cut from the rest (the "inner" graph). Each block after a level's first
+writes its output over the rows of its input that no later slab reads, and normalises its predecessor's
+rows as it reads them, so a level keeps one map of each size.
 
-Graphs of another shape (residual encoders, quantized graphs, InstanceNorm without two-level statistics at
-full resolution) return None from `plan_slabs` and run whole, as before.
+The price is time: many small runs, and copies of the rows each slab reads (measured on --fast
+example_ct with the TotalSegmentator-sized net, AMD EPYC, 2 cores: peak 945 instead of 1805 MiB, wall
+1.24x). So it is opt-in. Graphs of another shape (residual encoders, quantized graphs, InstanceNorm
+without two-level statistics at full resolution) return None from `plan_slabs` and run whole.
 """
 
 from __future__ import annotations
@@ -37,19 +40,13 @@ from tsrt.engines.providers import (
 log = logging.getLogger("tsrt")
 
 #: Voxels per channel in one slab of a convolution's output (4 rows of a 128^2 plane, 16 of a 64^2 one).
-#: A convolution's extra input rows are copied, not recomputed, and each row is normalised once, so the
-#: arithmetic does not grow with the slab count while the temporaries shrink with the slabs (128^3 body,
-#: measured peak above the process: 16 rows 911 MB, 8 rows 927 MB, 4 rows 790 MB, at the same speed).
+#: A convolution's extra input rows are copied, not recomputed, so the arithmetic does not grow with the
+#: slab count, while the temporaries shrink with the slabs (an earlier form of this module peaked 120 MB
+#: higher with 16-row slabs at 128^3, at the same speed).
 SLAB_VOXELS = 4 * 128 * 128
-#: The passes without neighbouring rows (statistics, the last normalisation) take slabs this much larger.
-PASS_FACTOR = 4
 
 #: Names the cached cut graphs: a new way of cutting never reads an older cut.
 CUT_VERSION = "-v1"
-
-#: Reads rows [lo, hi) of a level's map (all channels): (1, C, hi - lo, Y, Z).
-RowSource = Callable[[int, int], np.ndarray]
-
 
 @dataclass
 class NormalizedConv:
@@ -345,10 +342,11 @@ def _renamed_tensor(tensor, name: str):
     return clone
 
 
-def _int64(name: str, values: list[int]):
+def _int64(values: list[int]):
+    """An int64 constant (named when a graph builder adds it)."""
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
 class _GraphBuilder:
@@ -386,8 +384,8 @@ def _add_normalise(g: _GraphBuilder, block: NormalizedConv, x: str, plane: tuple
 
     mean, deviation = f"mean{tag}", f"deviation{tag}"
     g.inputs += [mean, deviation]
-    g.constant(_int64("", [0, 0, 0, -1]), f"flat_shape{tag}")
-    g.constant(_int64("", [0, 0, 0, *plane]), f"volume_shape{tag}")
+    g.constant(_int64([0, 0, 0, -1]), f"flat_shape{tag}")
+    g.constant(_int64([0, 0, 0, *plane]), f"volume_shape{tag}")
     g.nodes.append(helper.make_node("Reshape", [x, f"flat_shape{tag}"], [f"flat{tag}"]))
     g.nodes.append(_renamed(block.centre, {block.centre.input[0]: f"flat{tag}", block.centre.input[1]: mean,
                                            block.centre.output[0]: f"centred{tag}"}))
@@ -422,7 +420,7 @@ def _add_conv(g: _GraphBuilder, block: NormalizedConv, x: str, padded: bool) -> 
     attributes["pads"] = pads
     weights = [g.constant(t, f"w{i}") for i, t in enumerate(block.conv_weights)]
     g.nodes.append(helper.make_node("Conv", [x, *weights], ["raw"], **attributes))
-    g.constant(_int64("", [0, 0, 0, -1]), "raw_flat_shape")
+    g.constant(_int64([0, 0, 0, -1]), "raw_flat_shape")
     g.nodes.append(helper.make_node("Reshape", ["raw", "raw_flat_shape"], ["raw_flat"]))
     g.nodes.append(_renamed(block.row_sum, {block.row_sum.input[0]: "raw_flat", block.row_sum.output[0]: "row_sums",
                                             **{n: g.constant(block.constants[n], f"{n}_c")
@@ -451,7 +449,7 @@ def conv_graphs(plan: SlabPlan, block: NormalizedConv, source: str, previous: No
             names = [g.constant(t, f"u{i}") for i, t in enumerate(level.upsample_weights)]
             g.nodes.append(helper.make_node("ConvTranspose", ["low", *names], ["up"],
                                             **{a.name: helper.get_attribute_value(a) for a in level.upsample.attribute}))
-            g.constant(_int64("", [2]), "slice_axes")
+            g.constant(_int64([2]), "slice_axes")
             g.nodes.append(helper.make_node("Slice", ["up", "starts", "ends", "slice_axes"], ["up_rows"]))
             parts = ["skip", "up_rows"] if level.concat_skip_first else ["up_rows", "skip"]
             g.nodes.append(helper.make_node("Concat", parts, ["joined"], axis=1))
@@ -472,7 +470,7 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
     graphs = {}
     g = _GraphBuilder(plan)
     g.inputs += ["raw", "mean"]
-    g.constant(_int64("", [0, 0, 0, -1]), "flat_shape")
+    g.constant(_int64([0, 0, 0, -1]), "flat_shape")
     g.nodes.append(helper.make_node("Reshape", ["raw", "flat_shape"], ["flat"]))
     g.nodes.append(_renamed(block.centre, {block.centre.input[0]: "flat", block.centre.input[1]: "mean",
                                            block.centre.output[0]: "centred"}))
