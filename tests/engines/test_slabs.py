@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from seeded_nets import plain_unet_plans
+
 from tsrt.demo.run import demo_model_dir
 from tsrt.engines.head import split_output_head
 from tsrt.engines.providers import choose_provider, create_session
@@ -52,20 +54,7 @@ def test_trained_demo_model_features_equal_the_whole_graph(shared_data: Path):
 
 def _seeded_network(folder: Path, patch: list[int]) -> Path:
     """A 3-stage PlainConvUNet with InstanceNorm and seeded weights (torch-free builder)."""
-    n = 3
-    arch = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2] * n,
-            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
-    plans = {"configurations": {"3d_fullres": {"architecture": arch, "patch_size": patch}}}
+    plans = plain_unet_plans(patch, instance_norm=True)
     labels = {"background": 0, "a": 1, "b": 2}
     spec = network_spec(plans, {"channel_names": {"0": "CT"}, "labels": labels}, "3d_fullres")
     rng = np.random.default_rng(7)

@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 import pytest
 
+from seeded_nets import plain_unet_plans
+
 from tsrt.api import segment
 from tsrt.demo.phantom import make_phantom
 from tsrt.demo.run import demo_model_dir
@@ -86,19 +88,8 @@ def write_banded_model(folder: Path) -> Path:
     and the last decoder stage's skip path pass it on, deeper paths are zero, the head draws the lines. The
     encoder's weights reach their convs through Identity nodes, as in graphs torch's exporter writes.
     """
-    n = 3
-    arch = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2] * n,
-            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True, "norm_op": None, "norm_op_kwargs": None,
-            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
     labels = {"background": 0, **{name: k for k, name in enumerate(BANDS, start=1)}}
-    plans = {"configurations": {"3d_fullres": {"architecture": arch, "patch_size": [32, 32, 32]}}}
+    plans = plain_unet_plans([32, 32, 32], instance_norm=False)
     spec = network_spec(plans, {"channel_names": {"0": "CT"}, "labels": labels}, "3d_fullres")
     weights = {name: np.zeros(shape, np.float32) for name, shape in weight_shapes(spec).items()}
     centre = (1, 1, 1)
@@ -131,7 +122,8 @@ def write_banded_model(folder: Path) -> Path:
         dataset_name="Dataset990_Bands", trainer="nnUNetTrainer", labels=labels, num_segmentation_heads=len(labels),
         patch_size=[32, 32, 32], spacing=list(SPACING), graph_sha256=sha256_file(graph), graph_builder="test",
         checkpoint_file="nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0/none", checkpoint_sha256="",
-        network_class=arch["network_class_name"], allowed_mirroring_axes=None,
+        network_class=plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"],
+        allowed_mirroring_axes=None,
     )
     (folder / "fold_0.plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True))
     return folder
