@@ -476,3 +476,25 @@ def test_tsrt_ui_starts_streamlit_locally_without_telemetry(tmp_path: Path):
     assert result.exit_code != 0 and "is not a folder" in str(result.exception)
     help_text = CliRunner().invoke(app, ["ui", "--help"], env={"COLUMNS": "200"}).output
     assert "--data-dir" in help_text and "--max-upload-mb" in help_text
+
+
+def test_save_memory_runs_in_slabs_and_segments_the_same(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """The page's "Save memory" box (`--low-memory`) reaches the model: slabs run, the labels do not change."""
+    import logging
+
+    monkeypatch.setenv("TSRT_HOME", str(tmp_path / "home"))
+    from tsrt.totalseg.source import read_source
+    from tsrt.ui.runner import DEMO_KEY, model_choices, segment_for_ui
+
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(_phantom_bytes(tmp_path))
+    source = read_source(scan)
+    demo = next(choice for choice in model_choices(tmp_path / "no-store") if choice.key == DEMO_KEY)
+    whole = segment_for_ui(source, demo, provider="cpu")
+    with caplog.at_level(logging.INFO, logger="tsrt"):
+        saving = segment_for_ui(source, demo, provider="cpu", low_memory=True)
+    assert any("run in slabs" in record.message for record in caplog.records)
+    assert whole.label_names == saving.label_names and len(whole.label_names) > 3
+    np.testing.assert_array_equal(saving.labels, whole.labels)

@@ -48,6 +48,10 @@ def test_installed_task_preselected_then_demo_in_chromium_upload_segment_overlay
     expect(options.last).to_have_text(DEMO_LABEL)  # listed last
     options.last.click()
     expect(model).to_have_value(DEMO_LABEL, timeout=60_000)
+    save_memory = page.get_by_role("checkbox", name="Save memory (slower, same masks)")
+    expect(save_memory).not_to_be_checked()  # off by default: the faster path
+    save_memory.check(force=True)  # the run below takes --low-memory (its labels: tests/ui/test_ui.py)
+    expect(save_memory).to_be_checked()
     segment(page)
     images = page.locator('[data-testid="stImage"] img')
     expect(images).to_have_count(4)  # axial, coronal, sagittal, overview

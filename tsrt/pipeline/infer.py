@@ -147,7 +147,9 @@ def load_model(
             open_slabbed_body(split.body, split.body_sha256, choice, threads, tuple(plan.patch_size[1:]))
             for split, plan in zip(splits, plans)
         ] if low_memory and runs_in_slabs(choice, plans) else []
-        if low_memory and not (slabbed and all(slabbed)):
+        if slabbed and all(slabbed):
+            log.info("--low-memory: %d resolution level(s) run in slabs of rows", slabbed[0].levels)
+        elif low_memory:
             log.info("--low-memory: %s", "this model's network has a shape tsrt cannot run in slabs; it runs whole"
                      if slabbed else "applies to --provider cpu at --precision fp32 only; running as usual")
         for number, split in enumerate(splits):

@@ -86,6 +86,7 @@ class RunOptions:
     structures: list[str]
     provider: str
     precision: str = "fp32"
+    low_memory: bool = False
 
 
 @dataclass
@@ -265,8 +266,13 @@ def _run_options(opened: OpenedImage | None) -> tuple[RunOptions, bool]:
         help="fp32 gives the reference masks; bf16 (OpenVINO on a CPU with native bf16), fp16 (TensorRT) and int8 "
         "(on the CPU, for a model with int8 graphs from `tsrt models quantize`) are faster and may differ in a few voxels.",
     )
+    low_memory = st.checkbox(
+        "Save memory (slower, same masks)", key="low_memory",
+        help="Runs the network's large feature maps a few rows at a time: about half the memory, the same masks "
+        "(--low-memory; on the CPU at fp32).",
+    )
     run = st.button("Segment", type="primary", disabled=opened is None, key="run", width="stretch")
-    return RunOptions(choice, fast, structures, provider, precision), run
+    return RunOptions(choice, fast, structures, provider, precision, low_memory), run
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -278,7 +284,7 @@ def _run(opened: OpenedImage, options: RunOptions, workspace: SessionFolder, mes
     try:
         segmentation = segment_for_ui(
             opened.source, options.choice, fast=options.fast, structures=options.structures,
-            provider=options.provider, precision=options.precision, reporter=bars,
+            provider=options.provider, precision=options.precision, reporter=bars, low_memory=options.low_memory,
         )
         bars.stage("Measuring volumes and intensities")
         report = structure_report(segmentation)

@@ -250,6 +250,7 @@ def segment_for_ui(
     precision: str = "fp32",
     reporter: StageReporter | None = None,
     store_root: Path | None = None,
+    low_memory: bool = False,
 ) -> Segmentation:
     """Segment a read image (`tsrt.totalseg.SourceImage`) with the chosen model; `structures` narrows the result.
 
@@ -258,10 +259,10 @@ def segment_for_ui(
     reporter = reporter or SilentReporter()
     recorder = RunRecorder()
     if choice.key == DEMO_KEY:
-        result, request, precision = _segment_with_demo_model(source, provider, precision, reporter)
+        result, request, precision = _segment_with_demo_model(source, provider, precision, reporter, low_memory)
     else:
         result, request, precision = _segment_with_task(
-            source, choice, fast, structures, provider, precision, reporter, store_root
+            source, choice, fast, structures, provider, precision, reporter, store_root, low_memory
         )
     if structures and set(result.label_names.values()) - set(structures):
         result.labels, result.label_names = keep_structures(result.labels, result.label_names, structures)
@@ -284,7 +285,7 @@ def keep_structures(
 
 
 def _segment_with_demo_model(
-    source, provider: str, precision: str, reporter: StageReporter
+    source, provider: str, precision: str, reporter: StageReporter, low_memory: bool = False
 ) -> tuple[Segmentation, RunRequest, str]:
     """The demo model's segmentation, its request and the precision it ran in."""
     from tsrt.api import model_run_request, segment_image_with_model
@@ -295,7 +296,7 @@ def _segment_with_demo_model(
     reporter.stage("Loading the model")
     started = time.perf_counter()
     provider, precision = resolve_precision(provider, precision)
-    model = load_model(demo_model_dir(), provider=provider, precision=precision)
+    model = load_model(demo_model_dir(), provider=provider, precision=precision, low_memory=low_memory)
     loaded = time.perf_counter()
     reporter.stage(f"Segmenting ({model.provider_used})")
     settings = InferenceSettings(progress=False, on_tiles=reporter.tiles)
@@ -318,6 +319,7 @@ def _segment_with_task(
     precision: str,
     reporter: StageReporter,
     store_root: Path | None,
+    low_memory: bool = False,
 ) -> tuple[Segmentation, RunRequest, str]:
     """The task's segmentation, its request and the precision it ran in."""
     from tsrt.engines.providers import choose_provider
@@ -337,7 +339,7 @@ def _segment_with_task(
             roi_subset = None
     options = SegmentOptions(
         task=choice.key, fast=fast, roi_subset=roi_subset, provider=provider, precision=precision, quiet=True,
-        models_dir=store_root,
+        models_dir=store_root, low_memory=low_memory,
     )
     request, runner, _ = prepare_run(options)
     runner.on_tiles = reporter.tiles
