@@ -546,7 +546,7 @@ class _Block:
         block = self.block
         rows = block.output_rows(source.rows)
         shape = (1, block.out_channels, rows, *self.plane)
-        fits = overwrite and block.stride == 1 and source.array.shape == shape and self.slab_rows >= block.pad
+        fits = overwrite and block.stride == 1 and source.array.shape == shape  # slab_rows >= pad by construction
         out = _Map(source.array if fits else np.empty(shape, dtype=np.float32), self.slab_rows)
         pending, row_sums = None, []
         for lo, hi in out.spans():

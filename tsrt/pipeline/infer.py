@@ -143,19 +143,10 @@ def load_model(
         for graph, plan, sha256 in zip(graphs, plans, hashes)
     ]
     if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
-        slabbed = [
-            open_slabbed_body(split.body, split.body_sha256, choice, threads, tuple(plan.patch_size[1:]))
-            for split, plan in zip(splits, plans)
-        ] if low_memory and runs_in_slabs(choice, plans) else []
-        if slabbed and all(slabbed):
-            log.info("--low-memory: %d resolution level(s) run in slabs of rows", slabbed[0].levels)
-        elif low_memory:
-            log.info("--low-memory: %s", "this model's network has a shape tsrt cannot run in slabs; it runs whole"
-                     if slabbed else "applies to --provider cpu at --precision fp32 only; running as usual")
+        slabbed = _slabbed_bodies(splits, plans, choice, threads) if low_memory else None
         for number, split in enumerate(splits):
-            body = slabbed[number] if slabbed and all(slabbed) else None
-            model.sessions.append(body or create_session(split.body, choice, threads=threads,
-                                                         graph_sha256=split.body_sha256))
+            model.sessions.append(slabbed[number] if slabbed else create_session(
+                split.body, choice, threads=threads, graph_sha256=split.body_sha256))
             model.heads.append(create_session(split.head, choice, threads=threads, graph_sha256=split.head_sha256))
             model.feature_outputs.append(split.body_output)
     else:
@@ -195,10 +186,22 @@ def _exported_graph(plan: RecordedPlan) -> Path:
 SPLIT_HEAD_PROVIDERS = ("cpu", "openvino")
 
 
-def runs_in_slabs(choice: ProviderChoice, plans: Sequence[RecordedPlan]) -> bool:
-    """Whether the bodies run their full-resolution stages in slabs (tsrt.engines.slabs): ONNX Runtime's CPU in
-    float32, where they give the whole graph's features bit for bit in ~0.6 GB less at 128^3."""
-    return choice.name == "cpu" and choice.precision == "fp32" and all(p.graph_precision == "fp32" for p in plans)
+def _slabbed_bodies(splits: list, plans: Sequence[RecordedPlan], choice: ProviderChoice, threads: int | None) -> list | None:
+    """`--low-memory`: every fold's body run in slabs (tsrt.engines.slabs), or None (said in one line) when the
+    provider, the precision or one fold's network does not allow it: folds are averaged alike, so all or none.
+    Slabs run on ONNX Runtime's CPU in float32, where they give the whole graph's features bit for bit."""
+    if not (choice.name == "cpu" and choice.precision == "fp32" and all(p.graph_precision == "fp32" for p in plans)):
+        log.info("--low-memory: applies to --provider cpu at --precision fp32 only; running as usual")
+        return None
+    bodies = []
+    for split, plan in zip(splits, plans):
+        body = open_slabbed_body(split.body, split.body_sha256, choice, threads, tuple(plan.patch_size[1:]))
+        if body is None:
+            log.info("--low-memory: this model's network has a shape tsrt cannot run in slabs; it runs whole")
+            return None
+        bodies.append(body)
+    log.info("--low-memory: %d resolution level(s) run in slabs of rows", bodies[0].levels)
+    return bodies
 
 
 def can_split_head(plan: RecordedPlan) -> bool:
