@@ -6,7 +6,7 @@
 Each run is a fresh `tsrt segment` process (the same CLI a user calls) in which this script wraps the
 stage functions with timers before the CLI imports them, so the stages are the product's own code, timed
 from the process's start (the kernel's start time of the process: interpreter start-up included) to its
-exit. "network" is the sum of every ONNX Runtime `session.run` (body and head); everything else is what
+exit. "network" is the sum of every ONNX Runtime or OpenVINO `session.run` (body and head); everything else is what
 issue 19 calls overhead. The report prints the median of each stage over the runs and the CPU's flags
 (compare only figures from one run of this script). The store is TSRT_HOME as for any run (the
 benchmarks' TotalSegmentator-sized total_fast net: `python benchmarks/workloads.py --prepare ct_fast`).
@@ -74,6 +74,9 @@ def child(cli_args: list[str]) -> None:
             if getattr(module, name, None) is original:
                 setattr(module, name, wrapped)
     onnxruntime.InferenceSession.run = timed(onnxruntime.InferenceSession.run, "network (session.run)")
+    from tsrt.engines.providers import OpenVinoSession  # OpenVINO's runs are the network too
+
+    OpenVinoSession.run = timed(OpenVinoSession.run, "network (session.run)")
 
     seconds["imports"] = time.perf_counter() - begin
     sys.argv = ["tsrt", "segment", *cli_args]

@@ -124,6 +124,54 @@ def targets(report: Report) -> list[dict[str, Any]]:
     return found
 
 
+def network_per_tile(row: dict[str, Any] | None) -> float | None:
+    """Seconds inside the network (every session.run) per tile of a tsrt row; None without both."""
+    if row is None or not row.get("network_s") or not row.get("tiles"):
+        return None
+    return row["network_s"] / row["tiles"]
+
+
+def precision_targets(report: Report) -> list[dict[str, Any]]:
+    """Issue 19's goals for reduced precision, from the rows of one run: the network per 128^3 tile against ONNX
+    Runtime fp32's (session.run time over tiles run, both in the same workload), and end-to-end ratios."""
+    found = []
+    rows = report["workloads"]
+    engines = ("cpu", "openvino")
+
+    def network_ratio(workload: dict, engine: str, precision: str) -> float | None:
+        fp32, reduced = network_per_tile(find_row(workload, "tsrt", "cpu")), network_per_tile(
+            find_row(workload, "tsrt", engine, precision))
+        return None if fp32 is None or reduced is None else reduced / fp32
+
+    for precision, goal, better in (("int8", 0.4, "<="), ("bf16", 1 / 1.8, "<=")):
+        for name, workload in rows.items():
+            ratios = {e: r for e in engines if (r := network_ratio(workload, e, precision)) is not None}
+            if not ratios:
+                continue
+            best = min(ratios.values())
+            shown = (f"{ratio:.2f}x" if precision == "int8" else f"{1 / ratio:.2f}x faster" for ratio in ratios.values())
+            target = ("int8 network per tile <= 0.4x ONNX Runtime fp32" if precision == "int8"
+                      else "native bf16 network per tile >= 1.8x ONNX Runtime fp32")
+            found.append({"target": f"{target} ({name})", "reached": best <= goal,
+                          "measured": ", ".join(f"{e} {text}" for e, text in zip(ratios, shown))})
+    for name, precision, goal in (("ct_total", "int8", 2.5), ("ct_fast", "int8", 6.0)):
+        workload = rows.get(name, {})
+        official = find_row(workload, "official")
+        walls = {e: row["wall_s"] for e in engines if (row := find_row(workload, "tsrt", e, precision))}
+        if official and walls:
+            speedups = {e: official["wall_s"] / wall for e, wall in walls.items()}
+            found.append({"target": f"{name} with int8 >= {goal:g}x faster than official",
+                          "measured": ", ".join(f"{e} {v:.2f}x" for e, v in speedups.items()),
+                          "reached": max(speedups.values()) >= goal})
+    fast = rows.get("ct_fast", {})
+    fp32, bf16 = find_row(fast, "tsrt", "cpu"), find_row(fast, "tsrt", "openvino", "bf16")
+    if fp32 and bf16:
+        speedup = fp32["wall_s"] / bf16["wall_s"]
+        found.append({"target": "bf16 end to end --fast >= 1.6x tsrt cpu fp32", "measured": f"{speedup:.2f}x",
+                      "reached": speedup >= 1.6})
+    return found
+
+
 def machine_line(info: dict[str, Any]) -> str:
     """The header's machine: CPU model, cores, memory, and the flags reduced precision runs on."""
     flags = info.get("cpu_flags") or {"avx512_vnni": info.get("avx512_vnni"), "avx512_bf16": info.get("avx512_bf16"),
@@ -142,7 +190,8 @@ def cell(value: float | None, pattern: str) -> str:
 def main_table(report: Report) -> list[str]:
     """Every workload's rows: backend, engine and precision in their own columns, stages, memory, accuracy."""
     header = ("| workload | backend | engine | precision | wall s | × vs reference | load models | read | preprocess "
-              "| inference | postprocess | write | startup | tiles/s | peak RSS MB | outside network | agreement | Dice |")
+              "| inference | postprocess | write | startup | tiles/s | network s/tile | peak RSS MB | outside network "
+              "| agreement | Dice |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, rows in report["workloads"].items():
         accuracy = report["accuracy_random_weights"].get(name, {})
@@ -159,7 +208,8 @@ def main_table(report: Report) -> list[str]:
                      "ref" if row["backend"] in ("official", "nnunet") else ratio]
             cells += [f"{stages[s]:.1f}" if stages.get(s) else "–" for s in
                       ("load models", "read", "preprocess", "inference", "postprocess", "write", "startup")]
-            cells += [cell(row.get("tiles_per_s"), "{:.2f}"), f"{row['peak_rss_mb']:.0f}{gpu}",
+            cells += [cell(row.get("tiles_per_s"), "{:.2f}"), cell(network_per_tile(row), "{:.2f}"),
+                      f"{row['peak_rss_mb']:.0f}{gpu}",
                       cell(row.get("non_inference_share"), "{:.0%}").replace("%", " %"),
                       cell(acc.get("agreement"), "{:.2%}").replace("%", " %") + (mark * (acc.get("agreement") is not None)),
                       cell(acc.get("dice"), "{:.4f}") + (mark * (acc.get("dice") is not None))]
@@ -229,6 +279,11 @@ def markdown(report: Report) -> str:
         lines += ["| target (tsrt cpu, fp32) | measured | reached |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in report["targets"]]
         lines.append("")
+    if goals := precision_targets(report):
+        lines += ["| reduced precision goal (issue 19) | measured | reached |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['reached'] else 'no'} |" for t in goals]
+        lines += ["", "Network per tile: the time inside session.run (body and output layer) over the tiles run, "
+                  "against tsrt cpu fp32's in the same workload and run.", ""]
     if report.get("int8"):
         lines += int8_table(report)
     if report.get("accuracy_confident"):

@@ -183,6 +183,29 @@ def test_the_table_has_engine_and_precision_columns_and_marks_reduced_precision_
     assert "not meaningful" in markdown and "- openvino bf16: this CPU has no native bf16" in markdown
 
 
+def test_reduced_precision_goals_compare_network_time_per_tile_with_onnxruntime_fp32() -> None:
+    """int8 / bf16 against cpu fp32's session.run time per tile of the same workload; end-to-end ratios from walls."""
+    rows = [("cpu", "fp32"), ("cpu", "int8"), ("openvino", "bf16"), ("openvino", "int8")]
+    backends = workloads.backends_for(workloads.WORKLOADS["ct_fast"], rows, with_nnunet=False, low_memory=False)
+    walls = dict(zip((b.label for b in backends), (30.0, 10.0, 7.0, 6.2, 4.4)))
+    measured = {b.label: _measured(b, walls[b.label]) for b in backends}  # network = wall - 2 over 4 tiles
+    built = {"workloads": {"ct_fast": measured}}
+    goals = {goal["target"]: goal for goal in report.precision_targets(built)}
+
+    int8 = goals["int8 network per tile <= 0.4x ONNX Runtime fp32 (ct_fast)"]
+    assert int8["measured"] == f"cpu {5 / 8:.2f}x, openvino {2.4 / 8:.2f}x" and int8["reached"]
+    bf16 = goals["native bf16 network per tile >= 1.8x ONNX Runtime fp32 (ct_fast)"]
+    assert bf16["measured"] == f"openvino {8 / 4.2:.2f}x faster" and bf16["reached"]
+    end_to_end = goals["bf16 end to end --fast >= 1.6x tsrt cpu fp32"]
+    assert end_to_end["measured"] == f"{10 / 6.2:.2f}x" and end_to_end["reached"]
+    fast = goals["ct_fast with int8 >= 6x faster than official"]
+    assert fast["measured"] == f"cpu {30 / 7:.2f}x, openvino {30 / 4.4:.2f}x" and fast["reached"]
+
+    measured["tsrt openvino int8"]["network_s"] = 3.3 * 4  # 0.41x: no longer reached, and the table says so
+    assert not {g["target"]: g for g in report.precision_targets(built)}[int8["target"]]["reached"]
+    assert "| network s/tile |" in report.main_table({"workloads": built["workloads"], "accuracy_random_weights": {}})[0]
+
+
 def test_an_earlier_full_run_renders_with_the_same_targets_and_split_columns() -> None:
     """benchmarks/reported/full.json predates precision rows (provider "openvino-bf16"): still readable."""
     stored = json.loads((REPO / "benchmarks" / "reported" / "full.json").read_text())

@@ -87,6 +87,43 @@ def test_two_runs_of_one_openvino_session_do_not_share_output_buffers():
     np.testing.assert_array_equal(first, kept)
 
 
+def test_compiled_models_are_cached_sealed_and_never_loaded_when_changed(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """The second session loads OpenVINO's compiled blob instead of compiling; tsrt seals every blob, and a blob
+    whose bytes changed or that has no seal is removed before OpenVINO may read it (then compiled afresh)."""
+    from tsrt.engines.providers import cache_seal, sealed_sha256
+    from tsrt.models.store import sha256_file
+
+    monkeypatch.setenv("TSRT_HOME", str(tmp_path))
+    tile = np.random.default_rng(2).standard_normal((1, 1, *load_model(demo_model_dir(), provider="cpu").plan.patch_size),
+                                                    dtype=np.float32)
+
+    def sessions_from_cache() -> tuple[list[bool], np.ndarray]:
+        model = load_model(demo_model_dir(), provider="openvino")
+        return [s.compiled.get_property("LOADED_FROM_CACHE") for s in (*model.sessions, *model.heads)], model.predict_tiles(tile)
+
+    loaded, expected = sessions_from_cache()
+    folder = tmp_path / "cache" / "openvino"
+    blobs = sorted(folder.glob("*.blob"))
+    assert loaded == [False, False] and len(blobs) == 2  # body and head compiled, each blob written
+    assert all(sealed_sha256(blob) == sha256_file(blob) for blob in blobs)
+
+    loaded, logits = sessions_from_cache()
+    assert loaded == [True, True]
+    np.testing.assert_array_equal(logits, expected)
+
+    changed = blobs[0]
+    changed.chmod(0o644)
+    with changed.open("ab") as blob:
+        blob.write(b"\0")
+    planted = folder / "1234.blob"
+    planted.write_bytes(b"not a compiled model")
+    loaded, logits = sessions_from_cache()
+    assert sorted(loaded) == [False, True]  # the changed one compiled again, the intact one loaded
+    assert not planted.exists() and all(cache_seal(blob).exists() for blob in folder.glob("*.blob"))
+    assert sealed_sha256(changed) == sha256_file(changed)
+    np.testing.assert_array_equal(logits, expected)
+
+
 def test_unknown_provider_lists_the_openvino_choices():
     from tsrt.errors import ProviderError
 

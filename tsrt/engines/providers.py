@@ -298,13 +298,56 @@ class OpenVinoSession:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = openvino.Core().compile_model(str(graph), "CPU", config)
+        core = openvino.Core()
+        cache = openvino_cache_dir()
+        if cache is not None:
+            core.set_property({"CACHE_DIR": str(cache)})
+        self.compiled = core.compile_model(str(graph), "CPU", config)
+        if cache is not None:
+            seal_new_blobs(cache)
         self._request = self.compiled.create_infer_request()
 
     def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
         results = self._request.infer(feeds)
         outputs = output_names or [output.get_any_name() for output in self.compiled.outputs]
         return [results[self.compiled.output(name)] for name in outputs]
+
+
+def openvino_cache_dir() -> Path | None:
+    """Where OpenVINO keeps its compiled models (None: a read-only home, compile every time).
+
+    A compiled model loads in ~0.05 s instead of compiling in ~0.25 s (a TotalSegmentator-sized net, bf16),
+    a tenth of a one-tile job's network time; the price is one blob per graph and precision (~125 MB). OpenVINO
+    keys each blob by the graph file's path, size and mtime and the compile options; tsrt's graphs there are
+    named by their content's sha256. OpenVINO loads blobs unchecked, so tsrt seals each one it saw written
+    (`seal_new_blobs`) and removes any blob without an intact seal before OpenVINO may read it.
+    """
+    folder = tsrt_home() / "cache" / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            return None
+        for blob in folder.glob("*.blob"):
+            if not cache_seal(blob).exists():
+                log.debug("removing the unsealed OpenVINO blob %s", blob)
+                blob.unlink(missing_ok=True)
+            else:
+                intact_cache(blob)
+    except OSError as error:
+        log.debug("no OpenVINO model cache: %s", error)
+        return None
+    return folder
+
+
+def seal_new_blobs(folder: Path) -> None:
+    """Seal the blobs OpenVINO has just written into `folder` (a blob gone meanwhile is skipped)."""
+    for blob in folder.glob("*.blob"):
+        if cache_seal(blob).exists():
+            continue
+        try:
+            _write_seal(blob, sha256_file(blob))
+        except OSError as error:
+            log.debug("cannot seal %s: %s", blob, error)
 
 
 def _cpu_signature() -> str:
