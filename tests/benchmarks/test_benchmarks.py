@@ -206,6 +206,22 @@ def test_reduced_precision_goals_compare_network_time_per_tile_with_onnxruntime_
     assert "| network s/tile |" in report.main_table({"workloads": built["workloads"], "accuracy_random_weights": {}})[0]
 
 
+def test_low_memory_rows_are_held_to_the_memory_goals_in_mib() -> None:
+    backends = workloads.backends_for(workloads.WORKLOADS["phantom_fast"], [("cpu", "fp32")], with_nnunet=False)
+    measured = {b.label: _measured(b, 60.0) for b in backends}
+    low = measured["tsrt cpu fp32 --low-memory"]
+
+    def goal() -> dict:
+        found = report.targets({"workloads": {"phantom_fast": measured}})
+        return next(t for t in found if t["target"] == "512x512x800 phantom --fast <= 2 GB peak RSS with --low-memory")
+
+    low["peak_rss_mb"] = 2040.0
+    assert goal() == {"target": "512x512x800 phantom --fast <= 2 GB peak RSS with --low-memory", "measured": "2040 MB",
+                      "reached": True}
+    low["peak_rss_mb"] = 2049.0
+    assert not goal()["reached"]
+
+
 def test_an_earlier_full_run_renders_with_the_same_targets_and_split_columns() -> None:
     """benchmarks/reported/full.json predates precision rows (provider "openvino-bf16"): still readable."""
     stored = json.loads((REPO / "benchmarks" / "reported" / "full.json").read_text())

@@ -17,8 +17,8 @@ writes its output over the rows of its input that no later slab reads, and norma
 rows as it reads them, so a level keeps one map of each size.
 
 The price is time: many small runs, and copies of the rows each slab reads (measured on --fast
-example_ct with the TotalSegmentator-sized net, AMD EPYC, 2 cores: peak 945 instead of 1805 MiB, wall
-1.24x). So it is opt-in. Graphs of another shape (residual encoders, quantized graphs, InstanceNorm
+example_ct with the TotalSegmentator-sized net, AMD EPYC, 2 cores, benchmark medians of 3: peak 965 instead of
+1794 MiB, wall 6.7 vs 5.9 s). So it is opt-in. Graphs of another shape (residual encoders, quantized graphs, InstanceNorm
 without two-level statistics at full resolution) return None from `plan_slabs` and run whole.
 """
 

@@ -116,7 +116,7 @@ def load_model(
 
     `low_memory`: run each body's large feature maps a few rows at a time (tsrt.engines.slabs): the same
     features bit for bit in about half the peak memory, slower (measured on --fast example_ct with the
-    TotalSegmentator-sized net: 945 vs 1805 MiB, 1.24x the wall time). ONNX Runtime's CPU in fp32 only;
+    TotalSegmentator-sized net: 965 vs 1794 MiB, 6.7 vs 5.9 s). ONNX Runtime's CPU in fp32 only;
     elsewhere it says so in one line and runs as usual.
 
     `graphs` (one per fold) replaces the graphs the plans name: `tsrt models quantize` gates candidate
