@@ -241,6 +241,32 @@ def test_a_separate_head_refuses_mirroring():
         )
 
 
+@pytest.mark.parametrize("folds", [1, 3])
+def test_a_buffer_stored_as_float16_adds_exactly_as_one_stored_as_float32(folds):
+    """Overlapping tiles added straight into float16 storage (row by row, widened and stored back) give the very
+    numbers of float32 storage with float16 rounding, for logits from tiny (float16 subnormals) to past its range."""
+    import tsrt.pipeline.sliding_window as sliding_window
+
+    rng = np.random.default_rng(11)
+    patch, padded = (12, 10, 14), (20, 16, 22)
+    gaussian = gaussian_importance_map(patch)
+    wide = sliding_window._SlabAccumulator(folds, 3, padded, padded[0], True, store_half=False)
+    stored = sliding_window._SlabAccumulator(folds, 3, padded, padded[0], True, store_half=True)
+    assert stored.logits.dtype == np.float16
+    for start in ((0, 0, 0), (4, 3, 5), (8, 6, 8), (3, 0, 8)):
+        logits = (rng.normal(size=(folds, 3, *patch)) * np.exp(rng.uniform(-14, 9, size=(folds, 3, *patch))))
+        logits[..., 0, 0, 0] = np.inf
+        with np.errstate(over="ignore", invalid="ignore"):
+            for accumulator in (wide, stored):
+                accumulator.add(logits.astype(np.float32), gaussian, start)
+    np.testing.assert_array_equal(stored.weights.astype(np.float32), wide.weights)
+    np.testing.assert_array_equal(stored.logits.astype(np.float32), wide.logits)
+    subnormal = (np.abs(wide.logits) < 6.1e-05) & (wide.logits != 0)
+    assert subnormal.any() and np.isinf(wide.logits).any()  # float16 subnormals and overflow were met
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        np.testing.assert_array_equal(stored.normalized(0, 20), wide.normalized(0, 20))
+
+
 @pytest.mark.parametrize("accumulation", ["float16", "float32"])
 @pytest.mark.parametrize("folds", [1, 3])
 def test_the_one_tile_path_equals_the_accumulation_buffer(accumulation, folds):

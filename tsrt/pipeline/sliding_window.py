@@ -197,6 +197,65 @@ def _accumulate(acc, weight_acc, fold_logits, gaussian, x0, y0, z0, half):
 
 
 @numba.njit(cache=True, inline="always")
+def _load_half(stored, row):
+    """row[k] = the float16 value whose bits are stored[k] (uint16), widened to float32 exactly."""
+    bits = row.view(np.uint32)
+    for k in range(row.size):
+        word = np.uint32(stored[k])
+        sign = (word & np.uint32(0x8000)) << np.uint32(16)
+        exponent = (word >> np.uint32(10)) & np.uint32(0x1F)
+        mantissa = word & np.uint32(0x3FF)
+        if exponent == np.uint32(0x1F):  # inf, NaN
+            bits[k] = sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
+        elif exponent != np.uint32(0):
+            bits[k] = sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
+        else:  # zero or subnormal: mantissa * 2**-24, exact in float32
+            value = np.float32(mantissa) * np.float32(5.9604644775390625e-08)
+            row[k] = -value if sign else value
+
+
+@numba.njit(cache=True, inline="always")
+def _store_half(row, stored):
+    """stored[k] = the float16 bits of row[k], which `round_to_half` has already made a float16 value (exact)."""
+    bits = row.view(np.uint32)
+    for k in range(row.size):
+        word = bits[k]
+        sign = (word >> np.uint32(16)) & np.uint32(0x8000)
+        magnitude = word & np.uint32(0x7FFFFFFF)
+        if magnitude >= np.uint32(0x7F800000):  # inf, NaN (a NaN keeps a mantissa bit)
+            nan = np.uint32(0x200) if magnitude > np.uint32(0x7F800000) else np.uint32(0)
+            stored[k] = np.uint16(sign | np.uint32(0x7C00) | nan)
+        elif magnitude >= np.uint32(0x38800000):  # normal float16 range
+            stored[k] = np.uint16(sign | ((magnitude - np.uint32(0x38000000)) >> np.uint32(13)))
+        else:  # zero or subnormal: a multiple of 2**-24
+            stored[k] = np.uint16(sign | np.uint32(np.abs(row[k]) * np.float32(16777216.0)))
+
+
+@numba.njit(parallel=True, cache=True)
+def _accumulate_stored_half(acc, weight_acc, fold_logits, gaussian, x0, y0, z0):
+    """`_accumulate` with `half` into buffers stored as float16 (given as their uint16 bits): each row is widened,
+    summed and rounded exactly as there, and stored back, in one pass without float32 copies of the buffers."""
+    n_folds, n_classes, px, py, pz = fold_logits.shape
+    for i in numba.prange(px):
+        row = np.empty(pz, dtype=np.float32)
+        for j in range(py):
+            weights = weight_acc[x0 + i, y0 + j, z0:z0 + pz]
+            _load_half(weights, row)
+            for k in range(pz):
+                row[k] = row[k] + gaussian[i, j, k]
+            round_to_half(row)
+            _store_half(row, weights)
+            for f in range(n_folds):
+                for c in range(n_classes):
+                    stored = acc[f, c, x0 + i, y0 + j, z0:z0 + pz]
+                    _load_half(stored, row)
+                    for k in range(pz):
+                        row[k] = row[k] + fold_logits[f, c, i, j, k] * gaussian[i, j, k]
+                    round_to_half(row)
+                    _store_half(row, stored)
+
+
+@numba.njit(cache=True, inline="always")
 def _add_fold(total, row, fold, half):
     """Add fold `fold`'s weight-normalised row to the running fold sum, rounded as nnU-Net's float16 buffers are."""
     if half:
@@ -339,8 +398,9 @@ class _SlabAccumulator:
 
     float16 accumulation keeps one buffer per fold (nnU-Net normalises each fold before averaging);
     float32 accumulation averages the folds per tile and keeps one buffer. With `store_half` the float16
-    buffers are stored as float16 (half the memory; exact, since every sum is rounded to float16) and
-    each added or normalised block of rows is widened to float32 for the arithmetic.
+    buffers are stored as float16 (half the memory; exact, since every sum is rounded to float16): a tile is
+    added row by row, each row widened to float32 for the arithmetic and stored back (`_accumulate_stored_half`),
+    and each normalised block of rows is widened to float32.
     """
 
     def __init__(
@@ -362,12 +422,8 @@ class _SlabAccumulator:
         if self.logits.dtype == np.float32:
             _accumulate(self.logits, self.weights, fold_logits, gaussian, x0, start[1], start[2], self.half)
             return
-        region = tuple(slice(s, s + n) for s, n in zip((x0, *start[1:]), fold_logits.shape[2:]))
-        logits = self.logits[(slice(None), slice(None), *region)].astype(np.float32)
-        weights = self.weights[region].astype(np.float32)
-        _accumulate(logits, weights, fold_logits, gaussian, 0, 0, 0, self.half)
-        self.logits[(slice(None), slice(None), *region)] = logits
-        self.weights[region] = weights
+        _accumulate_stored_half(self.logits.view(np.uint16), self.weights.view(np.uint16), fold_logits, gaussian, x0,
+                                start[1], start[2])
 
     def normalized(self, begin: int, end: int) -> np.ndarray:
         """The weight-normalised logits of rows [begin, end) (padded-volume rows, all inside the buffer)."""
