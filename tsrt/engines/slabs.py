@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from tsrt.engines.graph_patterns import GraphIndex, match_two_level_norm
 from tsrt.engines.providers import (
     ProviderChoice, create_session, intact_cache, open_cpu_graph, optimized_cache_path, save_sealed_graph,
 )
@@ -107,39 +108,7 @@ class SlabPlan:
     ir_version: int
 
 
-class _Graph:
-    """Producer, consumer and constant lookups over an ONNX graph."""
-
-    def __init__(self, model) -> None:
-        from onnx import helper
-
-        self.nodes = list(model.graph.node)
-        self.producer = {out: node for node in self.nodes for out in node.output}
-        self.consumers: dict[str, list] = {}
-        for node in self.nodes:
-            for name in dict.fromkeys(node.input):  # a node reading a tensor twice is one consumer
-                self.consumers.setdefault(name, []).append(node)
-        self.constants = {t.name: t for t in model.graph.initializer}
-        for node in self.nodes:  # Constant nodes' values count as constants too
-            if node.op_type == "Constant":
-                for attribute in node.attribute:
-                    if attribute.name == "value":
-                        self.constants[node.output[0]] = attribute.t
-        self.attribute_value = helper.get_attribute_value
-
-    def only_consumer(self, name: str, op_type: str):
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
-    def consumer(self, name: str, op_type: str):
-        users = [n for n in self.consumers.get(name, []) if n.op_type == op_type]
-        return users[0] if len(users) == 1 else None
-
-    def attributes(self, node) -> dict[str, Any]:
-        return {a.name: self.attribute_value(a) for a in node.attribute}
-
-
-def _conv_geometry(graph: _Graph, conv) -> tuple[int, int, int, int] | None:
+def _conv_geometry(graph: GraphIndex, conv) -> tuple[int, int, int, int] | None:
     """(kernel, stride, pad along the first axis, out channels) of a 3-D Conv with constant weights, symmetric
     explicit padding and no groups or dilation; else None."""
     attributes = graph.attributes(conv)
@@ -159,37 +128,13 @@ def _conv_geometry(graph: _Graph, conv) -> tuple[int, int, int, int] | None:
     return int(weight.dims[2]), int(strides[0]), int(pads[0]), int(weight.dims[0])
 
 
-def _normalized_conv(graph: _Graph, conv) -> tuple[NormalizedConv, str] | None:
+def _normalized_conv(graph: GraphIndex, conv) -> tuple[NormalizedConv, str] | None:
     """The block starting at `conv` and the name of its output, when it matches the two-level pattern."""
     geometry = _conv_geometry(graph, conv)
-    reshape = geometry and graph.only_consumer(conv.output[0], "Reshape")
-    if reshape is None or len(graph.consumers.get(reshape.output[0], [])) != 2:
+    norm = geometry and match_two_level_norm(graph, graph.only_consumer(conv.output[0], "Reshape"))
+    if not norm:
         return None
-    row_sum = graph.consumer(reshape.output[0], "ReduceSum")
-    centre = graph.consumer(reshape.output[0], "Sub")
-    rows_sum = row_sum and graph.only_consumer(row_sum.output[0], "ReduceSum")
-    mean_scale = rows_sum and graph.only_consumer(rows_sum.output[0], "Mul")
-    if mean_scale is None or centre is None or list(centre.input) != [reshape.output[0], mean_scale.output[0]]:
-        return None
-    square = graph.consumer(centre.output[0], "Mul")
-    divide = graph.consumer(centre.output[0], "Div")
-    if square is None or divide is None or list(square.input) != [centre.output[0]] * 2:
-        return None
-    variance_row = graph.only_consumer(square.output[0], "ReduceSum")
-    variance_rows = variance_row and graph.only_consumer(variance_row.output[0], "ReduceSum")
-    variance_scale = variance_rows and graph.only_consumer(variance_rows.output[0], "Mul")
-    add_eps = variance_scale and graph.only_consumer(variance_scale.output[0], "Add")
-    sqrt = add_eps and graph.only_consumer(add_eps.output[0], "Sqrt")
-    if sqrt is None or list(divide.input) != [centre.output[0], sqrt.output[0]]:
-        return None
-    same_reductions = (list(variance_row.input[1:]) == list(row_sum.input[1:])
-                       and list(variance_rows.input[1:]) == list(rows_sum.input[1:])
-                       and graph.attributes(variance_row) == graph.attributes(row_sum)
-                       and graph.attributes(variance_rows) == graph.attributes(rows_sum))
-    back = graph.only_consumer(divide.output[0], "Reshape")
-    if not same_reductions or back is None:
-        return None
-    tail, output = [], back.output[0]
+    tail, output = [], norm.output
     scale = graph.only_consumer(output, "Mul")
     shift = scale and graph.only_consumer(scale.output[0], "Add")
     if scale is not None:
@@ -200,10 +145,9 @@ def _normalized_conv(graph: _Graph, conv) -> tuple[NormalizedConv, str] | None:
     if activation is not None:
         tail.append(activation)
         output = activation.output[0]
-    computed = {reshape.output[0], row_sum.output[0], rows_sum.output[0], variance_rows.output[0],
-                variance_scale.output[0], back.output[0], *(n.output[0] for n in tail)}
+    computed = norm.internal_outputs | {n.output[0] for n in tail}
     constants = {}
-    for node in (row_sum, rows_sum, mean_scale, variance_scale, add_eps, *tail):
+    for node in (norm.row_sum, norm.rows_sum, norm.mean_scale, norm.variance_scale, norm.add_eps, *tail):
         for name in node.input:
             if name in graph.constants:
                 constants[name] = graph.constants[name]
@@ -212,14 +156,15 @@ def _normalized_conv(graph: _Graph, conv) -> tuple[NormalizedConv, str] | None:
     kernel, stride, pad, channels = geometry
     block = NormalizedConv(
         conv=conv, conv_weights=[graph.constants[n] for n in conv.input[1:]], kernel=kernel, stride=stride, pad=pad,
-        out_channels=channels, row_sum=row_sum, rows_sum=rows_sum, mean_scale=mean_scale, centre=centre,
-        square=square, variance_scale=variance_scale, add_eps=add_eps, sqrt=sqrt, divide=divide, tail=tail,
+        out_channels=channels, row_sum=norm.row_sum, rows_sum=norm.rows_sum, mean_scale=norm.mean_scale,
+        centre=norm.centre, square=norm.square, variance_scale=norm.variance_scale, add_eps=norm.add_eps,
+        sqrt=norm.sqrt, divide=norm.divide, tail=tail,
         constants=constants,
     )
     return block, output
 
 
-def _plan_level(graph: _Graph, input_name: str, output_name: str) -> LevelPlan | None:
+def _plan_level(graph: GraphIndex, input_name: str, output_name: str) -> LevelPlan | None:
     """The level reading `input_name` (its first block may downsample) and producing `output_name`."""
     encoder, tensor = [], input_name
     while True:
@@ -276,7 +221,7 @@ def plan_slabs(model) -> SlabPlan | None:
     or the outer graph `split_inner` makes of one (its second input is the inner graph's output)."""
     if len(model.graph.input) not in (1, 2) or len(model.graph.output) != 1:
         return None
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     top = _plan_level(graph, model.graph.input[0].name, model.graph.output[0].name)
     if top is None or top.encoder[0].stride != 1:
         return None
@@ -292,7 +237,7 @@ def split_inner(model) -> tuple[Any, Any] | None:
     plan = plan_slabs(model)
     if plan is None:
         return None
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     deepest = plan.top.deepest()
     source, target = deepest.skip, deepest.inner_output
     inner_nodes, stack, seen = set(), [target], set()
@@ -349,7 +294,7 @@ def _int64(values: list[int]):
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
-class _GraphBuilder:
+class GraphIndexBuilder:
     """Nodes, inputs and constants of one small graph; tensor names get a prefix per block."""
 
     def __init__(self, plan: SlabPlan) -> None:
@@ -377,7 +322,7 @@ class _GraphBuilder:
         return model.SerializeToString()
 
 
-def _add_normalise(g: _GraphBuilder, block: NormalizedConv, x: str, plane: tuple[int, int], tag: str) -> str:
+def _add_normalise(g: GraphIndexBuilder, block: NormalizedConv, x: str, plane: tuple[int, int], tag: str) -> str:
     """Nodes normalising raw rows `x` (1, C, h, Y, Z) of `block` with its statistics (inputs `mean{tag}` and
     `deviation{tag}`): the block's own Sub, Div, affine and nonlinearity. Returns the output's name."""
     from onnx import helper
@@ -405,7 +350,7 @@ def _add_normalise(g: _GraphBuilder, block: NormalizedConv, x: str, plane: tuple
     return last
 
 
-def _add_conv(g: _GraphBuilder, block: NormalizedConv, x: str, padded: bool) -> None:
+def _add_conv(g: GraphIndexBuilder, block: NormalizedConv, x: str, padded: bool) -> None:
     """The block's convolution of `x` (with zero rows added first when `padded`: input `pads`) and its
     first-level row sums: outputs `raw` and `row_sums`."""
     from onnx import helper
@@ -437,7 +382,7 @@ def conv_graphs(plan: SlabPlan, block: NormalizedConv, source: str, previous: No
 
     graphs = {}
     for padded in (False, True):
-        g = _GraphBuilder(plan)
+        g = GraphIndexBuilder(plan)
         if source == "plain":
             g.inputs.append("x")
             x = "x"
@@ -464,11 +409,11 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
     per map) and `normalise` (a finished map's slab), from copies of the block's nodes."""
     from onnx import helper
 
-    def constants_of(g: _GraphBuilder, node) -> dict[str, str]:
+    def constants_of(g: GraphIndexBuilder, node) -> dict[str, str]:
         return {n: g.constant(block.constants[n], n) for n in node.input if n in block.constants}
 
     graphs = {}
-    g = _GraphBuilder(plan)
+    g = GraphIndexBuilder(plan)
     g.inputs += ["raw", "mean"]
     g.constant(_int64([0, 0, 0, -1]), "flat_shape")
     g.nodes.append(helper.make_node("Reshape", ["raw", "flat_shape"], ["flat"]))
@@ -479,7 +424,7 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
                                             **constants_of(g, block.row_sum)}))
     graphs["variance"] = g.build(["row_sums"])
     for name, nodes in (("mean", [block.mean_scale]), ("deviation", [block.variance_scale, block.add_eps, block.sqrt])):
-        g = _GraphBuilder(plan)
+        g = GraphIndexBuilder(plan)
         g.inputs.append("row_sums")
         g.nodes.append(_renamed(block.rows_sum, {block.rows_sum.input[0]: "row_sums", block.rows_sum.output[0]: "sums",
                                                  **constants_of(g, block.rows_sum)}))
@@ -490,7 +435,7 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
             g.nodes.append(_renamed(node, mapping))
             last = mapping[node.output[0]]
         graphs[name] = g.build([name])
-    g = _GraphBuilder(plan)
+    g = GraphIndexBuilder(plan)
     g.inputs.append("x")
     out = _add_normalise(g, block, "x", plane, "")
     g.nodes.append(helper.make_node("Identity", [out], ["y"]))

@@ -20,6 +20,7 @@ from tsrt.progress import progress
 from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
+from tsrt.engines.openvino_graph import openvino_graph
 from tsrt.engines.providers import ProviderChoice, choose_provider, create_session
 from tsrt.engines.slabs import open_slabbed_body
 from tsrt.models.store import gated_int8_graphs, recorded_graph_sha256
@@ -142,20 +143,24 @@ def load_model(
         split_output_head(graph, sha256) if sha256 and can_split_head(plan) else None
         for graph, plan, sha256 in zip(graphs, plans, hashes)
     ]
+
+    def open_graph(graph: Path, sha256: str | None, share_outputs: bool = False):
+        if choice.uses_openvino and sha256:
+            graph = openvino_graph(graph, sha256, choice.precision)  # the form OpenVINO runs leanest
+        return create_session(graph, choice, threads=threads, graph_sha256=sha256, share_outputs=share_outputs)
+
     if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
         slabbed = _slabbed_bodies(splits, plans, choice, threads) if low_memory else None
         for number, split in enumerate(splits):
-            model.sessions.append(slabbed[number] if slabbed else create_session(
-                split.body, choice, threads=threads, graph_sha256=split.body_sha256))
-            model.heads.append(create_session(split.head, choice, threads=threads, graph_sha256=split.head_sha256))
+            # A body's features are used up (the head run on them) before the next tile runs.
+            model.sessions.append(slabbed[number] if slabbed else open_graph(split.body, split.body_sha256, True))
+            model.heads.append(open_graph(split.head, split.head_sha256))
             model.feature_outputs.append(split.body_output)
     else:
         if low_memory:
             log.info("--low-memory: this model cannot be run in slabs (2-D, mirrored or no separate output layer); "
                      "running as usual")
-        model.sessions = [
-            create_session(graph, choice, threads=threads, graph_sha256=sha256) for graph, sha256 in zip(graphs, hashes)
-        ]
+        model.sessions = [open_graph(graph, sha256) for graph, sha256 in zip(graphs, hashes)]
     return model
 
 
