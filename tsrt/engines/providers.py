@@ -320,8 +320,7 @@ class OpenVinoSession:
         (batch,) = feeds.values() if self.batch_of_one else (None,)
         if batch is not None and batch.shape[0] != 1:
             (name,) = feeds
-            items = [[np.array(a, copy=True) for a in self._infer(outputs, {name: batch[n:n + 1]}, share=False)]
-                     for n in range(batch.shape[0])]
+            items = [self._infer(outputs, {name: batch[n:n + 1]}, share=False) for n in range(batch.shape[0])]
             return [np.concatenate(parts) for parts in zip(*items)]
         return self._infer(outputs, feeds, share=self.share_outputs)
 
