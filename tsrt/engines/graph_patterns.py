@@ -75,11 +75,15 @@ class TwoLevelNorm:
         return self.back.output[0]
 
     @property
+    def nodes(self) -> tuple:
+        """Every node of the pattern, the final Reshape (`back`) last."""
+        return (self.reshape, self.row_sum, self.rows_sum, self.mean_scale, self.centre, self.square, self.variance_row,
+                self.variance_rows, self.variance_scale, self.add_eps, self.sqrt, self.divide, self.back)
+
+    @property
     def internal_outputs(self) -> set[str]:
         """Every tensor the pattern computes, its output included."""
-        return {node.output[0] for node in (
-            self.reshape, self.row_sum, self.rows_sum, self.mean_scale, self.centre, self.square, self.variance_row,
-            self.variance_rows, self.variance_scale, self.add_eps, self.sqrt, self.divide, self.back)}
+        return {node.output[0] for node in self.nodes}
 
 
 def match_two_level_norm(graph: GraphIndex, reshape) -> TwoLevelNorm | None:

@@ -79,9 +79,7 @@ def fold_two_level_norms(model) -> int:
             "InstanceNormalization", [norm.input, scale, bias], [norm.output], name=prefix, epsilon=epsilon))
     if not folds:
         return 0
-    removed = {id(n) for norm, _ in folds.values() for n in (
-        norm.reshape, norm.row_sum, norm.rows_sum, norm.mean_scale, norm.centre, norm.square, norm.variance_row,
-        norm.variance_rows, norm.variance_scale, norm.add_eps, norm.sqrt, norm.divide)}
+    removed = {id(n) for norm, _ in folds.values() for n in norm.nodes[:-1]}  # `back` becomes the folded node
     nodes = _live([folds[id(n)][1] if id(n) in folds else n for n in graph.nodes if id(n) not in removed],
                   {value.name for value in model.graph.output})
     del model.graph.node[:]
@@ -106,30 +104,31 @@ def _live(nodes: list, outputs: set[str]) -> list:
 def _whole_map_statistics(graph: GraphIndex, norm: TwoLevelNorm) -> tuple[int, float] | None:
     """(channels, epsilon) when the pattern's statistics are each map's own: a reshape to (N, C, rows, plane),
     sums over the plane then the rows, one scale for mean and variance; else None."""
-    from onnx import numpy_helper
-
-    def constant(name: str) -> np.ndarray | None:
-        tensor = graph.constants.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
-
-    shape = constant(norm.reshape.input[1])
-    first, second = (_reduced_axes(graph, node, constant) for node in (norm.row_sum, norm.rows_sum))
-    scales = [constant(name) for node in (norm.mean_scale, norm.variance_scale) for name in node.input
-              if graph.constants.get(name) is not None]
-    epsilon = [constant(name) for name in norm.add_eps.input if graph.constants.get(name) is not None]
+    shape = _constant(graph, norm.reshape.input[1])
+    first, second = (_reduced_axes(graph, node) for node in (norm.row_sum, norm.rows_sum))
+    scales = [_constant(graph, name) for node in (norm.mean_scale, norm.variance_scale) for name in node.input
+              if name in graph.constants]
+    epsilon = [_constant(graph, name) for name in norm.add_eps.input if name in graph.constants]
     if shape is None or shape.shape != (4,) or first not in ([3], [-1]) or second not in ([2], [-2]):
         return None
     if len(scales) != 2 or scales[0].size != 1 or not np.array_equal(scales[0], scales[1]) or len(epsilon) != 1:
         return None
-    return int(shape[1]), float(np.asarray(epsilon[0]).reshape(()))
+    return int(shape[1]), float(epsilon[0].reshape(()))
 
 
-def _reduced_axes(graph: GraphIndex, node, constant) -> list[int] | None:
+def _constant(graph: GraphIndex, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    tensor = graph.constants.get(name)
+    return None if tensor is None else numpy_helper.to_array(tensor)
+
+
+def _reduced_axes(graph: GraphIndex, node) -> list[int] | None:
     """The axes a keepdims ReduceSum reduces (opset 13+: its second input), else None."""
     if graph.attributes(node).get("keepdims", 1) != 1 or len(node.input) < 2:
         return None
-    axes = constant(node.input[1])
-    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    axes = _constant(graph, node.input[1])
+    return None if axes is None else [int(a) for a in axes.reshape(-1)]
 
 
 def fix_batch_of_one(model) -> None:

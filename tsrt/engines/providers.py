@@ -317,11 +317,11 @@ class OpenVinoSession:
 
     def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
         outputs = output_names or [output.get_any_name() for output in self.compiled.outputs]
-        (batch,) = feeds.values() if self.batch_of_one else (None,)
-        if batch is not None and batch.shape[0] != 1:
-            (name,) = feeds
-            items = [self._infer(outputs, {name: batch[n:n + 1]}, share=False) for n in range(batch.shape[0])]
-            return [np.concatenate(parts) for parts in zip(*items)]
+        if self.batch_of_one:
+            ((name, batch),) = feeds.items()
+            if batch.shape[0] != 1:
+                items = [self._infer(outputs, {name: batch[n:n + 1]}, share=False) for n in range(batch.shape[0])]
+                return [np.concatenate(parts) for parts in zip(*items)]
         return self._infer(outputs, feeds, share=self.share_outputs)
 
     def _infer(self, outputs: list[str], feeds: dict[str, Any], share: bool) -> list[Any]:

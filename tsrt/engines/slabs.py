@@ -294,7 +294,7 @@ def _int64(values: list[int]):
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64))
 
 
-class GraphIndexBuilder:
+class _GraphBuilder:
     """Nodes, inputs and constants of one small graph; tensor names get a prefix per block."""
 
     def __init__(self, plan: SlabPlan) -> None:
@@ -322,7 +322,7 @@ class GraphIndexBuilder:
         return model.SerializeToString()
 
 
-def _add_normalise(g: GraphIndexBuilder, block: NormalizedConv, x: str, plane: tuple[int, int], tag: str) -> str:
+def _add_normalise(g: _GraphBuilder, block: NormalizedConv, x: str, plane: tuple[int, int], tag: str) -> str:
     """Nodes normalising raw rows `x` (1, C, h, Y, Z) of `block` with its statistics (inputs `mean{tag}` and
     `deviation{tag}`): the block's own Sub, Div, affine and nonlinearity. Returns the output's name."""
     from onnx import helper
@@ -350,7 +350,7 @@ def _add_normalise(g: GraphIndexBuilder, block: NormalizedConv, x: str, plane: t
     return last
 
 
-def _add_conv(g: GraphIndexBuilder, block: NormalizedConv, x: str, padded: bool) -> None:
+def _add_conv(g: _GraphBuilder, block: NormalizedConv, x: str, padded: bool) -> None:
     """The block's convolution of `x` (with zero rows added first when `padded`: input `pads`) and its
     first-level row sums: outputs `raw` and `row_sums`."""
     from onnx import helper
@@ -382,7 +382,7 @@ def conv_graphs(plan: SlabPlan, block: NormalizedConv, source: str, previous: No
 
     graphs = {}
     for padded in (False, True):
-        g = GraphIndexBuilder(plan)
+        g = _GraphBuilder(plan)
         if source == "plain":
             g.inputs.append("x")
             x = "x"
@@ -409,11 +409,11 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
     per map) and `normalise` (a finished map's slab), from copies of the block's nodes."""
     from onnx import helper
 
-    def constants_of(g: GraphIndexBuilder, node) -> dict[str, str]:
+    def constants_of(g: _GraphBuilder, node) -> dict[str, str]:
         return {n: g.constant(block.constants[n], n) for n in node.input if n in block.constants}
 
     graphs = {}
-    g = GraphIndexBuilder(plan)
+    g = _GraphBuilder(plan)
     g.inputs += ["raw", "mean"]
     g.constant(_int64([0, 0, 0, -1]), "flat_shape")
     g.nodes.append(helper.make_node("Reshape", ["raw", "flat_shape"], ["flat"]))
@@ -424,7 +424,7 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
                                             **constants_of(g, block.row_sum)}))
     graphs["variance"] = g.build(["row_sums"])
     for name, nodes in (("mean", [block.mean_scale]), ("deviation", [block.variance_scale, block.add_eps, block.sqrt])):
-        g = GraphIndexBuilder(plan)
+        g = _GraphBuilder(plan)
         g.inputs.append("row_sums")
         g.nodes.append(_renamed(block.rows_sum, {block.rows_sum.input[0]: "row_sums", block.rows_sum.output[0]: "sums",
                                                  **constants_of(g, block.rows_sum)}))
@@ -435,7 +435,7 @@ def statistics_graphs(plan: SlabPlan, block: NormalizedConv, plane: tuple[int, i
             g.nodes.append(_renamed(node, mapping))
             last = mapping[node.output[0]]
         graphs[name] = g.build([name])
-    g = GraphIndexBuilder(plan)
+    g = _GraphBuilder(plan)
     g.inputs.append("x")
     out = _add_normalise(g, block, "x", plane, "")
     g.nodes.append(helper.make_node("Identity", [out], ["y"]))
