@@ -88,6 +88,21 @@ def test_bf16_and_int8_fold_the_norms_and_fp32_keeps_them(demo_body):
         assert [v.type.tensor_type.shape.dim[0].dim_value for v in model.graph.input] == [1]
 
 
+def test_reduced_precision_bodies_hand_over_float16_features(demo_body):
+    """A bf16/int8 body's features leave as float16 (the folded body's own features, rounded once); fp32 bodies and
+    graphs that are not bodies (logits) stay float32."""
+    body, sha256 = demo_body
+    half = openvino_graph(body, sha256, "int8", body=True)
+    assert half == openvino_graph(body, sha256, "bf16", body=True) != openvino_graph(body, sha256, "int8")
+    assert [v.type.tensor_type.elem_type for v in onnx.load(str(half)).graph.output] == [onnx.TensorProto.FLOAT16]
+    for graph in (openvino_graph(body, sha256, "fp32", body=True), openvino_graph(body, sha256, "int8")):
+        assert [v.type.tensor_type.elem_type for v in onnx.load(str(graph)).graph.output] == [onnx.TensorProto.FLOAT]
+    tile = _tile(seed=7)
+    features = _features(half, tile)
+    assert features.dtype == np.float16
+    np.testing.assert_array_equal(features, _features(openvino_graph(body, sha256, "int8"), tile).astype(np.float16))
+
+
 def test_a_home_that_cannot_hold_the_cache_runs_the_source_graph(demo_body, home: Path):
     body, sha256 = demo_body
     (home / "cache").mkdir(parents=True, exist_ok=True)
@@ -108,3 +123,33 @@ def test_openvino_runs_a_batch_on_a_graph_of_one_tile_by_tile(demo_body):
     second = np.array(session.run(None, {"input": tiles[1:]})[0])
     np.testing.assert_array_equal(both, np.concatenate([first, second]))
     np.testing.assert_allclose(both, _features(body, tiles), rtol=1e-3, atol=2e-3)
+
+
+def test_a_shared_output_outlives_the_memory_openvino_gives_back(demo_body):
+    """OpenVINO frees its intermediate maps after every run; a body's features handed as OpenVINO's own buffer
+    must stay intact while the process reuses memory (here: a large allocation written over, then another
+    graph's run) until the next run of the same session."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'tsrt[openvino]')")
+    from tsrt.engines.providers import OpenVinoSession
+
+    body, sha256 = demo_body
+    graph = openvino_graph(body, sha256, "fp32")
+    shared = OpenVinoSession(graph, "f32", share_outputs=True)
+    tile = _tile(seed=5)
+    (features,) = shared.run(None, {"input": tile})
+    scribble = np.full(64 << 20, 7, dtype=np.uint8)  # memory the freed maps may have held
+    OpenVinoSession(graph, "f32").run(None, {"input": _tile(seed=6)})
+    del scribble
+    (copied,) = OpenVinoSession(graph, "f32").run(None, {"input": tile})
+    np.testing.assert_array_equal(features, copied)
+
+
+def test_openvino_runs_leave_the_output_layer_to_onnxruntime():
+    """The head runs a few rows at a time: ONNX Runtime's CPU there (faster and leaner than OpenVINO's dynamic
+    shapes), in fp32 whatever the body's precision."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'tsrt[openvino]')")
+    from tsrt.pipeline.infer import load_model
+
+    model = load_model(demo_model_dir(), provider="openvino")
+    assert model.provider_used == "openvino" and [head.provider_name for head in model.heads] == ["cpu"]
+    assert [session.provider_name for session in model.sessions] == ["openvino"]

@@ -203,7 +203,7 @@ def test_a_separate_head_applied_to_blocks_of_rows_equals_nnunet(shape, monkeypa
     import tsrt.pipeline.sliding_window as sliding_window
 
     patch, classes, step = (32, 32, 32), 5, 0.5
-    monkeypatch.setattr(sliding_window, "EMIT_CHUNK_BYTES", 4 * classes * 32 * 32 * 5)  # blocks of 5 rows
+    monkeypatch.setattr(sliding_window, "TILE_BLOCK_BYTES", 4 * classes * 32 * 32 * 5)  # blocks of 5 rows
     rng = np.random.default_rng(2)
     data = rng.normal(size=shape).astype(np.float32)
     body = _SmallNet(1, 8, 3).eval()

@@ -13,6 +13,12 @@ OpenVINO fp32 on the trained backbone at 128^3 (example_ct `--fast`, 8 classes),
 in the old form (dynamic batch), 0.9700 on a batch of one unfolded, 0.9824 folded; on the demo model's
 phantom 0.9995, 0.9994 and 0.9996. Kernel choices move bf16 that much; the folded form is the leanest.
 
+A body (a graph split before its output layer, tsrt.engines.head) run in bf16 or int8 hands its features over
+in float16: half the 256 MB of a TotalSegmentator tile's 32 feature maps (the whole int8 run peaked 125 MiB
+lower), and float16's rounding (2^-11 relative) is finer than the arithmetic that made them (bf16 keeps 8
+bits; int8 quantises every convolution's input). InstanceNorm's outputs are far inside float16's range. The
+output layer then runs on them in float32. fp32 bodies keep float32 features.
+
 The rewritten graph is derived once per source graph (keyed by its sha256) and cached, sealed, beside
 OpenVINO's compiled blobs; a home that cannot hold it runs the source graph as before.
 """
@@ -34,11 +40,13 @@ log = logging.getLogger("tsrt")
 REWRITE_VERSION = "-v1"
 
 
-def openvino_graph(graph: Path, graph_sha256: str, precision: str) -> Path:
+def openvino_graph(graph: Path, graph_sha256: str, precision: str, body: bool = False) -> Path:
     """The cached OpenVINO form of `graph` for `precision` (written on first use), or `graph` itself when it
-    cannot be cached; InstanceNorms are folded for bf16 and int8 (see above)."""
-    fold = precision in ("bf16", "int8")
-    form = "folded" if fold else "batch1"
+    cannot be cached; InstanceNorms are folded for bf16 and int8, whose bodies (`body`: features, not logits)
+    return float16 (see above)."""
+    reduced = precision in ("bf16", "int8")
+    half = reduced and body
+    form = ("folded" if reduced else "batch1") + ("-half" if half else "")
     target = (tsrt_home() / "cache" / "openvino"
               / f"{graph.stem}-{graph_sha256[:24]}.openvino-{form}{REWRITE_VERSION}.onnx")
     if intact_cache(target):
@@ -46,8 +54,10 @@ def openvino_graph(graph: Path, graph_sha256: str, precision: str) -> Path:
     import onnx
 
     model = onnx.load(str(graph))
-    folded = fold_two_level_norms(model) if fold else 0
+    folded = fold_two_level_norms(model) if reduced else 0
     fix_batch_of_one(model)
+    if half:
+        cast_outputs_to_half(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_sealed_graph(model, target)
@@ -139,3 +149,20 @@ def fix_batch_of_one(model) -> None:
         if len(dims):
             dims[0].Clear()
             dims[0].dim_value = 1
+
+
+def cast_outputs_to_half(model) -> None:
+    """Make every float32 output of the graph float16: its producer writes a renamed float32 value, cast to the
+    output's name (what reads the value inside the graph reads the float32 one)."""
+    from onnx import TensorProto, helper
+
+    for output in model.graph.output:
+        if output.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        full = output.name + "/float32"
+        for node in model.graph.node:
+            node.output[:] = [full if name == output.name else name for name in node.output]
+            node.input[:] = [full if name == output.name else name for name in node.input]
+        model.graph.node.append(helper.make_node("Cast", [full], [output.name], to=TensorProto.FLOAT16,
+                                                 name=output.name + "/to_float16"))
+        output.type.tensor_type.elem_type = TensorProto.FLOAT16

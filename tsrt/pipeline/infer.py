@@ -21,7 +21,7 @@ from tsrt.models.plan import RecordedPlan, load_model_plans
 from tsrt.pipeline.preprocess import Preprocessed
 from tsrt.engines.head import HEAD_INPUT, HEAD_OUTPUT, split_output_head
 from tsrt.engines.openvino_graph import openvino_graph
-from tsrt.engines.providers import ProviderChoice, choose_provider, create_session
+from tsrt.engines.providers import ProviderChoice, choose_provider, create_session, output_layer_choice
 from tsrt.engines.slabs import open_slabbed_body
 from tsrt.models.store import gated_int8_graphs, recorded_graph_sha256
 from tsrt.pipeline.sliding_window import LabelSink, SlabConsumer, count_tiles, sliding_window_inference
@@ -97,7 +97,9 @@ class LoadedModel:
     def apply_heads(self, features: np.ndarray) -> np.ndarray:
         """Logits of a block of rows from the body's features: (F, C_feat, rows, ...) -> (F, C, rows, ...)."""
         started = time.perf_counter()
-        logits = [head.run([HEAD_OUTPUT], {HEAD_INPUT: features[f][None]})[0][0] for f, head in enumerate(self.heads)]
+        # float32 in: OpenVINO's reduced-precision bodies hand over float16 features (tsrt.engines.openvino_graph).
+        logits = [head.run([HEAD_OUTPUT], {HEAD_INPUT: np.asarray(features[f][None], dtype=np.float32)})[0][0]
+                  for f, head in enumerate(self.heads)]
         self.seconds_in_network += time.perf_counter() - started
         return logits[0][None] if len(logits) == 1 else np.stack(logits)
 
@@ -144,17 +146,17 @@ def load_model(
         for graph, plan, sha256 in zip(graphs, plans, hashes)
     ]
 
-    def open_graph(graph: Path, sha256: str | None, share_outputs: bool = False):
-        if choice.uses_openvino and sha256:
-            graph = openvino_graph(graph, sha256, choice.precision)  # the form OpenVINO runs leanest
-        return create_session(graph, choice, threads=threads, graph_sha256=sha256, share_outputs=share_outputs)
+    def open_graph(graph: Path, sha256: str | None, body: bool = False, engine: ProviderChoice = choice):
+        if engine.uses_openvino and sha256:
+            graph = openvino_graph(graph, sha256, engine.precision, body)  # the form OpenVINO runs leanest
+        # A body's features are used up (the head run on them) before the next tile runs: no copy needed.
+        return create_session(graph, engine, threads=threads, graph_sha256=sha256, share_outputs=body)
 
     if all(split is not None for split in splits):  # every fold split, or none: folds are averaged alike
         slabbed = _slabbed_bodies(splits, plans, choice, threads) if low_memory else None
         for number, split in enumerate(splits):
-            # A body's features are used up (the head run on them) before the next tile runs.
-            model.sessions.append(slabbed[number] if slabbed else open_graph(split.body, split.body_sha256, True))
-            model.heads.append(open_graph(split.head, split.head_sha256))
+            model.sessions.append(slabbed[number] if slabbed else open_graph(split.body, split.body_sha256, body=True))
+            model.heads.append(open_graph(split.head, split.head_sha256, engine=output_layer_choice(choice)))
             model.feature_outputs.append(split.body_output)
     else:
         if low_memory:

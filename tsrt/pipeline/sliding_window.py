@@ -56,6 +56,8 @@ TilePredictor = Callable[[np.ndarray], np.ndarray]
 ACCUMULATIONS = ("float16", "float32")
 #: About how many bytes of normalised float32 logits are handed to the consumer at once.
 EMIT_CHUNK_BYTES = 64 << 20
+#: About how many bytes of float32 logits a tile's block of rows holds while it is added (with a head: made).
+TILE_BLOCK_BYTES = 16 << 20
 
 
 def compute_steps(image_size: Sequence[int], tile_size: Sequence[int], step_size: float) -> list[list[int]]:
@@ -507,8 +509,10 @@ def sliding_window_inference(
     # Finished rows are normalised and handed on a few at a time: the float32 copy that normalising
     # makes stays near EMIT_CHUNK_BYTES instead of a whole tile's rows (1 GB for 118 classes at 128^3).
     chunk_rows = max(1, EMIT_CHUNK_BYTES // (4 * n_outputs * int(np.prod(spatial[1:]))))
-    # Tiles are added (and the head applied) a few rows at a time, for the same reason.
-    tile_rows = max(1, EMIT_CHUNK_BYTES // (4 * n_outputs * int(np.prod(tile_extent[1:]))))
+    # Tiles are added (and the head applied) a few rows at a time, for the same reason, in smaller blocks: 2 rows
+    # of 118 classes at 128^2 stay in cache (Intel Xeon, 2 cores, per 128^3 tile: adding 0.62 s instead of 0.84 s
+    # in 8-row blocks; ONNX Runtime's head 0.17 s and 44 MB instead of 0.31 s and 147 MB).
+    tile_rows = max(1, TILE_BLOCK_BYTES // (4 * n_outputs * int(np.prod(tile_extent[1:]))))
     # One tile covers the image: each block of its rows is final once added, so the buffer holds one block.
     one_tile = len(tiles) == 1
     emitted = 0
