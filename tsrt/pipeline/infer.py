@@ -82,7 +82,8 @@ class LoadedModel:
         return np.stack([self.apply_heads(features[:, n]) for n in range(features.shape[1])], axis=1)
 
     def tile_features(self, tiles: np.ndarray) -> np.ndarray:
-        """What the sessions return for a batch of tiles, per fold: the logits, or with `heads` the last features."""
+        """What the sessions return for a batch of tiles, per fold: the logits, or with `heads` the last features
+        (float16 from OpenVINO's bf16 and int8 bodies)."""
         started = time.perf_counter()
         names = self.feature_outputs or [plan.graph_output_name for plan in self.plans]
         outputs = [
