@@ -342,7 +342,8 @@ class OpenVinoSession:
 
     def _infer(self, outputs: list[str], feeds: dict[str, Any], share: bool) -> list[Any]:
         results = self._request.infer(feeds, share_outputs=share)
-        self.compiled.release_memory()
+        if hasattr(self.compiled, "release_memory"):  # older OpenVINO releases (pyproject allows 2024.0) lack it
+            self.compiled.release_memory()
         return [results[self.compiled.output(name)] for name in outputs]
 
 
