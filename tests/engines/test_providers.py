@@ -286,3 +286,31 @@ def test_bf16_is_refused_in_one_line_on_a_cpu_without_native_bf16(monkeypatch) -
     with pytest.raises(ProviderError, match="no native bfloat16 .* use --precision fp32") as refused:
         providers.resolve_precision("openvino", "bf16")
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("provider", ["cpu", "openvino"])
+def test_omp_num_threads_caps_every_session_as_it_caps_pytorch(tmp_path, monkeypatch, provider):
+    """OMP_NUM_THREADS, which caps PyTorch (official TotalSegmentator), caps tsrt's sessions too; an explicit
+    thread count wins, and a value that is not a positive whole number leaves the engine's default."""
+    if provider == "openvino":
+        pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'tsrt[openvino]')")
+    from tsrt.engines.providers import create_session
+
+    monkeypatch.setenv("TSRT_HOME", str(tmp_path))
+
+    def threads_used(session) -> int:
+        if provider == "openvino":
+            return int(session.compiled.get_property("INFERENCE_NUM_THREADS"))
+        return session.get_session_options().intra_op_num_threads
+
+    def opened(**kwargs):
+        return create_session(_demo_graph(), choose_provider(provider), **kwargs)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_used(opened()) == 1
+    assert threads_used(opened(threads=2)) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    default = threads_used(opened())
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads_used(opened()) == default
+    assert default != 1 or os.cpu_count() == 1  # the engine's default: every core

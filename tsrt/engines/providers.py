@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tsrt.config import tsrt_home
+from tsrt.config import threads_from_environment, tsrt_home
 from tsrt.errors import ProviderError, missing_extra
 from tsrt.models.store import sha256_file
 
@@ -77,7 +77,7 @@ class ProviderChoice:
 
     name: str  # cpu | cuda | tensorrt | openvino
     providers: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    threads: int | None = None  # intra-op threads; None lets ONNX Runtime use every core
+    threads: int | None = None  # intra-op threads; None: OMP_NUM_THREADS, else every core (tsrt.config)
     requested: str = ""  # what the user asked for ("auto" may fall back, with a warning; nothing else may)
     precision: str = "fp32"  # the arithmetic asked for (PRECISIONS), already checked against the provider
 
@@ -317,6 +317,7 @@ class OpenVinoSession:
 
         self.provider_name = provider_name  # OpenVINO compiles for the CPU device only
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        threads = threads or threads_from_environment()
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = openvino.Core()
@@ -546,6 +547,7 @@ def open_cpu_graph(source: Path | bytes, threads: int | None, *, small: bool = F
 def _session_options(ort, threads: int | None, *, shared_cpu_arena: bool):
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = threads or threads_from_environment()
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
