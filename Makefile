@@ -30,8 +30,8 @@ demo: $(RUNTIME_VENV)/.installed
 # UTF-8 mode: tests decode the CLI's (rich, Unicode) output whatever locale CI runs with.
 # Two pytest workers (pytest-xdist), a test file each at a time (module fixtures are built once): much of the
 # suite waits on one thread (official TotalSegmentator's pipeline, subprocesses, I/O), so the two cores overlap it.
-# Each worker's OpenMP (torch) and numba use one thread: two workers already fill two cores, and spinning threads
-# of one would take the other's core.
+# Each worker's OpenMP (torch), numba and tsrt's own sessions (which read OMP_NUM_THREADS too) use one thread: two
+# workers already fill two cores, and spinning threads of one would take the other's core (suite 1189 -> 1020 s).
 test: $(DEV_VENV)/.installed
 	PYTHONUTF8=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(DEV_VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=30
 

@@ -46,7 +46,8 @@ def segment_image_with_model(
     """Segment an already-read image with a loaded model; labels come back on the image's grid."""
     plan = model.plan
     data, properties = to_nnunet_array(image, plan.image_reader_writer)
-    prediction = predict_array(data, properties["spacing"], model, settings, save_probabilities=probabilities_path is not None)
+    prediction = predict_array(data, properties["spacing"], model, settings,
+                               save_probabilities=probabilities_path is not None, overwrite_input=True)
     labels = from_nnunet_array(prediction.labels, properties)
     if probabilities_path is not None and prediction.probabilities is not None:
         write_probabilities(probabilities_path, prediction.probabilities, properties)

@@ -40,14 +40,18 @@ def predict_array(
     settings: InferenceSettings | None = None,
     *,
     save_probabilities: bool = False,
+    overwrite_input: bool = False,
 ) -> Prediction:
-    """Segment a reader-ordered image (channels, *spatial) at `spacing` with an exported model."""
+    """Segment a reader-ordered image (channels, *spatial) at `spacing` with an exported model.
+
+    `overwrite_input`: `data` may be normalised in place (tsrt.pipeline.preprocess), for callers that made it.
+    """
     settings = settings or InferenceSettings()
     plan = model.plan
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    preprocessed = preprocess(data, spacing, plan)
+    preprocessed = preprocess(data, spacing, plan, overwrite_input=overwrite_input)
     seconds["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()

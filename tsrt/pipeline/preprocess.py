@@ -125,14 +125,21 @@ def normalize_channel(image: np.ndarray, scheme: str, properties: dict[str, floa
     return image
 
 
-def preprocess(data: np.ndarray, spacing: Sequence[float], plan: RecordedPlan) -> Preprocessed:
-    """Turn a reader-ordered image (channels, *spatial) with its spacing into the network's input."""
+def preprocess(
+    data: np.ndarray, spacing: Sequence[float], plan: RecordedPlan, *, overwrite_input: bool = False
+) -> Preprocessed:
+    """Turn a reader-ordered image (channels, *spatial) with its spacing into the network's input.
+
+    `overwrite_input` (as numpy's): a float32 `data` the caller no longer needs is normalised in place instead of
+    copied, and usually becomes the network's input itself. The copy is a whole volume: 44 MB for `total`'s 1.5 mm
+    grid on example_ct, held through the whole sliding window.
+    """
     if data.shape[0] != plan.num_input_channels:
         raise InputError(
             f"The model expects {plan.num_input_channels} input channel(s) but got {data.shape[0]}: "
             "pass one image per channel in the model's channel order."
         )
-    data = data.astype(np.float32)  # a copy: everything below works in place
+    data = data.astype(np.float32, copy=not overwrite_input)  # everything below works in place
     data = data.transpose([0, *[a + 1 for a in plan.transpose_forward]])
     spacing_transposed = [float(spacing[a]) for a in plan.transpose_forward]
     shape_before_cropping = tuple(data.shape[1:])

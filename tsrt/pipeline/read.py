@@ -138,7 +138,7 @@ def read_channels(paths: Sequence[str | Path]) -> Image:
 
 
 def to_nnunet_array(image: Image, reader: str) -> tuple[np.ndarray, dict]:
-    """The float32 (c, z, y, x) array and properties nnU-Net's reader `reader` returns for this image.
+    """The float32 (c, z, y, x) array (a new one) and properties nnU-Net's reader `reader` returns for this image.
 
     Properties carry nnU-Net's own keys ('spacing', 'sitk_stuff' or 'nibabel_stuff') plus 'tsrt',
     which `from_nnunet_array` uses to put a result back onto the image's voxel grid.
@@ -175,7 +175,8 @@ def to_nnunet_array(image: Image, reader: str) -> tuple[np.ndarray, dict]:
             f"(supported: {', '.join(NNUNET_READERS)}); re-train or re-export it with one of those readers."
         )
     properties["tsrt"] = {"reader": reader, "ornt": ornt, "spatial_shape": image.spatial_shape}
-    data = np.ascontiguousarray(channels.transpose(0, 3, 2, 1), dtype=np.float32)
+    # Always a new array (never a view of image.array), so callers may hand it to preprocessing to overwrite.
+    data = np.array(channels.transpose(0, 3, 2, 1), dtype=np.float32, order="C")
     return data, properties
 
 

@@ -214,7 +214,8 @@ class ModelRunner:
         )
         started, tiles_before = time.perf_counter(), model.tiles_run
         prediction = predict_array(
-            data, properties["spacing"], model, settings, save_probabilities=probabilities is not None
+            data, properties["spacing"], model, settings, save_probabilities=probabilities is not None,
+            overwrite_input=True,  # made just above
         )
         self.tiles_run += model.tiles_run - tiles_before
         self._add_seconds("predict", started)
